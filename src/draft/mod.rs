@@ -1,0 +1,46 @@
+//! Drafters: everything that *proposes* tokens. A drafter only proposes a
+//! [`DraftTree`] and learns from what the scorer saw; it never decides what is
+//! accepted (that is [`crate::verify`]) and never runs the model (that is
+//! [`crate::engine::scorer`]). A new drafting method is one file here.
+
+pub mod hybrid;
+pub mod pld;
+pub mod recycle;
+pub mod template;
+pub mod tree;
+
+pub use tree::DraftTree;
+
+/// The model's top-k successors of one scored tree node, most likely first,
+/// with their probabilities under the raw (temperature 1) softmax.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeTopK {
+    pub ids: Vec<u32>,
+    pub probs: Vec<f32>,
+}
+
+/// A proposer of draft trees.
+pub trait Drafter: Send {
+    /// Short name used in stats and tables (`recycle`, `pld`, `hybrid`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Called once per request, before any proposal, with the prompt tokens.
+    fn start(&mut self, _prompt: &[u32]) {}
+
+    /// Proposes a tree rooted at `context.last()` (the token the engine has
+    /// produced but not yet run through the model). `context` is the whole
+    /// sequence so far: prompt + generated, root last. The tree holds at most
+    /// `max_draft` nodes besides the root (0 = plain decoding).
+    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree;
+
+    /// After a verify step: the top-k successors of *every* node of `tree`
+    /// (same order as the tree), and the accepted path (node indices, root
+    /// first). Drafters that learn (Token Recycling) update themselves here.
+    fn observe(&mut self, _tree: &DraftTree, _topk: &[NodeTopK], _accepted: &[usize]) {}
+
+    /// How many successors per node the drafter wants in [`Drafter::observe`]
+    /// (0 = it does not learn, the engine can skip the top-k work).
+    fn wants_topk(&self) -> usize {
+        0
+    }
+}

@@ -1,0 +1,1 @@
+//! OWNED BY THE DRAFTER WORK (stub).
