@@ -176,8 +176,8 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let candidates = self.distribution(logits);
         let r: f32 = self.rng.random();
+        let candidates = self.distribution(logits);
         let mut acc = 0.0;
         for &(id, p) in candidates.iter() {
             acc += p;

@@ -1,1 +1,14 @@
-//! Model (stub).
+//! The model: configuration, weight loading, the tree-capable decoder and
+//! its explicit KV cache.
+
+pub mod attention;
+pub mod config;
+pub mod decoder;
+pub mod kv_cache;
+pub mod linear;
+pub mod load;
+
+pub use config::{Arch, ModelConfig};
+pub use decoder::{Decoder, LogitRows, Logits};
+pub use kv_cache::KvCache;
+pub use load::Model;

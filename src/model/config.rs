@@ -1,0 +1,202 @@
+//! Hyperparameters of the decoder, read from GGUF metadata or an HF
+//! `config.json`. Llama and Qwen2 share one decoder; what differs between them
+//! is data here (biases, tied embeddings, rope layout), not code.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Option<Arch> {
+        match name {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub vocab_size: usize,
+    /// Trained context length.
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f64,
+    /// Qwen2 has biases on q, k and v.
+    pub qkv_bias: bool,
+    /// GGUF llama files store q/k rows permuted so that rotary pairs are
+    /// adjacent (llama.cpp's "normal" rope); HF files and qwen2 rotate halves.
+    pub rope_interleaved: bool,
+}
+
+fn meta<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| Error::model(path, format!("missing GGUF metadata key `{key}`")))
+}
+
+fn meta_usize(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
+    use gguf_file::Value::*;
+    let v = meta(ct, key, path)?;
+    let n: i128 = match v {
+        U8(x) => *x as i128,
+        I8(x) => *x as i128,
+        U16(x) => *x as i128,
+        I16(x) => *x as i128,
+        U32(x) => *x as i128,
+        I32(x) => *x as i128,
+        U64(x) => *x as i128,
+        I64(x) => *x as i128,
+        _ => return Err(Error::model(path, format!("`{key}` is not an integer"))),
+    };
+    usize::try_from(n).map_err(|_| Error::model(path, format!("`{key}` = {n} is out of range")))
+}
+
+fn meta_f64(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<f64> {
+    use gguf_file::Value::*;
+    match meta(ct, key, path)? {
+        F32(x) => Ok(*x as f64),
+        F64(x) => Ok(*x),
+        _ => Err(Error::model(path, format!("`{key}` is not a float"))),
+    }
+}
+
+impl ModelConfig {
+    pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
+        let arch_name = meta(ct, "general.architecture", path)?
+            .to_string()
+            .map_err(|_| Error::model(path, "`general.architecture` is not a string"))?
+            .clone();
+        let arch = Arch::parse(&arch_name).ok_or_else(|| {
+            Error::model(
+                path,
+                format!("unsupported architecture `{arch_name}` (treespec runs llama and qwen2)"),
+            )
+        })?;
+        let a = arch.name();
+        let hidden = meta_usize(ct, &format!("{a}.embedding_length"), path)?;
+        let n_heads = meta_usize(ct, &format!("{a}.attention.head_count"), path)?;
+        let n_kv_heads = meta_usize(ct, &format!("{a}.attention.head_count_kv"), path)
+            .unwrap_or(n_heads);
+        let vocab_size = match meta_usize(ct, &format!("{a}.vocab_size"), path) {
+            Ok(v) => v,
+            Err(_) => ct
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| Error::model(path, "missing tensor `token_embd.weight`"))?,
+        };
+        let cfg = ModelConfig {
+            arch,
+            n_layers: meta_usize(ct, &format!("{a}.block_count"), path)?,
+            hidden,
+            n_heads,
+            n_kv_heads,
+            head_dim: if n_heads > 0 { hidden / n_heads } else { 0 },
+            ffn_dim: meta_usize(ct, &format!("{a}.feed_forward_length"), path)?,
+            vocab_size,
+            context_length: meta_usize(ct, &format!("{a}.context_length"), path)?,
+            rope_theta: meta_f64(ct, &format!("{a}.rope.freq_base"), path).unwrap_or(10_000.0)
+                as f32,
+            rms_eps: meta_f64(ct, &format!("{a}.attention.layer_norm_rms_epsilon"), path)?,
+            qkv_bias: arch == Arch::Qwen2,
+            rope_interleaved: arch == Arch::Llama,
+        };
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    pub fn from_hf_config(json: &serde_json::Value, path: &Path) -> Result<Self> {
+        let get = |k: &str| -> Result<usize> {
+            json.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::model(path, format!("config.json lacks integer `{k}`")))
+        };
+        let archs = json
+            .get("architectures")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let arch = match (archs, model_type) {
+            ("LlamaForCausalLM", _) | (_, "llama") => Arch::Llama,
+            ("Qwen2ForCausalLM", _) | (_, "qwen2") => Arch::Qwen2,
+            _ => {
+                return Err(Error::model(
+                    path,
+                    format!("unsupported architecture `{archs}` / model_type `{model_type}` (treespec runs llama and qwen2)"),
+                ))
+            }
+        };
+        let hidden = get("hidden_size")?;
+        let n_heads = get("num_attention_heads")?;
+        let cfg = ModelConfig {
+            arch,
+            n_layers: get("num_hidden_layers")?,
+            hidden,
+            n_heads,
+            n_kv_heads: get("num_key_value_heads").unwrap_or(n_heads),
+            head_dim: get("head_dim").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+            ffn_dim: get("intermediate_size")?,
+            vocab_size: get("vocab_size")?,
+            context_length: get("max_position_embeddings").unwrap_or(4096),
+            rope_theta: json
+                .get("rope_theta")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10_000.0) as f32,
+            rms_eps: json
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6),
+            qkv_bias: arch == Arch::Qwen2,
+            rope_interleaved: false,
+        };
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |m: String| Err(Error::model(path, m));
+        if self.n_layers == 0 || self.hidden == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
+            return bad(format!("implausible hyperparameters: {self:?}"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} heads are not a multiple of {} kv heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 || self.head_dim * self.n_heads != self.hidden {
+            return bad(format!(
+                "head dim {} does not fit hidden size {} with {} heads",
+                self.head_dim, self.hidden, self.n_heads
+            ));
+        }
+        Ok(())
+    }
+}
