@@ -1,1 +1,275 @@
-//! OWNED BY THE DRAFTER WORK (stub).
+//! Prompt lookup + Token Recycling in one tree.
+//!
+//! PLD is strong when the output copies the context (long, exact chains) and
+//! silent otherwise; Token Recycling always has something, but shallow. One
+//! tree holds both, so one verify pass scores both guesses, and where they
+//! agree (the chain's first tokens are often TR's rank-0 path) the shared
+//! prefix is stored once.
+
+use crate::draft::pld::PromptLookup;
+use crate::draft::recycle::{TokenRecycler, TreeBuilder};
+use crate::draft::{DraftTree, Drafter, NodeTopK};
+
+/// Default share of the node budget reserved for the PLD chain.
+pub const DEFAULT_CHAIN_SHARE: f32 = 0.5;
+
+/// The hybrid drafter.
+///
+/// Budget split for `max_draft = B`: the PLD chain first gets up to
+/// `max(1, ceil(B * chain_share))` nodes (half by default: the chain is a
+/// single path, so past its first miss every node is wasted, while TR spends
+/// nodes on breadth). Then the TR tree (proposed with the full budget B)
+/// is merged in BFS order; a TR node whose (parent, token) is already in
+/// the tree costs nothing, a new one costs one node, and a TR node that does
+/// not fit is dropped with its subtree. Whatever TR leaves unused goes back
+/// to the chain, so with an empty recycle matrix the chain gets all of B
+/// (and with no PLD match, TR gets all of B).
+#[derive(Debug, Clone)]
+pub struct Hybrid {
+    recycler: TokenRecycler,
+    lookup: PromptLookup,
+    chain_share: f32,
+    builder: TreeBuilder,
+    node_of: Vec<Option<usize>>,
+}
+
+impl Hybrid {
+    pub fn new(recycler: TokenRecycler, lookup: PromptLookup) -> Self {
+        Hybrid {
+            recycler,
+            lookup,
+            chain_share: DEFAULT_CHAIN_SHARE,
+            builder: TreeBuilder::new(0),
+            node_of: Vec::new(),
+        }
+    }
+
+    /// Sets the share of the budget the chain gets first (clamped to 0..=1).
+    pub fn with_chain_share(mut self, share: f32) -> Self {
+        self.chain_share = if share.is_nan() {
+            DEFAULT_CHAIN_SHARE
+        } else {
+            share.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    pub fn chain_share(&self) -> f32 {
+        self.chain_share
+    }
+
+    pub fn recycler(&self) -> &TokenRecycler {
+        &self.recycler
+    }
+
+    /// For saving/loading the matrix and changing its shape.
+    pub fn recycler_mut(&mut self) -> &mut TokenRecycler {
+        &mut self.recycler
+    }
+
+    pub fn lookup(&self) -> &PromptLookup {
+        &self.lookup
+    }
+
+    pub fn into_parts(self) -> (TokenRecycler, PromptLookup) {
+        (self.recycler, self.lookup)
+    }
+
+    /// Nodes the chain may take before TR is merged in.
+    fn chain_first(&self, budget: usize) -> usize {
+        if budget == 0 {
+            return 0;
+        }
+        ((budget as f32 * self.chain_share).ceil() as usize).clamp(1, budget)
+    }
+
+    /// Walks `chain` down from `node`, merging with existing children,
+    /// adding at most up to `budget` drafted nodes; returns the last node
+    /// reached and how many chain tokens were placed.
+    fn extend_chain(&mut self, mut node: usize, chain: &[u32], budget: usize) -> (usize, usize) {
+        for (placed, &t) in chain.iter().enumerate() {
+            node = match self.builder.child(node, t) {
+                Some(c) => c,
+                None if self.builder.len() <= budget => self.builder.add(node, t),
+                None => return (node, placed),
+            };
+        }
+        (node, chain.len())
+    }
+}
+
+impl Drafter for Hybrid {
+    fn name(&self) -> &'static str {
+        "hybrid"
+    }
+
+    fn start(&mut self, prompt: &[u32]) {
+        self.lookup.start(prompt);
+        self.recycler.start(prompt);
+    }
+
+    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
+        let root = context.last().copied().unwrap_or(0);
+        self.builder.reset(root);
+        if max_draft == 0 {
+            return self.builder.build();
+        }
+        let chain_range = self.lookup.find(context).unwrap_or(0..0);
+        let chain = &context[chain_range];
+        let first = chain.len().min(self.chain_first(max_draft));
+        let (chain_end, placed) = self.extend_chain(0, &chain[..first], max_draft);
+
+        let tr = self.recycler.propose(context, max_draft);
+        self.node_of.clear();
+        self.node_of.push(Some(0));
+        for i in 1..tr.len() {
+            let parent = tr.parents[i].and_then(|p| self.node_of[p]);
+            let node = parent.and_then(|p| match self.builder.child(p, tr.tokens[i]) {
+                Some(existing) => Some(existing),
+                None if self.builder.len() <= max_draft => Some(self.builder.add(p, tr.tokens[i])),
+                None => None,
+            });
+            self.node_of.push(node);
+        }
+
+        // TR's leftovers go back to the chain.
+        self.extend_chain(chain_end, &chain[placed..], max_draft);
+        self.builder.build()
+    }
+
+    fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
+        self.recycler.observe(tree, topk, accepted);
+    }
+
+    fn wants_topk(&self) -> usize {
+        self.recycler.wants_topk()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::draft::recycle::{RecycleConfig, TreeShape};
+    use crate::draft::template::TreeTemplate;
+
+    fn topk(ids: &[u32]) -> NodeTopK {
+        NodeTopK {
+            ids: ids.to_vec(),
+            probs: (0..ids.len()).map(|i| 0.5f32.powi(i as i32 + 1)).collect(),
+        }
+    }
+
+    fn hybrid(template: &str) -> Hybrid {
+        let recycler = TokenRecycler::new(
+            100,
+            RecycleConfig {
+                k: 3,
+                shape: TreeShape::Static(TreeTemplate::from_json(template).unwrap()),
+                seed_from_prompt: false,
+            },
+        )
+        .unwrap();
+        Hybrid::new(recycler, PromptLookup::default())
+    }
+
+    /// (token path from the root) for every node, to compare trees as sets.
+    fn paths(t: &DraftTree) -> Vec<Vec<u32>> {
+        (1..t.len())
+            .map(|i| t.path_to(i)[1..].iter().map(|&n| t.tokens[n]).collect())
+            .collect()
+    }
+
+    #[test]
+    fn merges_shared_prefixes() {
+        let mut h = hybrid("[[0],[1],[0,0],[0,1]]");
+        // TR: 5 -> {6, 7}, 6 -> {8, 9}. PLD chain after "5": 6 8 20 21.
+        h.recycler_mut().write_row(5, &topk(&[6, 7]));
+        h.recycler_mut().write_row(6, &topk(&[8, 9]));
+        let ctx = [5, 6, 8, 20, 21, 1, 5];
+        let t = h.propose(&ctx, 8);
+        t.validate().unwrap();
+        assert_eq!(t.tokens[0], 5);
+        // Chain first (ceil(8/2) = 4 nodes: 6 8 20 21), then TR's 7 and 9
+        // (6 and 8 are shared), then the chain continues (1 5) into the 2
+        // nodes TR left.
+        let mut got = paths(&t);
+        got.sort();
+        let mut want = vec![
+            vec![6],
+            vec![6, 8],
+            vec![6, 8, 20],
+            vec![6, 8, 20, 21],
+            vec![6, 8, 20, 21, 1],
+            vec![6, 8, 20, 21, 1, 5],
+            vec![7],
+            vec![6, 9],
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(t.num_drafted(), 8);
+        // With 6 nodes the shared prefix still saves two.
+        let t = h.propose(&ctx, 6);
+        t.validate().unwrap();
+        let mut got = paths(&t);
+        got.sort();
+        want.retain(|p| p.len() <= 4);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn splits_the_budget() {
+        let mut h = hybrid("[[0],[1],[2],[0,0],[1,0],[2,0]]");
+        h.recycler_mut().write_row(5, &topk(&[30, 31, 32]));
+        for t in 30..33 {
+            h.recycler_mut().write_row(t, &topk(&[t + 10]));
+        }
+        // Chain after 5: 1 2 3 4 5 6 ... (no overlap with TR).
+        let ctx = [5, 1, 2, 3, 4, 9, 9, 9, 9, 5];
+        let t = h.propose(&ctx, 6);
+        t.validate().unwrap();
+        assert_eq!(t.num_drafted(), 6);
+        let chain_nodes = paths(&t).iter().filter(|p| p[0] == 1).count();
+        assert_eq!(chain_nodes, 3, "{:?}", paths(&t));
+        // TR got the other 3 in its BFS order: its three depth-1 nodes.
+        assert!(paths(&t).contains(&vec![32]));
+        // Share 0.25 of 8: the chain first gets 2, TR takes 6.
+        let mut h = h.with_chain_share(0.25);
+        let t = h.propose(&ctx, 8);
+        t.validate().unwrap();
+        assert_eq!(paths(&t).iter().filter(|p| p[0] == 1).count(), 2);
+        assert_eq!(t.num_drafted(), 8);
+        // Budget 1: one node, the chain's.
+        let t = h.propose(&ctx, 1);
+        assert_eq!(paths(&t), vec![vec![1]]);
+        assert_eq!(h.propose(&ctx, 0), DraftTree::root(5));
+    }
+
+    #[test]
+    fn each_side_alone_gets_the_whole_budget() {
+        // Empty matrix: the chain takes everything it has.
+        let mut h = hybrid("[[0],[1]]");
+        let ctx = [5, 1, 2, 3, 4, 6, 7, 5];
+        let t = h.propose(&ctx, 6);
+        t.validate().unwrap();
+        assert_eq!(t.tokens, vec![5, 1, 2, 3, 4, 6, 7]);
+        // No PLD match: TR alone.
+        let mut h = hybrid("[[0],[1],[0,0]]");
+        h.recycler_mut().write_row(5, &topk(&[30, 31]));
+        h.recycler_mut().write_row(30, &topk(&[40]));
+        let t = h.propose(&[1, 2, 5], 8);
+        t.validate().unwrap();
+        assert_eq!(t.tokens, vec![5, 30, 31, 40]);
+    }
+
+    #[test]
+    fn forwards_learning_to_the_recycler() {
+        let mut h = hybrid("[[0]]");
+        assert_eq!(h.wants_topk(), 3);
+        let mut tree = DraftTree::root(5);
+        tree.push(0, 6);
+        h.observe(&tree, &[topk(&[6]), topk(&[7])], &[0, 1]);
+        assert_eq!(h.recycler().candidates(5), vec![6]);
+        assert_eq!(h.recycler().candidates(6), vec![7]);
+        assert_eq!(h.name(), "hybrid");
+    }
+}
