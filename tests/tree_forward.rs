@@ -1,0 +1,129 @@
+//! The tree-capable forward equals sequential decoding: the logits of every
+//! node of a random tree equal those obtained by feeding that node's
+//! root path one token at a time, and after `keep(path)` the next step equals
+//! plain decoding.
+
+mod common;
+
+use treespec::draft::DraftTree;
+use treespec::engine::scorer::score;
+use treespec::model::{KvCache, LogitRows, Model};
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// One token at a time on top of `cache`; returns the logits of each.
+fn sequential(model: &Model, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
+    tokens
+        .iter()
+        .map(|&t| {
+            let p = cache.len();
+            let l = model
+                .decoder
+                .forward(cache, &[t], &[p], &[None], LogitRows::All)
+                .unwrap();
+            cache.keep_all();
+            l.row(0).to_vec()
+        })
+        .collect()
+}
+
+/// A deterministic pseudo-random tree of `n` nodes (depth up to 4).
+fn random_tree(root: u32, n: usize, vocab: u32, seed: u64) -> DraftTree {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 33) as u32
+    };
+    let mut t = DraftTree::root(root);
+    let mut level = vec![0usize];
+    while t.len() < n {
+        let mut next_level = Vec::new();
+        for &p in &level {
+            let kids = 1 + next() % 3;
+            for _ in 0..kids {
+                if t.len() >= n {
+                    break;
+                }
+                let tok = 100 + next() % (vocab - 200);
+                if t.child_with_token(p, tok).is_none() {
+                    next_level.push(t.push(p, tok));
+                }
+            }
+        }
+        level = next_level;
+    }
+    t.validate().unwrap();
+    t
+}
+
+fn check(name: &str) {
+    let model = Model::load(&common::model_path(name)).unwrap();
+    let tok = &model.tokenizer;
+    let prompt = tok
+        .encode("The quick brown fox jumps over the lazy dog. Then", false)
+        .unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut cache = model.decoder.new_cache(256);
+    let body = &prompt[..prompt.len() - 1];
+    let pos: Vec<usize> = (0..body.len()).collect();
+    let par: Vec<Option<usize>> = (0..body.len()).map(|i| i.checked_sub(1)).collect();
+    model
+        .decoder
+        .forward(&mut cache, body, &pos, &par, LogitRows::None)
+        .unwrap();
+    cache.keep_all();
+    let root = *prompt.last().unwrap();
+    let tree = random_tree(root, 14, vocab, 7);
+    assert!(tree.max_depth() >= 3);
+
+    let mut tree_cache = cache.clone();
+    let logits = score(&model.decoder, &mut tree_cache, &tree).unwrap();
+    assert_eq!(logits.rows, tree.len());
+
+    let mut worst = 0f32;
+    // Every node lies on some leaf's path: checking all leaves covers all nodes.
+    for leaf in (0..tree.len()).filter(|&i| tree.children(i).next().is_none()) {
+        let path = tree.path_to(leaf);
+        let toks: Vec<u32> = path.iter().map(|&i| tree.tokens[i]).collect();
+        let mut c = cache.clone();
+        let seq = sequential(&model, &mut c, &toks);
+        for (node, want) in path.iter().zip(&seq) {
+            let got = logits.row(*node);
+            let d = max_abs_diff(got, want);
+            worst = worst.max(d);
+            assert!(d < 1e-2, "{name}: node {node}: logits differ by {d}");
+            assert_eq!(
+                treespec::sampling::argmax(got),
+                treespec::sampling::argmax(want)
+            );
+        }
+    }
+    println!("{name}: tree vs sequential max |logit diff| = {worst:e}");
+
+    // Keep a deep path, then the next token's logits equal plain decoding's.
+    let leaf = (0..tree.len()).rev().find(|&i| tree.depths[i] == tree.max_depth()).unwrap();
+    let path = tree.path_to(leaf);
+    tree_cache.keep(&path).unwrap();
+    assert_eq!(tree_cache.len(), cache.len() + path.len());
+    let toks: Vec<u32> = path.iter().map(|&i| tree.tokens[i]).collect();
+    let mut plain = cache.clone();
+    sequential(&model, &mut plain, &toks);
+    let next = 1234u32;
+    let a = sequential(&model, &mut tree_cache, &[next]);
+    let b = sequential(&model, &mut plain, &[next]);
+    let d = max_abs_diff(&a[0], &b[0]);
+    println!("{name}: after keep, next-step max |logit diff| = {d:e}");
+    assert!(d < 1e-2, "{name}: after keep the next step differs by {d}");
+}
+
+#[test]
+fn tree_forward_equals_sequential_smollm2() {
+    check("smollm2-135m");
+}
+
+#[test]
+fn tree_forward_equals_sequential_qwen() {
+    check("qwen2.5-coder-0.5b");
+}
