@@ -10,12 +10,17 @@ use treespec::model::Model;
 use treespec::sampling::SamplingParams;
 use treespec::tokenizer::ChatMessage;
 
-use super::ModelArgs;
+use treespec::draft::Drafter;
+use treespec::engine::spec::SpecDrafter;
+
+use super::{ModelArgs, SpecArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// The prompt ("-" reads standard input).
     pub prompt: String,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -110,7 +115,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
+    let spec = a.spec.config()?;
     let model = a.model.load()?;
+    let mut drafter = SpecDrafter::build(&spec, model.config().vocab_size)?;
+    if let (Some(d), Some(p)) = (drafter.as_mut(), &spec.recycle_state) {
+        d.load_state(p, &model.identity);
+    }
     let ids = prompt_tokens(&model, &prompt, a.chat, a.system.as_deref(), !a.no_special)?;
     let mut session = Session::new(&model, a.model.ctx_size);
     let opts = GenerateOptions {
@@ -118,17 +128,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sampling,
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
+        max_draft: spec.max_draft,
         ..Default::default()
     };
     let stream = !a.json;
     let mut out = std::io::stdout().lock();
-    let g = engine::generate(&model, &mut session, None, &ids, &opts, &mut |ev| {
+    let dref = drafter.as_mut().map(|d| d as &mut dyn Drafter);
+    let g = engine::generate(&model, &mut session, dref, &ids, &opts, &mut |ev| {
         if stream && !ev.text.is_empty() {
             // A closed stdout (e.g. `| head`) ends generation quietly.
             return out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()).is_ok();
         }
         true
     })?;
+    if let (Some(d), Some(p)) = (drafter.as_mut(), &spec.recycle_state) {
+        d.save_state(p, &model.identity)?;
+    }
     if a.json {
         let v = serde_json::json!({
             "text": g.text,

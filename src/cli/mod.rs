@@ -91,6 +91,40 @@ impl ModelArgs {
     }
 }
 
+/// Speculative decoding options every generating command shares.
+#[derive(Args, Debug, Clone)]
+pub struct SpecArgs {
+    /// Speculative method: none, pld, recycle, hybrid.
+    #[arg(long, env = "TREESPEC_SPEC", default_value = "hybrid")]
+    pub spec: String,
+    /// Tree shape for recycle/hybrid: `dynamic` (best-first by stored
+    /// probabilities), a template name (tr-4, tr-8, tr-16, tr-32, tr-80) or a
+    /// template JSON file.
+    #[arg(long, env = "TREESPEC_TREE", default_value = "dynamic")]
+    pub tree: String,
+    /// Draft nodes per step (besides the root).
+    #[arg(long, env = "TREESPEC_SPEC_MAX_NODES", default_value_t = treespec::engine::spec::DEFAULT_MAX_DRAFT)]
+    pub spec_max_nodes: usize,
+    /// Do not seed the recycling matrix from the prompt's bigrams.
+    #[arg(long)]
+    pub no_prompt_seed: bool,
+    /// Load the recycling matrix from FILE at start and save it there at the end.
+    #[arg(long, env = "TREESPEC_RECYCLE_STATE")]
+    pub recycle_state: Option<PathBuf>,
+}
+
+impl SpecArgs {
+    pub fn config(&self) -> Result<treespec::engine::spec::SpecConfig> {
+        Ok(treespec::engine::spec::SpecConfig {
+            method: treespec::engine::spec::SpecMethod::parse(&self.spec)?,
+            tree: self.tree.clone(),
+            max_draft: self.spec_max_nodes,
+            seed_from_prompt: !self.no_prompt_seed,
+            recycle_state: self.recycle_state.clone(),
+        })
+    }
+}
+
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",

@@ -3,6 +3,7 @@
 //! of one node.
 
 pub mod scorer;
+pub mod spec;
 pub mod stats;
 
 use std::time::Instant;
