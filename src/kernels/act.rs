@@ -7,6 +7,9 @@
 use super::layout::Fmt;
 use std::cell::RefCell;
 
+/// Quantized activations, stored block-major (`[block][row]`): for one
+/// weight block the kernels read every row's data at fixed offsets from a
+/// single pointer.
 #[derive(Default)]
 pub(crate) struct QAct {
     /// Rows.
@@ -15,16 +18,19 @@ pub(crate) struct QAct {
     pub k: usize,
     /// Blocks per row.
     pub nb: usize,
-    /// `n × k` int8 values.
+    /// Values per block.
+    pub bs: usize,
+    /// int8 values: block `b` of row `i` at `idx(i, b) × bs`.
     pub qs: Vec<i8>,
-    /// `n × nb` block scales.
+    /// Block scales at `idx(i, b)`.
     pub d: Vec<f32>,
-    /// 32-block formats with an offset `o`: `-o × Σq` per block (`n × nb`);
-    /// Q6_K: `-32 × Σq` per 16 values (`n × nb × 16`).
+    /// 32-block formats with an offset `o`: `-o × Σq` at `idx(i, b)`;
+    /// Q6_K: `-32 × Σq` of the 16-value sub-block `j` at `idx(i, b) × 16 + j`.
     pub bias: Vec<i32>,
-    /// Q4_1: `d × Σq` per block (`n × nb`).
+    /// Q4_1: `d × Σq` at `idx(i, b)`.
     pub fsum: Vec<f32>,
-    /// Q4_K: `Σq` per 32 values (`n × nb × 8`), i16 pairs for `vpdpwssd`.
+    /// Q4_K: `Σq` of the 32-value sub-block `j` at `idx(i, b) × 8 + j` (i16
+    /// pairs for `vpdpwssd`).
     pub bsum32: Vec<i16>,
 }
 
@@ -52,6 +58,17 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
 }
 
 impl QAct {
+    /// Index of block `b` of row `i` in the per-block arrays.
+    #[inline(always)]
+    pub(crate) fn idx(&self, i: usize, b: usize) -> usize {
+        b * self.n + i
+    }
+
+    /// The int8 values of block `b` of row `i`.
+    pub(crate) fn block(&self, i: usize, b: usize) -> &[i8] {
+        &self.qs[self.idx(i, b) * self.bs..][..self.bs]
+    }
+
     /// Quantizes `x` (`n × k`, row-major) for weights of format `fmt`.
     pub(crate) fn quantize(&mut self, fmt: Fmt, x: &[f32], n: usize, k: usize) {
         let bs = fmt.block();
@@ -59,14 +76,15 @@ impl QAct {
         self.n = n;
         self.k = k;
         self.nb = nb;
+        self.bs = bs;
         self.qs.resize(n * k, 0);
         self.d.resize(n * nb, 0.0);
-        for (i, (xb, qb)) in x[..n * k]
-            .chunks_exact(bs)
-            .zip(self.qs.chunks_exact_mut(bs))
-            .enumerate()
-        {
-            self.d[i] = quantize_block(xb, qb);
+        for i in 0..n {
+            for b in 0..nb {
+                let at = self.idx(i, b);
+                let xb = &x[i * k + b * bs..][..bs];
+                self.d[at] = quantize_block(xb, &mut self.qs[at * bs..][..bs]);
+            }
         }
         let sum = |q: &[i8]| q.iter().map(|&v| v as i32).sum::<i32>();
         match fmt {

@@ -55,6 +55,21 @@ struct Ctx<'a> {
     pf: usize,
 }
 
+/// Runs `$body` with `$g` = 0, 1, .. `$G - 1` as constants: unrolled so the
+/// per-row accumulators are registers (a loop would keep them in memory).
+macro_rules! for_g {
+    ($G:expr, |$g:ident| $body:block) => {
+        for_g!(@ $G, $g, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $G:expr, $g:ident, $body:block, $($i:literal)*) => {
+        $( if $i < $G { let $g: usize = $i; $body } )*
+    };
+}
+
+// Address arithmetic below is `wrapping_*`: the tests and benchmarks build
+// with overflow and UB checks, which would otherwise sit in the inner loops.
+// Every offset stays inside the buffers by construction.
+
 #[inline(always)]
 unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize) {
     if pf != 0 {
@@ -67,9 +82,14 @@ unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize) {
 }
 
 #[inline(always)]
-unsafe fn nibbles(q: *const u8, w: &mut [__m512i], lo: __m512i) {
+unsafe fn load(p: *const u8) -> __m512i {
+    _mm512_loadu_si512(p as *const _)
+}
+
+#[inline(always)]
+unsafe fn nibbles(q: *const u8, w: &mut [__m512i; 8], lo: __m512i) {
     for p in 0..4 {
-        let v = _mm512_loadu_si512(q.add(64 * p) as *const _);
+        let v = load(q.wrapping_add(64 * p));
         w[p] = _mm512_and_si512(v, lo);
         w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), lo);
     }
@@ -81,27 +101,32 @@ unsafe fn f16x16(p: *const u8) -> __m512 {
 }
 
 #[inline(always)]
-unsafe fn bcast_i32(p: *const i8) -> __m512i {
-    _mm512_set1_epi32((p as *const i32).read_unaligned())
+unsafe fn bcast_i32<T>(p: *const T, byte_off: usize) -> __m512i {
+    _mm512_set1_epi32((p as *const u8).wrapping_add(byte_off).cast::<i32>().read_unaligned())
+}
+
+#[inline(always)]
+unsafe fn bcast_f32(p: *const f32, i: usize) -> __m512 {
+    _mm512_set1_ps(*p.wrapping_add(i))
 }
 
 /// Σ over 8 chunks of `vpdpbusd` for one activation row starting at `a`,
-/// on top of `init`. Two chains when the group is small, so the dependency
-/// latency of a single chain does not bound the loop.
+/// on top of `init`. Two chains when the group is small, so the latency of
+/// one chain does not bound the loop.
 #[inline(always)]
 unsafe fn dot8<const G: usize>(init: __m512i, w: &[__m512i; 8], a: *const i8) -> __m512i {
     if G < 4 {
         let mut s0 = init;
         let mut s1 = _mm512_setzero_si512();
         for c in 0..4 {
-            s0 = _mm512_dpbusd_epi32(s0, w[c], bcast_i32(a.add(4 * c)));
-            s1 = _mm512_dpbusd_epi32(s1, w[c + 4], bcast_i32(a.add(4 * c + 16)));
+            s0 = _mm512_dpbusd_epi32(s0, w[c], bcast_i32(a, 4 * c));
+            s1 = _mm512_dpbusd_epi32(s1, w[c + 4], bcast_i32(a, 4 * c + 16));
         }
         _mm512_add_epi32(s0, s1)
     } else {
         let mut s = init;
         for c in 0..8 {
-            s = _mm512_dpbusd_epi32(s, w[c], bcast_i32(a.add(4 * c)));
+            s = _mm512_dpbusd_epi32(s, w[c], bcast_i32(a, 4 * c));
         }
         s
     }
@@ -110,7 +135,8 @@ unsafe fn dot8<const G: usize>(init: __m512i, w: &[__m512i; 8], a: *const i8) ->
 #[inline(always)]
 unsafe fn store<const G: usize>(cx: &Ctx, n0: usize, acc: &[__m512; G]) {
     for (g, &a) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(cx.y.add((n0 + g) * cx.out + cx.col0), cx.mask, a);
+        let at = (n0 + g).wrapping_mul(cx.out).wrapping_add(cx.col0);
+        _mm512_mask_storeu_ps(cx.y.wrapping_add(at), cx.mask, a);
     }
 }
 
@@ -152,7 +178,10 @@ impl Blk32 for Q50 {
         nibbles(rec, w, _mm512_set1_epi8(15));
         let sixteen = _mm512_set1_epi8(16);
         for (c, wc) in w.iter_mut().enumerate() {
-            let k: __mmask64 = (rec.add(off::Q5_H + 8 * c) as *const u64).read_unaligned();
+            let k: __mmask64 = rec
+                .wrapping_add(off::Q5_H + 8 * c)
+                .cast::<u64>()
+                .read_unaligned();
             *wc = _mm512_mask_add_epi8(*wc, k, *wc, sixteen);
         }
     }
@@ -164,7 +193,33 @@ impl Blk32 for Q80 {
     #[inline(always)]
     unsafe fn weights(rec: *const u8, w: &mut [__m512i; 8]) {
         for (c, wc) in w.iter_mut().enumerate() {
-            *wc = _mm512_loadu_si512(rec.add(64 * c) as *const _);
+            *wc = load(rec.wrapping_add(64 * c));
+        }
+    }
+}
+
+/// Pointers to the activation data of block 0 for rows `n0..`, and the
+/// stride from one block to the next (in elements of each array).
+struct ActPtrs {
+    qs: *const i8,
+    d: *const f32,
+    bias: *const i32,
+    fsum: *const f32,
+    bsum: *const i16,
+    stride: usize,
+}
+
+impl ActPtrs {
+    #[inline(always)]
+    fn new(act: &QAct, n0: usize) -> ActPtrs {
+        ActPtrs {
+            qs: act.qs.as_ptr().wrapping_add(n0 * act.bs),
+            d: act.d.as_ptr().wrapping_add(n0),
+            // Q6_K keeps 16 biases per block, the 32-block formats one.
+            bias: act.bias.as_ptr().wrapping_add(n0 * if act.bs == 256 { 16 } else { 1 }),
+            fsum: act.fsum.as_ptr().wrapping_add(n0),
+            bsum: act.bsum32.as_ptr().wrapping_add(n0 * 8),
+            stride: act.n,
         }
     }
 }
@@ -173,40 +228,38 @@ impl Blk32 for Q80 {
 unsafe fn k32<B: Blk32, const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let rec_bytes = B::FMT.rec_bytes();
     let has_min = B::FMT == Fmt::Q4_1;
-    let (act, nb) = (cx.act, cx.nb);
-    let (qs, dp, bias, fsum) = (
-        act.qs.as_ptr(),
-        act.d.as_ptr(),
-        act.bias.as_ptr(),
-        act.fsum.as_ptr(),
-    );
+    let p = ActPtrs::new(cx.act, n0);
     let mut acc = [_mm512_setzero_ps(); G];
-    for b in 0..nb {
-        let rec = w.add(b * rec_bytes);
+    let mut rec = w;
+    let (mut qs, mut d, mut bias, mut fsum) = (p.qs, p.d, p.bias, p.fsum);
+    for _ in 0..cx.nb {
         prefetch_rec(rec, rec_bytes, cx.pf);
         let mut wv = [_mm512_setzero_si512(); 8];
         B::weights(rec, &mut wv);
-        let dw = f16x16(rec.add(B::D));
+        let dw = f16x16(rec.wrapping_add(B::D));
         let mw = if has_min {
-            f16x16(rec.add(off::Q4_1_M))
+            f16x16(rec.wrapping_add(off::Q4_1_M))
         } else {
             _mm512_setzero_ps()
         };
-        for (g, acc) in acc.iter_mut().enumerate() {
-            let row = n0 + g;
-            let ab = row * nb + b;
+        for_g!(G, |g| {
             let init = if has_min {
                 _mm512_setzero_si512()
             } else {
-                _mm512_set1_epi32(*bias.add(ab))
+                bcast_i32(bias, 4 * g)
             };
-            let s = dot8::<G>(init, &wv, qs.add(row * act.k + b * 32));
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*dp.add(ab)));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
+            let s = dot8::<G>(init, &wv, qs.wrapping_add(32 * g));
+            let scale = _mm512_mul_ps(dw, bcast_f32(d, g));
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[g]);
             if has_min {
-                *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*fsum.add(ab)), *acc);
+                acc[g] = _mm512_fmadd_ps(mw, bcast_f32(fsum, g), acc[g]);
             }
-        }
+        });
+        rec = rec.wrapping_add(rec_bytes);
+        qs = qs.wrapping_add(32 * p.stride);
+        d = d.wrapping_add(p.stride);
+        bias = bias.wrapping_add(p.stride);
+        fsum = fsum.wrapping_add(p.stride);
     }
     store::<G>(cx, n0, &acc);
 }
@@ -214,45 +267,47 @@ unsafe fn k32<B: Blk32, const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let rec_bytes = Fmt::Q4K.rec_bytes();
-    let (act, nb) = (cx.act, cx.nb);
-    let (qs, dp, bsum) = (act.qs.as_ptr(), act.d.as_ptr(), act.bsum32.as_ptr());
+    let p = ActPtrs::new(cx.act, n0);
     let lo = _mm512_set1_epi8(15);
     let mut acc = [_mm512_setzero_ps(); G];
-    for b in 0..nb {
-        let rec = w.add(b * rec_bytes);
+    let mut rec = w;
+    let (mut qs, mut d, mut bsum) = (p.qs, p.d, p.bsum);
+    for _ in 0..cx.nb {
         prefetch_rec(rec, rec_bytes, cx.pf);
         let mut isum = [_mm512_setzero_si512(); G];
         for j in 0..8 {
             let mut wv = [_mm512_setzero_si512(); 8];
-            nibbles(rec.add(256 * j), &mut wv, lo);
+            nibbles(rec.wrapping_add(256 * j), &mut wv, lo);
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                rec.add(off::Q4K_SC + 16 * j) as *const __m128i
+                rec.wrapping_add(off::Q4K_SC + 16 * j) as *const __m128i,
             ));
-            for (g, isum) in isum.iter_mut().enumerate() {
-                let a = qs.add((n0 + g) * act.k + b * 256 + 32 * j);
+            for_g!(G, |g| {
+                let a = qs.wrapping_add(256 * g + 32 * j);
                 let s = dot8::<G>(_mm512_setzero_si512(), &wv, a);
-                *isum = _mm512_add_epi32(*isum, _mm512_mullo_epi32(s, sc));
-            }
+                isum[g] = _mm512_add_epi32(isum[g], _mm512_mullo_epi32(s, sc));
+            });
         }
         let mut mins = [_mm512_setzero_si512(); 4];
-        for (p, m) in mins.iter_mut().enumerate() {
+        for (q, m) in mins.iter_mut().enumerate() {
             *m = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                rec.add(off::Q4K_MIN + 32 * p) as *const __m256i
+                rec.wrapping_add(off::Q4K_MIN + 32 * q) as *const __m256i,
             ));
         }
-        let d = f16x16(rec.add(off::Q4K_D));
-        let dmin = f16x16(rec.add(off::Q4K_DMIN));
-        for (g, acc) in acc.iter_mut().enumerate() {
-            let ab = (n0 + g) * nb + b;
-            let bs = bsum.add(ab * 8) as *const i8;
+        let dw = f16x16(rec.wrapping_add(off::Q4K_D));
+        let dmin = f16x16(rec.wrapping_add(off::Q4K_DMIN));
+        for_g!(G, |g| {
             let mut ms = _mm512_setzero_si512();
-            for (p, &m) in mins.iter().enumerate() {
-                ms = _mm512_dpwssd_epi32(ms, m, bcast_i32(bs.add(4 * p)));
+            for (q, &m) in mins.iter().enumerate() {
+                ms = _mm512_dpwssd_epi32(ms, m, bcast_i32(bsum, 16 * g + 4 * q));
             }
-            let da = _mm512_set1_ps(*dp.add(ab));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g]), _mm512_mul_ps(d, da), *acc);
-            *acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dmin, da), *acc);
-        }
+            let da = bcast_f32(d, g);
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g]), _mm512_mul_ps(dw, da), acc[g]);
+            acc[g] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dmin, da), acc[g]);
+        });
+        rec = rec.wrapping_add(rec_bytes);
+        qs = qs.wrapping_add(256 * p.stride);
+        d = d.wrapping_add(p.stride);
+        bsum = bsum.wrapping_add(8 * p.stride);
     }
     store::<G>(cx, n0, &acc);
 }
@@ -260,21 +315,21 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let rec_bytes = Fmt::Q6K.rec_bytes();
-    let (act, nb) = (cx.act, cx.nb);
-    let (qs, dp, bias) = (act.qs.as_ptr(), act.d.as_ptr(), act.bias.as_ptr());
+    let p = ActPtrs::new(cx.act, n0);
     let lo = _mm512_set1_epi8(15);
     let hi = _mm512_set1_epi8(0x30);
     let mut acc = [_mm512_setzero_ps(); G];
-    for b in 0..nb {
-        let rec = w.add(b * rec_bytes);
+    let mut rec = w;
+    let (mut qs, mut d, mut bias) = (p.qs, p.d, p.bias);
+    for _ in 0..cx.nb {
         prefetch_rec(rec, rec_bytes, cx.pf);
         let mut isum = [_mm512_setzero_si512(); G];
         for gr in 0..8 {
             let mut wv = [_mm512_setzero_si512(); 8];
-            nibbles(rec.add(256 * gr), &mut wv, lo);
-            let qh = rec.add(off::Q6K_QH + 128 * gr);
+            nibbles(rec.wrapping_add(256 * gr), &mut wv, lo);
+            let qh = rec.wrapping_add(off::Q6K_QH + 128 * gr);
             for h in 0..2 {
-                let v = _mm512_loadu_si512(qh.add(64 * h) as *const _);
+                let v = load(qh.wrapping_add(64 * h));
                 // Bring bits 2p..2p+2 to bits 4..6 (16-bit shifts: the
                 // bits crossing into the neighbour byte are masked off).
                 let sh = [
@@ -283,36 +338,39 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                     v,
                     _mm512_srli_epi16::<2>(v),
                 ];
-                for p in 0..4 {
+                for q in 0..4 {
                     // w | (sh & 0x30)
-                    wv[4 * h + p] = _mm512_ternarylogic_epi32::<0xF8>(wv[4 * h + p], sh[p], hi);
+                    wv[4 * h + q] = _mm512_ternarylogic_epi32::<0xF8>(wv[4 * h + q], sh[q], hi);
                 }
             }
             let sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                rec.add(off::Q6K_SC + 32 * gr) as *const __m128i
+                rec.wrapping_add(off::Q6K_SC + 32 * gr) as *const __m128i,
             ));
             let sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                rec.add(off::Q6K_SC + 32 * gr + 16) as *const __m128i,
+                rec.wrapping_add(off::Q6K_SC + 32 * gr + 16) as *const __m128i,
             ));
-            for (g, isum) in isum.iter_mut().enumerate() {
-                let row = n0 + g;
-                let a = qs.add(row * act.k + b * 256 + 32 * gr);
-                let bi = bias.add((row * nb + b) * 16 + 2 * gr);
-                let mut s0 = _mm512_set1_epi32(*bi);
-                let mut s1 = _mm512_set1_epi32(*bi.add(1));
+            for_g!(G, |g| {
+                let a = qs.wrapping_add(256 * g + 32 * gr);
+                let bi = 4 * (16 * g + 2 * gr);
+                let mut s0 = bcast_i32(bias, bi);
+                let mut s1 = bcast_i32(bias, bi + 4);
                 for c in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, wv[c], bcast_i32(a.add(4 * c)));
-                    s1 = _mm512_dpbusd_epi32(s1, wv[c + 4], bcast_i32(a.add(4 * c + 16)));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[c], bcast_i32(a, 4 * c));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[c + 4], bcast_i32(a, 4 * c + 16));
                 }
                 let t = _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1));
-                *isum = _mm512_add_epi32(*isum, t);
-            }
+                isum[g] = _mm512_add_epi32(isum[g], t);
+            });
         }
-        let d = f16x16(rec.add(off::Q6K_D));
-        for (g, acc) in acc.iter_mut().enumerate() {
-            let da = _mm512_set1_ps(*dp.add((n0 + g) * nb + b));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g]), _mm512_mul_ps(d, da), *acc);
-        }
+        let dw = f16x16(rec.wrapping_add(off::Q6K_D));
+        for_g!(G, |g| {
+            let da = bcast_f32(d, g);
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g]), _mm512_mul_ps(dw, da), acc[g]);
+        });
+        rec = rec.wrapping_add(rec_bytes);
+        qs = qs.wrapping_add(256 * p.stride);
+        d = d.wrapping_add(p.stride);
+        bias = bias.wrapping_add(16 * p.stride);
     }
     store::<G>(cx, n0, &acc);
 }

@@ -218,20 +218,21 @@ impl QMatrix {
         }
     }
 
-    fn parts(&self, n: usize, units: usize) -> usize {
+    /// Units per chunk handed to a thread: everything at once for small
+    /// calls, else about 8 chunks per thread so a late thread costs little.
+    fn chunk(&self, n: usize, units: usize) -> usize {
         if n * self.out * self.inp < SERIAL_MACS {
-            1
+            units
         } else {
-            pool::global().threads().min(units)
+            units.div_ceil(8 * pool::global().threads())
         }
     }
 
     fn tiled(&self, isa: Isa, m: &Tiles, act: &QAct, y: &mut [f32]) {
         let ntiles = self.out.div_ceil(TILE);
         let yp = OutPtr(y.as_mut_ptr());
-        let run = move |part: usize, parts: usize| {
+        let run = move |tiles: std::ops::Range<usize>| {
             let yp = yp;
-            let tiles = part * ntiles / parts..(part + 1) * ntiles / parts;
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => unsafe { avx512::run(m, act, tiles, yp.0) },
@@ -240,15 +241,15 @@ impl QMatrix {
                 _ => scalar::run(m, act, tiles, yp.0),
             }
         };
-        pool::global().run(self.parts(act.n, ntiles), &run);
+        pool::global().run(ntiles, self.chunk(act.n, ntiles), &run);
     }
 
     fn dense(&self, w: &[f32], x: &[f32], n: usize, y: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         let yp = OutPtr(y.as_mut_ptr());
-        let run = move |part: usize, parts: usize| {
+        let run = move |rows: std::ops::Range<usize>| {
             let yp = yp;
-            for j in part * out / parts..(part + 1) * out / parts {
+            for j in rows {
                 let wr = &w[j * inp..][..inp];
                 for i in 0..n {
                     let v = dot_f32(wr, &x[i * inp..][..inp]);
@@ -257,7 +258,7 @@ impl QMatrix {
                 }
             }
         };
-        pool::global().run(self.parts(n, out), &run);
+        pool::global().run(out, self.chunk(n, out), &run);
     }
 
     /// Like candle's `QMatMul::forward`: `x` of shape `[..., in]` → `[..., out]`.

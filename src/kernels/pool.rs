@@ -1,26 +1,54 @@
 //! A persistent worker pool for the matmul kernels.
 //!
 //! A forward pass makes a few hundred matmul calls of 10–50 µs each, so the
-//! hand-off must cost well under a microsecond: workers spin for a while
-//! after each job (the next call usually comes within microseconds) and only
-//! then park on a condition variable. The calling thread does part 0 itself.
+//! hand-off must cost well under a microsecond: idle workers spin for a
+//! while (the next call usually comes within microseconds) and only then
+//! park on a condition variable.
+//!
+//! Work is a range of units handed out in chunks through an atomic counter,
+//! and the calling thread takes chunks too. So a worker that the OS has not
+//! scheduled (the machine may be busy with other processes) never stalls a
+//! call: the caller just does its share. A late worker cannot join a call
+//! that has finished: it joins through `state`, which the caller closes
+//! before returning, and only a joined worker touches the job.
 
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before parking.
 const SPIN: Duration = Duration::from_micros(200);
 
-type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
+/// `state`: job number in the high 32 bits, `OPEN` while workers may join,
+/// number of workers inside the job in the low bits.
+const OPEN: u64 = 1 << 31;
+const COUNT: u64 = OPEN - 1;
+
+struct Job<'a> {
+    f: &'a (dyn Fn(Range<usize>) + Sync),
+    units: usize,
+    chunk: usize,
+    next: AtomicUsize,
+}
+
+impl Job<'_> {
+    fn work(&self) {
+        loop {
+            let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+            if start >= self.units {
+                return;
+            }
+            (self.f)(start..(start + self.chunk).min(self.units));
+        }
+    }
+}
 
 struct Shared {
-    /// Bumped once per job; workers wait for it to change.
-    epoch: AtomicUsize,
-    /// `*const Job` of the current job (valid while `remaining > 0`).
+    state: AtomicU64,
+    /// `*const Job` of the open job.
     job: AtomicUsize,
-    remaining: AtomicUsize,
     panicked: AtomicBool,
     sleepers: Mutex<usize>,
     wake: Condvar,
@@ -30,7 +58,7 @@ pub(crate) struct Pool {
     threads: usize,
     shared: &'static Shared,
     /// One job at a time (concurrent callers queue here).
-    submit: Mutex<()>,
+    submit: Mutex<u32>,
 }
 
 /// Thread count: `TREESPEC_THREADS`, else the available parallelism.
@@ -55,18 +83,17 @@ pub(crate) fn global() -> &'static Pool {
 impl Pool {
     fn new(threads: usize) -> Pool {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
-            epoch: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
             job: AtomicUsize::new(0),
-            remaining: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
         }));
         let mut started = 1;
-        for part in 1..threads {
+        for i in 1..threads {
             let spawned = std::thread::Builder::new()
-                .name(format!("treespec-mm{part}"))
-                .spawn(move || worker(shared, part));
+                .name(format!("treespec-mm{i}"))
+                .spawn(move || worker(shared));
             if spawned.is_err() {
                 break;
             }
@@ -75,7 +102,7 @@ impl Pool {
         Pool {
             threads: started,
             shared,
-            submit: Mutex::new(()),
+            submit: Mutex::new(0),
         }
     }
 
@@ -83,44 +110,53 @@ impl Pool {
         self.threads
     }
 
-    /// Runs `f(part, parts)` for every `part` in `0..parts` on the pool and
-    /// returns when all are done. `parts` is at most `threads()`.
-    pub(crate) fn run(&self, parts: usize, f: &(dyn Fn(usize, usize) + Sync)) {
-        let parts = parts.clamp(1, self.threads);
-        if parts == 1 {
-            f(0, 1);
+    /// Runs `f` over `0..units` in chunks of `chunk` units, spread over the
+    /// pool and the calling thread; returns when all are done.
+    pub(crate) fn run(&self, units: usize, chunk: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        let chunk = chunk.max(1);
+        if self.threads == 1 || units <= chunk {
+            f(0..units);
             return;
         }
-        let guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut epoch = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        *epoch = epoch.wrapping_add(1);
         let s = self.shared;
-        // Workers with an index >= parts get a no-op part.
-        let job = move |part: usize, _: usize| {
-            if part < parts {
-                f(part, parts)
-            }
+        let job = Job {
+            f,
+            units,
+            chunk,
+            next: AtomicUsize::new(0),
         };
-        let job_ref: Job = &job;
-        s.remaining.store(self.threads - 1, Ordering::Relaxed);
-        s.job
-            .store(&job_ref as *const Job as usize, Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.job.store(&job as *const Job as usize, Ordering::Relaxed);
+        s.state
+            .store(((*epoch as u64) << 32) | OPEN, Ordering::SeqCst);
         {
             let sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
             if *sleepers > 0 {
                 s.wake.notify_all();
             }
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, parts)));
+        let mine = catch_unwind(AssertUnwindSafe(|| job.work()));
+        // Close the job once no worker is inside it.
         let mut spins = 0u32;
-        while s.remaining.load(Ordering::Acquire) != 0 {
+        loop {
+            let cur = s.state.load(Ordering::Acquire);
+            if cur & COUNT == 0
+                && s
+                    .state
+                    .compare_exchange(cur, cur & !OPEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                break;
+            }
             spins += 1;
-            if spins < 1 << 16 {
+            if spins < 1 << 12 {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
         }
-        drop(guard);
+        drop(epoch);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
@@ -130,15 +166,12 @@ impl Pool {
     }
 }
 
-fn worker(s: &'static Shared, part: usize) {
-    let mut seen = s.epoch.load(Ordering::Acquire);
+fn worker(s: &'static Shared) {
+    let mut seen = s.state.load(Ordering::Acquire) >> 32;
     loop {
         let start = Instant::now();
         let mut spins = 0u32;
-        loop {
-            if s.epoch.load(Ordering::Acquire) != seen {
-                break;
-            }
+        while s.state.load(Ordering::Acquire) >> 32 == seen {
             spins += 1;
             if spins % 64 != 0 || start.elapsed() < SPIN {
                 std::hint::spin_loop();
@@ -146,19 +179,35 @@ fn worker(s: &'static Shared, part: usize) {
             }
             let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
             *sleepers += 1;
-            while s.epoch.load(Ordering::SeqCst) == seen {
+            while s.state.load(Ordering::SeqCst) >> 32 == seen {
                 sleepers = s.wake.wait(sleepers).unwrap_or_else(|e| e.into_inner());
             }
             *sleepers -= 1;
-            break;
         }
-        seen = s.epoch.load(Ordering::Acquire);
-        // SAFETY: the submitter keeps the job alive until `remaining` is 0,
-        // which cannot happen before this worker's decrement below.
-        let job: Job = unsafe { *(s.job.load(Ordering::Acquire) as *const Job) };
-        if catch_unwind(AssertUnwindSafe(|| job(part, 0))).is_err() {
+        let mut cur = s.state.load(Ordering::Acquire);
+        seen = cur >> 32;
+        // Join the job if it is still open.
+        let joined = loop {
+            if cur >> 32 != seen || cur & OPEN == 0 {
+                break false;
+            }
+            match s
+                .state
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break true,
+                Err(now) => cur = now,
+            }
+        };
+        if !joined {
+            continue;
+        }
+        // SAFETY: the job outlives the open state, which the caller cannot
+        // close while this worker is counted in it.
+        let job = unsafe { &*(s.job.load(Ordering::Acquire) as *const Job) };
+        if catch_unwind(AssertUnwindSafe(|| job.work())).is_err() {
             s.panicked.store(true, Ordering::Relaxed);
         }
-        s.remaining.fetch_sub(1, Ordering::Release);
+        s.state.fetch_sub(1, Ordering::Release);
     }
 }

@@ -11,7 +11,7 @@ fn dot(c: &[u8], a: &[i8]) -> i32 {
 }
 
 pub(crate) fn run(m: &Tiles, act: &QAct, tiles: std::ops::Range<usize>, y: *mut f32) {
-    let (fmt, nb, k, bs) = (m.fmt, m.blocks, act.k, m.fmt.block());
+    let (fmt, nb, bs) = (m.fmt, m.blocks, m.fmt.block());
     let rec_bytes = fmt.rec_bytes();
     let mut c = [0u8; 256];
     let mut acc = vec![0f32; act.n];
@@ -29,8 +29,8 @@ pub(crate) fn run(m: &Tiles, act: &QAct, tiles: std::ops::Range<usize>, y: *mut 
                 codes(fmt, rec, r, c);
                 let s = row_scales(fmt, rec, r);
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let ab = i * nb + b;
-                    let a = &act.qs[i * k + b * bs..][..bs];
+                    let ab = act.idx(i, b);
+                    let a = act.block(i, b);
                     let da = act.d[ab];
                     match fmt {
                         Fmt::Q4_0 | Fmt::Q5_0 | Fmt::Q8_0 => {
