@@ -1,0 +1,462 @@
+//! AVX-512 VNNI kernels over the tiled layout.
+//!
+//! For each 16-row tile and block, the weight codes are loaded and unpacked
+//! once into eight 512-bit registers (4 K-values × 16 rows each) and then
+//! used by `vpdpbusd` for every activation row of a group; the scale work
+//! per block is vectorised over the 16 rows. Activation rows are processed
+//! in groups small enough that all accumulators stay in registers (the group
+//! loop is unrolled at compile time through the `G` parameter).
+
+use super::act::QAct;
+use super::layout::{off, Fmt, TILE};
+use super::Tiles;
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Most activation rows per group: 32-block formats / K-quants (these keep
+/// a second set of integer accumulators).
+const MAXG_32: usize = 16;
+const MAXG_K: usize = 8;
+
+struct Prefetch {
+    /// Bytes ahead of the current record.
+    dist: usize,
+    /// Only from this many activation rows: with few rows the loop is
+    /// memory bound and the hardware prefetcher does better alone.
+    min_rows: usize,
+}
+
+fn prefetch_cfg() -> &'static Prefetch {
+    static CFG: OnceLock<Prefetch> = OnceLock::new();
+    CFG.get_or_init(|| {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        Prefetch {
+            dist: env("TREESPEC_PF_DIST", 8192),
+            min_rows: env("TREESPEC_PF_MIN_ROWS", 4),
+        }
+    })
+}
+
+/// Per-call data the kernels share.
+struct Ctx<'a> {
+    act: &'a QAct,
+    nb: usize,
+    y: *mut f32,
+    out: usize,
+    col0: usize,
+    mask: __mmask16,
+    /// Prefetch distance in bytes, 0 for none.
+    pf: usize,
+}
+
+/// Runs `$body` with `$g` = 0, 1, .. `$G - 1` as constants: unrolled so the
+/// per-row accumulators are registers (a loop would keep them in memory).
+macro_rules! for_g {
+    ($G:expr, |$g:ident| $body:block) => {
+        for_g!(@ $G, $g, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $G:expr, $g:ident, $body:block, $($i:literal)*) => {
+        $( if $i < $G { let $g: usize = $i; $body } )*
+    };
+}
+
+// Address arithmetic below is `wrapping_*`: the tests and benchmarks build
+// with overflow and UB checks, which would otherwise sit in the inner loops.
+// Every offset stays inside the buffers by construction.
+
+#[inline(always)]
+unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize) {
+    if pf != 0 {
+        let mut l = 0;
+        while l < len {
+            _mm_prefetch::<_MM_HINT_T1>(rec.wrapping_add(pf + l) as *const i8);
+            l += 64;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m512i {
+    _mm512_loadu_si512(p as *const _)
+}
+
+#[inline(always)]
+unsafe fn nibbles(q: *const u8, w: &mut [__m512i; 8], lo: __m512i) {
+    for p in 0..4 {
+        let v = load(q.wrapping_add(64 * p));
+        w[p] = _mm512_and_si512(v, lo);
+        w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), lo);
+    }
+}
+
+#[inline(always)]
+unsafe fn f16x16(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
+#[inline(always)]
+unsafe fn bcast_i32<T>(p: *const T, byte_off: usize) -> __m512i {
+    _mm512_set1_epi32((p as *const u8).wrapping_add(byte_off).cast::<i32>().read_unaligned())
+}
+
+#[inline(always)]
+unsafe fn bcast_f32(p: *const f32, i: usize) -> __m512 {
+    _mm512_set1_ps(*p.wrapping_add(i))
+}
+
+/// Σ over 8 chunks of `vpdpbusd` for one activation row starting at `a`,
+/// on top of `init`. Two chains when the group is small, so the latency of
+/// one chain does not bound the loop.
+#[inline(always)]
+unsafe fn dot8<const G: usize>(init: __m512i, w: &[__m512i; 8], a: *const i8) -> __m512i {
+    if G < 4 {
+        let mut s0 = init;
+        let mut s1 = _mm512_setzero_si512();
+        for c in 0..4 {
+            s0 = _mm512_dpbusd_epi32(s0, w[c], bcast_i32(a, 4 * c));
+            s1 = _mm512_dpbusd_epi32(s1, w[c + 4], bcast_i32(a, 4 * c + 16));
+        }
+        _mm512_add_epi32(s0, s1)
+    } else {
+        let mut s = init;
+        for c in 0..8 {
+            s = _mm512_dpbusd_epi32(s, w[c], bcast_i32(a, 4 * c));
+        }
+        s
+    }
+}
+
+#[inline(always)]
+unsafe fn store<const G: usize>(cx: &Ctx, n0: usize, acc: &[__m512; G]) {
+    for (g, &a) in acc.iter().enumerate() {
+        let at = (n0 + g).wrapping_mul(cx.out).wrapping_add(cx.col0);
+        _mm512_mask_storeu_ps(cx.y.wrapping_add(at), cx.mask, a);
+    }
+}
+
+/// A 32-value block format.
+trait Blk32 {
+    const FMT: Fmt;
+    const D: usize;
+    unsafe fn weights(rec: *const u8, w: &mut [__m512i; 8]);
+}
+
+struct Q40;
+struct Q41;
+struct Q50;
+struct Q80;
+
+impl Blk32 for Q40 {
+    const FMT: Fmt = Fmt::Q4_0;
+    const D: usize = off::Q4_D;
+    #[inline(always)]
+    unsafe fn weights(rec: *const u8, w: &mut [__m512i; 8]) {
+        nibbles(rec, w, _mm512_set1_epi8(15));
+    }
+}
+
+impl Blk32 for Q41 {
+    const FMT: Fmt = Fmt::Q4_1;
+    const D: usize = off::Q4_D;
+    #[inline(always)]
+    unsafe fn weights(rec: *const u8, w: &mut [__m512i; 8]) {
+        nibbles(rec, w, _mm512_set1_epi8(15));
+    }
+}
+
+impl Blk32 for Q50 {
+    const FMT: Fmt = Fmt::Q5_0;
+    const D: usize = off::Q5_D;
+    #[inline(always)]
+    unsafe fn weights(rec: *const u8, w: &mut [__m512i; 8]) {
+        nibbles(rec, w, _mm512_set1_epi8(15));
+        let sixteen = _mm512_set1_epi8(16);
+        for (c, wc) in w.iter_mut().enumerate() {
+            let k: __mmask64 = rec
+                .wrapping_add(off::Q5_H + 8 * c)
+                .cast::<u64>()
+                .read_unaligned();
+            *wc = _mm512_mask_add_epi8(*wc, k, *wc, sixteen);
+        }
+    }
+}
+
+impl Blk32 for Q80 {
+    const FMT: Fmt = Fmt::Q8_0;
+    const D: usize = off::Q8_D;
+    #[inline(always)]
+    unsafe fn weights(rec: *const u8, w: &mut [__m512i; 8]) {
+        for (c, wc) in w.iter_mut().enumerate() {
+            *wc = load(rec.wrapping_add(64 * c));
+        }
+    }
+}
+
+/// Pointers to the activation data of block 0 for rows `n0..`, and the
+/// stride from one block to the next (in elements of each array).
+struct ActPtrs {
+    qs: *const i8,
+    d: *const f32,
+    bias: *const i32,
+    fsum: *const f32,
+    bsum: *const i16,
+    stride: usize,
+}
+
+impl ActPtrs {
+    #[inline(always)]
+    fn new(act: &QAct, n0: usize) -> ActPtrs {
+        ActPtrs {
+            qs: act.qs.as_ptr().wrapping_add(n0 * act.bs),
+            d: act.d.as_ptr().wrapping_add(n0),
+            // Q6_K keeps 16 biases per block, the 32-block formats one.
+            bias: act.bias.as_ptr().wrapping_add(n0 * if act.bs == 256 { 16 } else { 1 }),
+            fsum: act.fsum.as_ptr().wrapping_add(n0),
+            bsum: act.bsum32.as_ptr().wrapping_add(n0 * 8),
+            stride: act.n,
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn k32<B: Blk32, const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
+    let rec_bytes = B::FMT.rec_bytes();
+    let has_min = B::FMT == Fmt::Q4_1;
+    let p = ActPtrs::new(cx.act, n0);
+    let mut acc = [_mm512_setzero_ps(); G];
+    let mut rec = w;
+    let (mut qs, mut d, mut bias, mut fsum) = (p.qs, p.d, p.bias, p.fsum);
+    for _ in 0..cx.nb {
+        prefetch_rec(rec, rec_bytes, cx.pf);
+        let mut wv = [_mm512_setzero_si512(); 8];
+        B::weights(rec, &mut wv);
+        let dw = f16x16(rec.wrapping_add(B::D));
+        let mw = if has_min {
+            f16x16(rec.wrapping_add(off::Q4_1_M))
+        } else {
+            _mm512_setzero_ps()
+        };
+        for_g!(G, |g| {
+            let init = if has_min {
+                _mm512_setzero_si512()
+            } else {
+                bcast_i32(bias, 4 * g)
+            };
+            let s = dot8::<G>(init, &wv, qs.wrapping_add(32 * g));
+            let scale = _mm512_mul_ps(dw, bcast_f32(d, g));
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[g]);
+            if has_min {
+                acc[g] = _mm512_fmadd_ps(mw, bcast_f32(fsum, g), acc[g]);
+            }
+        });
+        rec = rec.wrapping_add(rec_bytes);
+        qs = qs.wrapping_add(32 * p.stride);
+        d = d.wrapping_add(p.stride);
+        bias = bias.wrapping_add(p.stride);
+        fsum = fsum.wrapping_add(p.stride);
+    }
+    store::<G>(cx, n0, &acc);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
+    let rec_bytes = Fmt::Q4K.rec_bytes();
+    let p = ActPtrs::new(cx.act, n0);
+    let lo = _mm512_set1_epi8(15);
+    let mut acc = [_mm512_setzero_ps(); G];
+    let mut rec = w;
+    let (mut qs, mut d, mut bsum) = (p.qs, p.d, p.bsum);
+    for _ in 0..cx.nb {
+        prefetch_rec(rec, rec_bytes, cx.pf);
+        let mut isum = [_mm512_setzero_si512(); G];
+        for j in 0..8 {
+            let mut wv = [_mm512_setzero_si512(); 8];
+            nibbles(rec.wrapping_add(256 * j), &mut wv, lo);
+            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                rec.wrapping_add(off::Q4K_SC + 16 * j) as *const __m128i,
+            ));
+            for_g!(G, |g| {
+                let a = qs.wrapping_add(256 * g + 32 * j);
+                let s = dot8::<G>(_mm512_setzero_si512(), &wv, a);
+                isum[g] = _mm512_add_epi32(isum[g], _mm512_mullo_epi32(s, sc));
+            });
+        }
+        let mut mins = [_mm512_setzero_si512(); 4];
+        for (q, m) in mins.iter_mut().enumerate() {
+            *m = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                rec.wrapping_add(off::Q4K_MIN + 32 * q) as *const __m256i,
+            ));
+        }
+        let dw = f16x16(rec.wrapping_add(off::Q4K_D));
+        let dmin = f16x16(rec.wrapping_add(off::Q4K_DMIN));
+        for_g!(G, |g| {
+            let mut ms = _mm512_setzero_si512();
+            for (q, &m) in mins.iter().enumerate() {
+                ms = _mm512_dpwssd_epi32(ms, m, bcast_i32(bsum, 16 * g + 4 * q));
+            }
+            let da = bcast_f32(d, g);
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g]), _mm512_mul_ps(dw, da), acc[g]);
+            acc[g] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dmin, da), acc[g]);
+        });
+        rec = rec.wrapping_add(rec_bytes);
+        qs = qs.wrapping_add(256 * p.stride);
+        d = d.wrapping_add(p.stride);
+        bsum = bsum.wrapping_add(8 * p.stride);
+    }
+    store::<G>(cx, n0, &acc);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
+    let rec_bytes = Fmt::Q6K.rec_bytes();
+    let p = ActPtrs::new(cx.act, n0);
+    let lo = _mm512_set1_epi8(15);
+    let hi = _mm512_set1_epi8(0x30);
+    let mut acc = [_mm512_setzero_ps(); G];
+    let mut rec = w;
+    let (mut qs, mut d, mut bias) = (p.qs, p.d, p.bias);
+    for _ in 0..cx.nb {
+        prefetch_rec(rec, rec_bytes, cx.pf);
+        let mut isum = [_mm512_setzero_si512(); G];
+        for gr in 0..8 {
+            let mut wv = [_mm512_setzero_si512(); 8];
+            nibbles(rec.wrapping_add(256 * gr), &mut wv, lo);
+            let qh = rec.wrapping_add(off::Q6K_QH + 128 * gr);
+            for h in 0..2 {
+                let v = load(qh.wrapping_add(64 * h));
+                // Bring bits 2p..2p+2 to bits 4..6 (16-bit shifts: the
+                // bits crossing into the neighbour byte are masked off).
+                let sh = [
+                    _mm512_slli_epi16::<4>(v),
+                    _mm512_slli_epi16::<2>(v),
+                    v,
+                    _mm512_srli_epi16::<2>(v),
+                ];
+                for q in 0..4 {
+                    // w | (sh & 0x30)
+                    wv[4 * h + q] = _mm512_ternarylogic_epi32::<0xF8>(wv[4 * h + q], sh[q], hi);
+                }
+            }
+            let sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                rec.wrapping_add(off::Q6K_SC + 32 * gr) as *const __m128i,
+            ));
+            let sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                rec.wrapping_add(off::Q6K_SC + 32 * gr + 16) as *const __m128i,
+            ));
+            for_g!(G, |g| {
+                let a = qs.wrapping_add(256 * g + 32 * gr);
+                let bi = 4 * (16 * g + 2 * gr);
+                let mut s0 = bcast_i32(bias, bi);
+                let mut s1 = bcast_i32(bias, bi + 4);
+                for c in 0..4 {
+                    s0 = _mm512_dpbusd_epi32(s0, wv[c], bcast_i32(a, 4 * c));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[c + 4], bcast_i32(a, 4 * c + 16));
+                }
+                let t = _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1));
+                isum[g] = _mm512_add_epi32(isum[g], t);
+            });
+        }
+        let dw = f16x16(rec.wrapping_add(off::Q6K_D));
+        for_g!(G, |g| {
+            let da = bcast_f32(d, g);
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g]), _mm512_mul_ps(dw, da), acc[g]);
+        });
+        rec = rec.wrapping_add(rec_bytes);
+        qs = qs.wrapping_add(256 * p.stride);
+        d = d.wrapping_add(p.stride);
+        bias = bias.wrapping_add(16 * p.stride);
+    }
+    store::<G>(cx, n0, &acc);
+}
+
+macro_rules! by_group {
+    ($gs:expr, $f:ident $(::<$t:ty>)?, $($arg:expr),*) => {
+        match $gs {
+            1 => $f::<$($t,)? 1>($($arg),*),
+            2 => $f::<$($t,)? 2>($($arg),*),
+            3 => $f::<$($t,)? 3>($($arg),*),
+            4 => $f::<$($t,)? 4>($($arg),*),
+            5 => $f::<$($t,)? 5>($($arg),*),
+            6 => $f::<$($t,)? 6>($($arg),*),
+            7 => $f::<$($t,)? 7>($($arg),*),
+            8 => $f::<$($t,)? 8>($($arg),*),
+            9 => $f::<$($t,)? 9>($($arg),*),
+            10 => $f::<$($t,)? 10>($($arg),*),
+            11 => $f::<$($t,)? 11>($($arg),*),
+            12 => $f::<$($t,)? 12>($($arg),*),
+            13 => $f::<$($t,)? 13>($($arg),*),
+            14 => $f::<$($t,)? 14>($($arg),*),
+            15 => $f::<$($t,)? 15>($($arg),*),
+            _ => $f::<$($t,)? 16>($($arg),*),
+        }
+    };
+}
+
+macro_rules! by_group_k {
+    ($gs:expr, $f:ident, $($arg:expr),*) => {
+        match $gs {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+
+/// Computes the output columns of `tiles` for all activation rows.
+///
+/// # Safety
+/// The CPU must support the features of [`super::Isa::Avx512`]; `y` must
+/// hold `act.n × m.out` values, of which this call writes only the columns
+/// of `tiles`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32) {
+    let n = act.n;
+    let maxg = match m.fmt {
+        Fmt::Q4K | Fmt::Q6K => MAXG_K,
+        _ => MAXG_32,
+    };
+    let groups = n.div_ceil(maxg);
+    let per = n.div_ceil(groups.max(1));
+    let cfg = prefetch_cfg();
+    let pf = if n >= cfg.min_rows { cfg.dist } else { 0 };
+    for t in tiles {
+        let lanes = TILE.min(m.out - t * TILE);
+        let mut cx = Ctx {
+            act,
+            nb: m.blocks,
+            y,
+            out: m.out,
+            col0: t * TILE,
+            mask: ((1u32 << lanes) - 1) as __mmask16,
+            pf,
+        };
+        let w = m.tile_ptr(t);
+        let mut n0 = 0;
+        while n0 < n {
+            let gs = per.min(n - n0);
+            let cx_ref = &cx;
+            match m.fmt {
+                Fmt::Q4_0 => by_group!(gs, k32::<Q40>, cx_ref, w, n0),
+                Fmt::Q4_1 => by_group!(gs, k32::<Q41>, cx_ref, w, n0),
+                Fmt::Q5_0 => by_group!(gs, k32::<Q50>, cx_ref, w, n0),
+                Fmt::Q8_0 => by_group!(gs, k32::<Q80>, cx_ref, w, n0),
+                Fmt::Q4K => by_group_k!(gs, kq4k, cx_ref, w, n0),
+                Fmt::Q6K => by_group_k!(gs, kq6k, cx_ref, w, n0),
+            }
+            n0 += gs;
+            // Later groups re-read the tile from cache.
+            cx.pf = 0;
+        }
+    }
+}

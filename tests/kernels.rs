@@ -1,0 +1,263 @@
+//! Quantized matmul kernels: dequantization bit-identical to candle, every
+//! SIMD path against the scalar reference, and everything against a plain
+//! f32 matmul of the dequantized weights.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use treespec::kernels::{Isa, QMatrix};
+
+const ROWS: [usize; 9] = [1, 2, 3, 4, 7, 8, 16, 33, 64];
+
+fn random(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            // Some outliers so block scales vary.
+            if i % 97 == 0 {
+                v * 8.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn quantized(dtype: GgmlDType, out: usize, inp: usize, seed: u64) -> QTensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut w = random(&mut rng, out * inp);
+    // Vary the row magnitudes too.
+    for (r, row) in w.chunks_mut(inp).enumerate() {
+        let s = 0.01 * (1 + r % 7) as f32;
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    let t = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
+    QTensor::quantize(&t, dtype).unwrap()
+}
+
+fn dequantized(q: &QTensor) -> Vec<f32> {
+    q.dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn act_block(dtype: GgmlDType) -> usize {
+    match dtype {
+        GgmlDType::Q4K | GgmlDType::Q6K => 256,
+        _ => 32,
+    }
+}
+
+/// Checks `matmul` on every path against the reference and the f32 matmul.
+fn check_matmul(dtype: GgmlDType, out: usize, inp: usize, seed: u64) {
+    let q = quantized(dtype, out, inp, seed);
+    let m = QMatrix::from_qtensor(&q).unwrap();
+    assert_eq!((m.out_features(), m.in_features()), (out, inp));
+    assert_eq!(m.dtype(), dtype);
+    let w = dequantized(&q);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let quant = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16);
+    for &n in &ROWS {
+        let x = random(&mut rng, n * inp);
+        let mut reference = vec![f32::NAN; n * out];
+        m.matmul_with(Isa::Scalar, &x, n, &mut reference);
+        for i in 0..n {
+            let xr = &x[i * inp..][..inp];
+            let bs = act_block(dtype);
+            let amax: Vec<f32> = xr
+                .chunks(bs)
+                .map(|b| b.iter().fold(0f32, |a, v| a.max(v.abs())))
+                .collect();
+            for j in 0..out {
+                let wr = &w[j * inp..][..inp];
+                let exact: f64 = wr
+                    .iter()
+                    .zip(xr)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                let mag: f64 = wr
+                    .iter()
+                    .zip(xr)
+                    .map(|(&a, &b)| (a * b).abs() as f64)
+                    .sum();
+                // int8 rounding moves each activation by at most half a step.
+                let qerr: f64 = if quant {
+                    wr.iter()
+                        .enumerate()
+                        .map(|(k, &a)| a.abs() as f64 * amax[k / bs] as f64 / 254.0)
+                        .sum()
+                } else {
+                    0.0
+                };
+                let got = reference[i * out + j] as f64;
+                assert!(
+                    (got - exact).abs() <= qerr * 1.01 + 1e-5 * mag + 1e-6,
+                    "{dtype:?} [{out}x{inp}] n={n} row {i} col {j}: scalar {got} vs f32 {exact} (bound {qerr})"
+                );
+            }
+        }
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; n * out];
+            m.matmul_with(isa, &x, n, &mut y);
+            for (idx, (&a, &b)) in y.iter().zip(&reference).enumerate() {
+                let (i, j) = (idx / out, idx % out);
+                let mag: f32 = w[j * inp..][..inp]
+                    .iter()
+                    .zip(&x[i * inp..][..inp])
+                    .map(|(a, b)| (a * b).abs())
+                    .sum();
+                assert!(
+                    (a - b).abs() <= 2e-5 * mag + 1e-6,
+                    "{dtype:?} [{out}x{inp}] n={n} {isa:?} row {i} col {j}: {a} vs scalar {b}"
+                );
+            }
+        }
+    }
+}
+
+fn check_dequant(dtype: GgmlDType, out: usize, inp: usize, seed: u64) {
+    let q = quantized(dtype, out, inp, seed);
+    let m = QMatrix::from_qtensor(&q).unwrap();
+    let w = dequantized(&q);
+    let mut row = vec![0f32; inp];
+    for j in 0..out {
+        m.dequantize_row(j, &mut row);
+        for (k, (&a, &b)) in row.iter().zip(&w[j * inp..][..inp]).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype:?} row {j} col {k}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+const BLOCK32: [GgmlDType; 4] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q8_0,
+];
+const KQUANTS: [GgmlDType; 2] = [GgmlDType::Q4K, GgmlDType::Q6K];
+
+#[test]
+fn dequantize_row_is_bit_identical() {
+    for (s, &dt) in BLOCK32.iter().enumerate() {
+        check_dequant(dt, 37, 576, s as u64);
+    }
+    for (s, &dt) in KQUANTS.iter().enumerate() {
+        check_dequant(dt, 21, 768, 10 + s as u64);
+    }
+    check_dequant(GgmlDType::F32, 5, 64, 20);
+    check_dequant(GgmlDType::F16, 5, 64, 21);
+    check_dequant(GgmlDType::Q5K, 3, 256, 22);
+}
+
+#[test]
+fn block32_formats_match_reference() {
+    for (s, &dt) in BLOCK32.iter().enumerate() {
+        for (i, &(out, inp)) in [(37, 896), (16, 576), (130, 1536), (5, 32)]
+            .iter()
+            .enumerate()
+        {
+            check_matmul(dt, out, inp, (100 * s + i) as u64);
+        }
+    }
+}
+
+#[test]
+fn kquant_formats_match_reference() {
+    for (s, &dt) in KQUANTS.iter().enumerate() {
+        for (i, &(out, inp)) in [(37, 512), (45, 1536), (20, 256), (16, 4864)]
+            .iter()
+            .enumerate()
+        {
+            check_matmul(dt, out, inp, (200 * s + i) as u64);
+        }
+    }
+}
+
+#[test]
+fn dense_formats_match_reference() {
+    for dt in [GgmlDType::F32, GgmlDType::F16] {
+        check_matmul(dt, 19, 96, 7);
+    }
+}
+
+#[test]
+fn forward_keeps_leading_dims() {
+    let q = quantized(GgmlDType::Q8_0, 40, 64, 3);
+    let m = QMatrix::from_qtensor(&q).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let x = random(&mut rng, 2 * 3 * 64);
+    let xt = Tensor::from_vec(x.clone(), (2, 3, 64), &Device::Cpu).unwrap();
+    let y = m.forward(&xt).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 40]);
+    let mut want = vec![0f32; 6 * 40];
+    m.matmul(&x, 6, &mut want);
+    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    let bad = Tensor::zeros((2, 63), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(m.forward(&bad).is_err());
+}
+
+#[test]
+fn rejects_unusable_shapes() {
+    let t = Tensor::zeros((4, 4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    assert!(QMatrix::from_qtensor(&q).is_err());
+}
+
+#[test]
+fn isa_names_a_supported_path() {
+    let name = treespec::kernels::isa();
+    assert!(Isa::available().iter().any(|i| i.name() == name));
+}
+
+/// Real weights of every format the 0.5B model uses, when it is here.
+#[test]
+fn real_model_tensors() {
+    let path = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/treespec/models/qwen2.5-coder-0.5b.gguf");
+    let Ok(mut f) = std::fs::File::open(&path) else {
+        eprintln!("skipped: {} not found", path.display());
+        return;
+    };
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    for name in [
+        "blk.0.attn_q.weight",   // Q5_0
+        "blk.0.attn_v.weight",   // Q8_0
+        "blk.0.ffn_down.weight", // Q6_K
+        "blk.1.ffn_down.weight", // Q4_K
+    ] {
+        let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+        let m = QMatrix::from_qtensor(&q).unwrap();
+        let (out, inp) = (m.out_features(), m.in_features());
+        let w = dequantized(&q);
+        let mut row = vec![0f32; inp];
+        for j in (0..out).step_by(7) {
+            m.dequantize_row(j, &mut row);
+            assert!(
+                row.iter()
+                    .zip(&w[j * inp..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} row {j}"
+            );
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let n = 5;
+        let x = random(&mut rng, n * inp);
+        let mut reference = vec![0f32; n * out];
+        m.matmul_with(Isa::Scalar, &x, n, &mut reference);
+        for isa in Isa::available() {
+            let mut y = vec![0f32; n * out];
+            m.matmul_with(isa, &x, n, &mut y);
+            let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (a, b) in y.iter().zip(&reference) {
+                assert!((a - b).abs() <= 1e-4 * scale, "{name} {isa:?}: {a} vs {b}");
+            }
+        }
+    }
+}
