@@ -301,3 +301,15 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
     t
 }
+
+/// Runs `f` over `0..units`, `chunk` units at a time, on the kernels' thread
+/// pool. Attention uses it too, so one set of workers serves the whole
+/// forward (several spinning pools on 2 cores steal each other's time).
+pub fn parallel_for(units: usize, chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    pool::global().run(units, chunk, f)
+}
+
+/// Worker threads of the kernels' pool (the calling thread included).
+pub fn threads() -> usize {
+    pool::global().threads()
+}

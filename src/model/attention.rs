@@ -9,7 +9,7 @@
 //! share a kv head are processed together so every key/value row loaded from
 //! the cache is used by the whole group (GQA).
 
-use rayon::prelude::*;
+use crate::kernels::parallel_for;
 
 /// Which of the N new tokens each new token may see: bit `j` of row `i` is set
 /// when `j` is `i` or one of its ancestors. Rows are `words` u64 long.
@@ -110,9 +110,11 @@ pub fn tree_attention(
         .flat_map(|g| (0..n).step_by(block).map(move |i0| (g, i0)))
         .collect();
 
-    let results: Vec<(usize, usize, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(g, i0)| {
+    let mut out = vec![0f32; n * n_heads * d];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let out_ptr = &out_ptr;
+        for &(g, i0) in &tasks[range] {
             let i1 = (i0 + block).min(n);
             let rows = (i1 - i0) * group;
             let span = ctx + i1; // tokens past ctx + i1 are never visible to these queries
@@ -147,31 +149,34 @@ pub fn tree_attention(
                     *x *= inv;
                 }
             }
-            let mut out = vec![0f32; rows * d];
+            let mut acc = vec![0f32; rows * d];
             for j in 0..span {
                 let val = &v[j * kv_row + g * d..j * kv_row + (g + 1) * d];
                 for r in 0..rows {
                     let p = scores[r * span + j];
                     if p != 0.0 {
-                        axpy(&mut out[r * d..(r + 1) * d], p, val);
+                        axpy(&mut acc[r * d..(r + 1) * d], p, val);
                     }
                 }
             }
-            (g, i0, out)
-        })
-        .collect();
-
-    let mut out = vec![0f32; n * n_heads * d];
-    for (g, i0, block_out) in results {
-        let rows = block_out.len() / d;
-        for r in 0..rows {
-            let (i, h) = (i0 + r / group, g * group + r % group);
-            out[(i * n_heads + h) * d..(i * n_heads + h + 1) * d]
-                .copy_from_slice(&block_out[r * d..(r + 1) * d]);
+            for r in 0..rows {
+                let (i, h) = (i0 + r / group, g * group + r % group);
+                let dst = (i * n_heads + h) * d;
+                // SAFETY: each (query, head) row belongs to exactly one task,
+                // so tasks write disjoint ranges of `out`, which outlives them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), out_ptr.0.add(dst), d);
+                }
+            }
         }
-    }
+    };
+    parallel_for(tasks.len(), 1, &run);
     out
 }
+
+struct OutPtr(*mut f32);
+// SAFETY: used only to write disjoint ranges from pool workers (see above).
+unsafe impl Sync for OutPtr {}
 
 #[cfg(test)]
 mod tests {

@@ -6,21 +6,20 @@
 //!   x' = h + Wdown · (SiLU(Wgate·m) ⊙ Wup·m),          m = RMSNorm(h)
 //! and logits = Wout · RMSNorm(x_L).
 
-use candle_core::{DType, Device, Tensor};
-
 use super::attention::{tree_attention, AttentionShape, TreeMask};
+use super::ops::{add, rms_norm, silu_mul, Rope};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use crate::error::{Error, Result};
 
 pub struct Layer {
-    pub attn_norm: Tensor,
+    pub attn_norm: Vec<f32>,
     pub wq: Linear,
     pub wk: Linear,
     pub wv: Linear,
     pub wo: Linear,
-    pub ffn_norm: Tensor,
+    pub ffn_norm: Vec<f32>,
     pub w_gate: Linear,
     pub w_up: Linear,
     pub w_down: Linear,
@@ -29,14 +28,21 @@ pub struct Layer {
 /// The token embedding table, quantized (GGUF) or dense (HF).
 pub enum Embedding {
     Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
-    Dense(Tensor),
+    Dense { table: Vec<f32>, dim: usize },
 }
 
 impl Embedding {
-    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+    fn lookup(&self, ids: &[u32]) -> Result<Vec<f32>> {
         Ok(match self {
-            Embedding::Quantized(t) => t.embedding(ids)?,
-            Embedding::Dense(t) => t.index_select(ids, 0)?,
+            Embedding::Quantized(t) => {
+                let ids = candle_core::Tensor::from_slice(ids, ids.len(), &candle_core::Device::Cpu)?;
+                t.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?
+            }
+            Embedding::Dense { table, dim } => ids
+                .iter()
+                .flat_map(|&i| &table[i as usize * dim..(i as usize + 1) * dim])
+                .copied()
+                .collect(),
         })
     }
 }
@@ -45,12 +51,9 @@ pub struct Decoder {
     pub config: ModelConfig,
     pub embedding: Embedding,
     pub layers: Vec<Layer>,
-    pub output_norm: Tensor,
+    pub output_norm: Vec<f32>,
     pub lm_head: Linear,
-    /// RoPE tables `[max_positions, head_dim / 2]`.
-    cos: Tensor,
-    sin: Tensor,
-    device: Device,
+    rope: Rope,
 }
 
 /// Which rows of the forward need logits.
@@ -83,34 +86,23 @@ impl Decoder {
         config: ModelConfig,
         embedding: Embedding,
         layers: Vec<Layer>,
-        output_norm: Tensor,
+        output_norm: Vec<f32>,
         lm_head: Linear,
-        device: Device,
     ) -> Result<Self> {
-        let half = config.head_dim / 2;
-        let max_pos = config.context_length.max(1);
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f32 / config.head_dim as f32))
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &device)?;
-        let t = Tensor::arange(0u32, max_pos as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_pos, 1))?;
-        let freqs = t.broadcast_mul(&inv_freq)?;
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_theta,
+            config.context_length.max(1),
+            config.rope_interleaved,
+        );
         Ok(Decoder {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
             config,
             embedding,
             layers,
             output_norm,
             lm_head,
-            device,
+            rope,
         })
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     /// A cache sized for `capacity` positions (at most the trained context).
@@ -122,19 +114,6 @@ impl Decoder {
             c.head_dim,
             capacity.min(c.context_length),
         )
-    }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        // x: [1, N, heads, head_dim]
-        Ok(if self.config.rope_interleaved {
-            // rope_i wants [b, h, t, d]
-            let xt = x.transpose(1, 2)?.contiguous()?;
-            candle_nn::rotary_emb::rope_i(&xt, cos, sin)?
-                .transpose(1, 2)?
-                .contiguous()?
-        } else {
-            candle_nn::rotary_emb::rope_thd(x, cos, sin)?
-        })
     }
 
     /// Runs N new tokens through the model.
@@ -183,65 +162,49 @@ impl Decoder {
         }
         cache.begin(n)?;
 
-        let dev = &self.device;
-        let ids = Tensor::from_slice(tokens, n, dev)?;
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let pos = Tensor::from_vec(pos, n, dev)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
         let mask = TreeMask::from_parents(parents);
         let shape = AttentionShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        let (h, kvh, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let eps = c.rms_eps as f32;
-
-        let mut x = self.embedding.lookup(&ids)?; // [N, hidden]
+        let mut x = self.embedding.lookup(tokens)?; // [N][hidden]
+        let mut normed = vec![0f32; x.len()];
         for (l, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.wq.forward(&normed)?.reshape((1, n, h, d))?;
-            let k = layer.wk.forward(&normed)?.reshape((1, n, kvh, d))?;
-            let v = layer.wv.forward(&normed)?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
-            cache.write(
-                l,
-                &k.flatten_all()?.to_vec1::<f32>()?,
-                &v.flatten_all()?.to_vec1::<f32>()?,
-            );
+            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
+            let mut q = layer.wq.forward(&normed, n);
+            let mut k = layer.wk.forward(&normed, n);
+            let v = layer.wv.forward(&normed, n);
+            self.rope.apply(&mut q, c.n_heads, positions);
+            self.rope.apply(&mut k, c.n_kv_heads, positions);
+            cache.write(l, &k, &v);
             let (keys, values) = cache.layer(l);
-            let q = q.flatten_all()?.to_vec1::<f32>()?;
             let attn = tree_attention(&shape, &q, keys, values, &mask);
-            let attn = Tensor::from_vec(attn, (n, h * d), dev)?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            add(&mut x, &layer.wo.forward(&attn, n));
 
-            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&normed)?)?;
-            let up = layer.w_up.forward(&normed)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            rms_norm(&x, &layer.ffn_norm, eps, &mut normed);
+            let mut gate = layer.w_gate.forward(&normed, n);
+            let up = layer.w_up.forward(&normed, n);
+            silu_mul(&mut gate, &up);
+            add(&mut x, &layer.w_down.forward(&gate, n));
         }
 
-        let x = match want {
-            LogitRows::None => {
-                return Ok(Logits {
-                    data: Vec::new(),
-                    rows: 0,
-                    vocab: c.vocab_size,
-                })
-            }
-            LogitRows::Last => x.narrow(0, n - 1, 1)?,
-            LogitRows::All => x,
+        let hidden = c.hidden;
+        let rows = match want {
+            LogitRows::None => 0,
+            LogitRows::Last => 1,
+            LogitRows::All => n,
         };
-        let rows = x.dims()[0];
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.output_norm, eps)?;
-        let logits = self.lm_head.forward(&x)?;
-        let vocab = logits.dims()[1];
-        Ok(Logits {
-            data: logits.flatten_all()?.to_vec1::<f32>()?,
-            rows,
-            vocab,
-        })
+        let last = &x[(n - rows) * hidden..];
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(last, &self.output_norm, eps, &mut normed);
+        let vocab = self.lm_head.out_features();
+        let data = if rows > 0 {
+            self.lm_head.forward(&normed, rows)
+        } else {
+            Vec::new()
+        };
+        Ok(Logits { data, rows, vocab })
     }
 }

@@ -1,55 +1,50 @@
-//! A linear layer `y = x W^T (+ b)` over whichever weight storage the file
-//! gave us: GGUF-quantized blocks, or a dense matrix (HF safetensors).
+//! A linear layer `y = x Wᵀ (+ b)` on row-major f32 buffers, over treespec's
+//! own kernels: GGUF-quantized blocks (scored N rows for little more than
+//! one) or a dense f32 matrix (HF safetensors).
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Tensor;
 
 use crate::error::Result;
-
-pub enum Weight {
-    Quantized(QMatMul),
-    Dense(Tensor),
-}
+use crate::kernels::QMatrix;
 
 pub struct Linear {
-    weight: Weight,
-    bias: Option<Tensor>,
-    out_features: usize,
+    weight: QMatrix,
+    bias: Option<Vec<f32>>,
 }
 
 impl Linear {
-    pub fn quantized(w: std::sync::Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
-        let out_features = w.shape().dims()[0];
+    pub fn quantized(w: &QTensor, bias: Option<Vec<f32>>) -> Result<Self> {
         Ok(Linear {
-            weight: Weight::Quantized(QMatMul::from_arc(w)?),
+            weight: QMatrix::from_qtensor(w)?,
             bias,
-            out_features,
         })
     }
 
-    /// `w`: `[out, in]` f32.
-    pub fn dense(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let out_features = w.dims()[0];
-        Ok(Linear {
-            weight: Weight::Dense(w.t()?),
-            bias,
-            out_features,
-        })
+    /// `w`: `[out, in]`, any float dtype.
+    pub fn dense(w: &Tensor, bias: Option<Vec<f32>>) -> Result<Self> {
+        let w = w.to_dtype(candle_core::DType::F32)?;
+        Self::quantized(&QTensor::quantize(&w, GgmlDType::F32)?, bias)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.in_features()
     }
 
     pub fn out_features(&self) -> usize {
-        self.out_features
+        self.weight.out_features()
     }
 
-    /// `x`: `[N, in]` → `[N, out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Quantized(w) => w.forward(x)?,
-            Weight::Dense(wt) => x.matmul(wt)?,
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+    /// `x`: `n` rows of `in_features` → `n` rows of `out_features`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let out = self.out_features();
+        let mut y = vec![0f32; n * out];
+        self.weight.matmul(x, n, &mut y);
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(out) {
+                crate::model::ops::add(row, b);
+            }
+        }
+        y
     }
 }

@@ -77,9 +77,9 @@ impl GgufReader<'_> {
         Ok(Arc::new(t))
     }
 
-    fn dense(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+    fn dense(&mut self, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
         let q = self.qtensor(name, dims)?;
-        Ok(q.dequantize(&self.device)?)
+        Ok(q.dequantize(&self.device)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -89,7 +89,7 @@ impl GgufReader<'_> {
         } else {
             None
         };
-        Linear::quantized(w, b)
+        Linear::quantized(&w, b)
     }
 }
 
@@ -146,7 +146,7 @@ fn load_gguf(path: &Path) -> Result<Model> {
     let lm_head = if g.has("output.weight") {
         g.linear("output", c.vocab_size, hd, false)?
     } else {
-        Linear::quantized(tok_embd.clone(), None)?
+        Linear::quantized(&tok_embd, None)?
     };
     let decoder = Decoder::new(
         config,
@@ -154,7 +154,6 @@ fn load_gguf(path: &Path) -> Result<Model> {
         layers,
         output_norm,
         lm_head,
-        Device::Cpu,
     )?;
     let name = path
         .file_name()
@@ -212,6 +211,7 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
         }
         Ok(t.to_dtype(DType::F32)?)
     };
+    let vec = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let c = config.clone();
     let (hd, kv) = (c.hidden, c.n_kv_heads * c.head_dim);
     let embed = get("model.embed_tokens.weight", &[c.vocab_size, hd])?;
@@ -221,11 +221,11 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = get(&format!("{p}.{name}.weight"), &[out, inp])?;
             let b = if bias {
-                Some(get(&format!("{p}.{name}.bias"), &[out])?)
+                Some(vec(get(&format!("{p}.{name}.bias"), &[out])?)?)
             } else {
                 None
             };
-            Linear::dense(w, b)
+            Linear::dense(&w, b)
         };
         let wq = lin("self_attn.q_proj", hd, hd, c.qkv_bias)?;
         let wk = lin("self_attn.k_proj", kv, hd, c.qkv_bias)?;
@@ -235,8 +235,8 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
         let w_up = lin("mlp.up_proj", c.ffn_dim, hd, false)?;
         let w_down = lin("mlp.down_proj", hd, c.ffn_dim, false)?;
         layers.push(Layer {
-            attn_norm: get(&format!("{p}.input_layernorm.weight"), &[hd])?,
-            ffn_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[hd])?,
+            attn_norm: vec(get(&format!("{p}.input_layernorm.weight"), &[hd])?)?,
+            ffn_norm: vec(get(&format!("{p}.post_attention_layernorm.weight"), &[hd])?)?,
             wq,
             wk,
             wv,
@@ -246,19 +246,21 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
             w_down,
         });
     }
-    let output_norm = get("model.norm.weight", &[hd])?;
+    let output_norm = vec(get("model.norm.weight", &[hd])?)?;
     let lm_head = if tied || !has_lm_head {
-        Linear::dense(embed.clone(), None)?
+        Linear::dense(&embed, None)?
     } else {
-        Linear::dense(get("lm_head.weight", &[c.vocab_size, hd])?, None)?
+        Linear::dense(&get("lm_head.weight", &[c.vocab_size, hd])?, None)?
     };
     let decoder = Decoder::new(
         config,
-        Embedding::Dense(embed),
+        Embedding::Dense {
+            table: vec(embed)?,
+            dim: hd,
+        },
         layers,
         output_norm,
         lm_head,
-        device,
     )?;
     let name = dir
         .file_name()

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;
+pub mod ops;
 
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Decoder, LogitRows, Logits};

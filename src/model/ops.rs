@@ -1,0 +1,117 @@
+//! The element-wise steps of the decoder on plain row-major f32 buffers.
+//! Written out rather than taken from candle: at one to a few dozen rows each
+//! op is a few microseconds of work, and candle's per-op tensor allocation
+//! and its own thread pool (which contends with the matmul pool on 2 cores)
+//! cost more than the op (measured: 25 ms → see the kernel issue's note).
+
+/// `out[r] = x[r] / rms(x[r]) * w` for each row of width `w.len()`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// Rotary embedding tables: `cos[p][i]`, `sin[p][i]` for i < head_dim / 2.
+pub struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Pairs are (2i, 2i+1) (GGUF llama) instead of (i, i + half).
+    interleaved: bool,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f32, max_pos: usize, interleaved: bool) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for i in 0..half {
+                let inv = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                let a = p as f64 * inv;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Rope {
+            half,
+            cos,
+            sin,
+            interleaved,
+        }
+    }
+
+    /// Rotates every head of each row: `x` is `[rows][heads][head_dim]`,
+    /// row r at position `positions[r]`.
+    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
+        let (half, d) = (self.half, 2 * self.half);
+        for (row, &p) in x.chunks_exact_mut(heads * d).zip(positions) {
+            let c = &self.cos[p * half..(p + 1) * half];
+            let s = &self.sin[p * half..(p + 1) * half];
+            for h in row.chunks_exact_mut(d) {
+                if self.interleaved {
+                    for i in 0..half {
+                        let (a, b) = (h[2 * i], h[2 * i + 1]);
+                        h[2 * i] = a * c[i] - b * s[i];
+                        h[2 * i + 1] = a * s[i] + b * c[i];
+                    }
+                } else {
+                    let (lo, hi) = h.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * c[i] - b * s[i];
+                        hi[i] = a * s[i] + b * c[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`, in place.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        // head_dim 4, theta 1: frequencies 1 and 1/sqrt(1)=1 → angle = p.
+        let r = Rope::new(2, 10_000.0, 4, false);
+        let mut x = vec![1.0, 0.0];
+        r.apply(&mut x, 1, &[1]);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+        let ri = Rope::new(2, 10_000.0, 4, true);
+        let mut y = vec![1.0, 0.0];
+        ri.apply(&mut y, 1, &[1]);
+        assert_eq!(x, y, "with one pair both layouts agree");
+        let mut z = vec![1.0, 0.0];
+        r.apply(&mut z, 1, &[0]);
+        assert_eq!(z, vec![1.0, 0.0], "position 0 is the identity");
+    }
+
+    #[test]
+    fn rms_norm_normalises() {
+        let mut out = vec![0.0; 2];
+        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+}
