@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use crate::draft::{DraftTree, Drafter, NodeTopK};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, LogitRows, Model};
+use crate::model::{KvCache, LogitRows, Logits, Model};
 use crate::sampling::{top2_margin, top_k_probs, Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
-use crate::verify::verify;
+use crate::verify::{verify, Verdict};
 
 pub use stats::{GenStats, SpecStats};
 
@@ -33,7 +33,12 @@ pub struct GenerateOptions {
     /// Record the top-2 probability margin of every emitted token (near-tie
     /// detection in equality tests and benchmarks).
     pub record_margins: bool,
+    /// The acceptance rule. Always [`verify`] in real use; tests swap in a
+    /// deliberately wrong rule to show the losslessness tests can fail.
+    pub verifier: VerifyFn,
 }
+
+pub type VerifyFn = fn(&DraftTree, &Logits, &mut Sampler, &mut Vec<u32>) -> Verdict;
 
 impl Default for GenerateOptions {
     fn default() -> Self {
@@ -44,6 +49,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             max_draft: 0,
             record_margins: false,
+            verifier: verify,
         }
     }
 }
@@ -263,7 +269,7 @@ pub fn generate(
 
         let tv = Instant::now();
         let logits = scorer::score(decoder, &mut session.cache, &tree)?;
-        let verdict = verify(&tree, &logits, &mut sampler, &mut context);
+        let verdict = (opts.verifier)(&tree, &logits, &mut sampler, &mut context);
         session.cache.keep(&verdict.path)?;
         session
             .cached
