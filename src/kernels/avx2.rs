@@ -8,6 +8,9 @@
 //! that overflow-free. Q8_0's codes span 0..255 and would saturate, so it
 //! goes through the sign trick on the signed values instead.
 
+// Indexed loops over register arrays read closer to the instruction stream.
+#![allow(clippy::needless_range_loop)]
+
 use super::act::QAct;
 use super::layout::{off, Fmt, TILE};
 use super::Tiles;
@@ -256,22 +259,11 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 let m = _mm256_cvtepu8_epi16(_mm_loadu_si128(
                     rec.wrapping_add(off::Q4K_MIN + 32 * q + 16 * h) as *const __m128i,
                 ));
-                ms = _mm256_add_epi32(
-                    ms,
-                    _mm256_madd_epi16(m, bcast_i32(bsum, 16 * g + 4 * q)),
-                );
+                ms = _mm256_add_epi32(ms, _mm256_madd_epi16(m, bcast_i32(bsum, 16 * g + 4 * q)));
             }
             let da = bcast_f32(d, g);
-            acc[g] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(isum[g]),
-                _mm256_mul_ps(dw, da),
-                acc[g],
-            );
-            acc[g] = _mm256_fnmadd_ps(
-                _mm256_cvtepi32_ps(ms),
-                _mm256_mul_ps(dmin, da),
-                acc[g],
-            );
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), _mm256_mul_ps(dw, da), acc[g]);
+            acc[g] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(dmin, da), acc[g]);
         });
         rec = rec.wrapping_add(rec_bytes);
         qs = qs.wrapping_add(256 * p.stride);
@@ -315,10 +307,7 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 ))
             };
             let (sc0, sc1) = (sc_at(2 * gr), sc_at(2 * gr + 1));
-            let (w0, w1) = (
-                [wv[0], wv[1], wv[2], wv[3]],
-                [wv[4], wv[5], wv[6], wv[7]],
-            );
+            let (w0, w1) = ([wv[0], wv[1], wv[2], wv[3]], [wv[4], wv[5], wv[6], wv[7]]);
             for_g!(G, |g| {
                 let a = qs.wrapping_add(256 * g + 32 * gr);
                 let bi = 4 * (16 * g + 2 * gr);
@@ -331,11 +320,7 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         let dw = f16x8(rec.wrapping_add(off::Q6K_D + 16 * h));
         for_g!(G, |g| {
             let da = bcast_f32(d, g);
-            acc[g] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(isum[g]),
-                _mm256_mul_ps(dw, da),
-                acc[g],
-            );
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), _mm256_mul_ps(dw, da), acc[g]);
         });
         rec = rec.wrapping_add(rec_bytes);
         qs = qs.wrapping_add(256 * p.stride);

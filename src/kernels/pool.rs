@@ -142,8 +142,7 @@ impl Pool {
         loop {
             let cur = s.state.load(Ordering::Acquire);
             if cur & COUNT == 0
-                && s
-                    .state
+                && s.state
                     .compare_exchange(cur, cur & !OPEN, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
@@ -173,7 +172,7 @@ fn worker(s: &'static Shared) {
         let mut spins = 0u32;
         while s.state.load(Ordering::Acquire) >> 32 == seen {
             spins += 1;
-            if spins % 64 != 0 || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
