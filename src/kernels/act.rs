@@ -77,9 +77,7 @@ pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8], sums: &mut [i32]) -
 fn avx512_quantizer() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
-    })
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
 }
 
 /// [`quantize_block_scalar`] with AVX-512: the same float operations
@@ -87,13 +85,14 @@ fn avx512_quantizer() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8], sums: &mut [i32]) -> f32 {
+    use super::unaligned::{load_at, store_at};
     use std::arch::x86_64::*;
     let n = x.len() / 16;
     assert!(x.len() == 16 * n && q.len() >= 16 * n && sums.len() >= n);
     let xp = x.as_ptr();
     let mut m = _mm512_setzero_ps();
     for i in 0..n {
-        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xp.add(16 * i))));
+        m = _mm512_max_ps(m, _mm512_abs_ps(load_at::<__m512>(xp as *const u8, i)));
     }
     let amax = _mm512_reduce_max_ps(m);
     if amax == 0.0 || !amax.is_finite() {
@@ -104,10 +103,10 @@ pub(crate) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8], sums: &mut [
     let id = _mm512_set1_ps(127.0 / amax);
     let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
     for i in 0..n {
-        let v = _mm512_mul_ps(_mm512_loadu_ps(xp.add(16 * i)), id);
+        let v = _mm512_mul_ps(load_at::<__m512>(xp as *const u8, i), id);
         // Default MXCSR rounding: to nearest, ties to even.
         let r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
-        _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut __m128i, _mm512_cvtepi32_epi8(r));
+        store_at(q.as_mut_ptr() as *mut u8, i, _mm512_cvtepi32_epi8(r));
         sums[i] = _mm512_reduce_add_epi32(r);
     }
     amax / 127.0
@@ -189,7 +188,9 @@ mod tests {
 
     #[test]
     fn rounding_trick_matches_round_half_even() {
-        for v in [-2.5f32, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -126.49, 3.7, -3.7, 0.0] {
+        for v in [
+            -2.5f32, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -126.49, 3.7, -3.7, 0.0,
+        ] {
             assert_eq!(round_i32(v), v.round_ties_even() as i32, "{v}");
         }
     }

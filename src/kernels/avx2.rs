@@ -13,6 +13,7 @@
 
 use super::act::QAct;
 use super::layout::{off, Fmt, TILE};
+use super::unaligned::load_at;
 use super::Tiles;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -44,29 +45,31 @@ macro_rules! for_g {
 // Address arithmetic is `wrapping_*` as in the AVX-512 path (debug builds
 // check overflow otherwise).
 
+/// Unaligned read of a `T` at `p` (one null check per address in debug
+/// builds; the AVX-512 path indexes from base pointers to avoid even that).
+#[inline(always)]
+unsafe fn ld<T: Copy>(p: *const u8) -> T {
+    load_at::<T>(p, 0)
+}
+
 #[inline(always)]
 unsafe fn load(p: *const u8) -> __m256i {
-    _mm256_loadu_si256(p as *const __m256i)
+    ld::<__m256i>(p)
 }
 
 #[inline(always)]
 unsafe fn bcast_i32<T>(p: *const T, byte_off: usize) -> __m256i {
-    _mm256_set1_epi32(
-        (p as *const u8)
-            .wrapping_add(byte_off)
-            .cast::<i32>()
-            .read_unaligned(),
-    )
+    _mm256_set1_epi32(ld::<i32>((p as *const u8).wrapping_add(byte_off)))
 }
 
 #[inline(always)]
 unsafe fn bcast_f32(p: *const f32, i: usize) -> __m256 {
-    _mm256_set1_ps(*p.wrapping_add(i))
+    _mm256_set1_ps(ld::<f32>(p.wrapping_add(i) as *const u8))
 }
 
 #[inline(always)]
 unsafe fn f16x8(p: *const u8) -> __m256 {
-    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    _mm256_cvtph_ps(ld::<__m128i>(p))
 }
 
 /// Unpacks 4 nibble chunks (this half's 32 bytes of each) into 8 code chunks.
@@ -195,10 +198,7 @@ unsafe fn k32<const G: usize>(fmt: Fmt, cx: &Ctx, w: *const u8, n0: usize) {
         if fmt == Fmt::Q5_0 {
             let sixteen = _mm256_set1_epi8(16);
             for (c, wc) in wv.iter_mut().enumerate() {
-                let bits = rec
-                    .wrapping_add(off::Q5_H + 8 * c + 4 * h)
-                    .cast::<u32>()
-                    .read_unaligned();
+                let bits = ld::<u32>(rec.wrapping_add(off::Q5_H + 8 * c + 4 * h));
                 *wc = _mm256_or_si256(*wc, bit_bytes(bits, sixteen));
             }
         }
@@ -243,9 +243,9 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         for j in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];
             nibbles(rec.wrapping_add(256 * j), h, &mut wv);
-            let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                rec.wrapping_add(off::Q4K_SC + 16 * j + 8 * h) as *const __m128i,
-            ));
+            let sc = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(ld::<i64>(
+                rec.wrapping_add(off::Q4K_SC + 16 * j + 8 * h),
+            )));
             for_g!(G, |g| {
                 let s = dot8::<4>(&wv, qs.wrapping_add(256 * g + 32 * j));
                 isum[g] = _mm256_add_epi32(isum[g], _mm256_mullo_epi32(s, sc));
@@ -256,8 +256,8 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         for_g!(G, |g| {
             let mut ms = _mm256_setzero_si256();
             for q in 0..4 {
-                let m = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                    rec.wrapping_add(off::Q4K_MIN + 32 * q + 16 * h) as *const __m128i,
+                let m = _mm256_cvtepu8_epi16(ld::<__m128i>(
+                    rec.wrapping_add(off::Q4K_MIN + 32 * q + 16 * h),
                 ));
                 ms = _mm256_add_epi32(ms, _mm256_madd_epi16(m, bcast_i32(bsum, 16 * g + 4 * q)));
             }
@@ -302,9 +302,9 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 }
             }
             let sc_at = |j: usize| {
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    rec.wrapping_add(off::Q6K_SC + 16 * j + 8 * h) as *const __m128i,
-                ))
+                _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(ld::<i64>(
+                    rec.wrapping_add(off::Q6K_SC + 16 * j + 8 * h),
+                )))
             };
             let (sc0, sc1) = (sc_at(2 * gr), sc_at(2 * gr + 1));
             let (w0, w1) = ([wv[0], wv[1], wv[2], wv[3]], [wv[4], wv[5], wv[6], wv[7]]);

@@ -164,7 +164,11 @@ pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
     let mut codes = [0u8; 256];
     match fmt {
         Fmt::Q4_0 | Fmt::Q4_1 => {
-            let qs = if fmt == Fmt::Q4_0 { &src[2..18] } else { &src[4..20] };
+            let qs = if fmt == Fmt::Q4_0 {
+                &src[2..18]
+            } else {
+                &src[4..20]
+            };
             // GGUF already keeps value j in the low nibble and j+16 in the
             // high nibble of byte j: the same pairing as the layout.
             for (j, &q) in qs.iter().enumerate() {
