@@ -42,58 +42,56 @@ macro_rules! for_g {
     };
 }
 
-// Address arithmetic is `wrapping_*` as in the AVX-512 path (debug builds
-// check overflow otherwise).
+// Pointer arithmetic is `wrapping_*` and accesses are `base[index]` as in
+// the AVX-512 path (debug builds check overflow and raw dereferences).
 
-/// Unaligned read of a `T` at `p` (one null check per address in debug
-/// builds; the AVX-512 path indexes from base pointers to avoid even that).
+/// Element `i` of type `T` from `base` (any pointer type).
 #[inline(always)]
-unsafe fn ld<T: Copy>(p: *const u8) -> T {
-    load_at::<T>(p, 0)
+unsafe fn at<T: Copy, P>(base: *const P, i: usize) -> T {
+    load_at::<T>(base as *const u8, i)
+}
+
+/// i32 element `i` of `base`, broadcast.
+#[inline(always)]
+unsafe fn bcast_i32<P>(base: *const P, i: usize) -> __m256i {
+    _mm256_set1_epi32(at::<i32, P>(base, i))
 }
 
 #[inline(always)]
-unsafe fn load(p: *const u8) -> __m256i {
-    ld::<__m256i>(p)
+unsafe fn bcast_f32(base: *const f32, i: usize) -> __m256 {
+    _mm256_set1_ps(at::<f32, f32>(base, i))
 }
 
+/// 8 f16 scales at 16-byte slot `i` of `rec`.
 #[inline(always)]
-unsafe fn bcast_i32<T>(p: *const T, byte_off: usize) -> __m256i {
-    _mm256_set1_epi32(ld::<i32>((p as *const u8).wrapping_add(byte_off)))
+unsafe fn f16x8(rec: *const u8, i: usize) -> __m256 {
+    _mm256_cvtph_ps(at::<__m128i, u8>(rec, i))
 }
 
+/// Unpacks this half of 4 nibble chunks (64-byte chunks `c0..c0 + 4` of
+/// `rec`) into 8 code chunks.
 #[inline(always)]
-unsafe fn bcast_f32(p: *const f32, i: usize) -> __m256 {
-    _mm256_set1_ps(ld::<f32>(p.wrapping_add(i) as *const u8))
-}
-
-#[inline(always)]
-unsafe fn f16x8(p: *const u8) -> __m256 {
-    _mm256_cvtph_ps(ld::<__m128i>(p))
-}
-
-/// Unpacks 4 nibble chunks (this half's 32 bytes of each) into 8 code chunks.
-#[inline(always)]
-unsafe fn nibbles(q: *const u8, half: usize, w: &mut [__m256i; 8]) {
+unsafe fn nibbles(rec: *const u8, c0: usize, half: usize, w: &mut [__m256i; 8]) {
     let lo = _mm256_set1_epi8(15);
     for p in 0..4 {
-        let v = load(q.wrapping_add(64 * p + 32 * half));
+        let v = at::<__m256i, u8>(rec, 2 * (c0 + p) + half);
         w[p] = _mm256_and_si256(v, lo);
         w[p + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), lo);
     }
 }
 
-/// Σ codes × activations over 8 chunks (4 K-values × 8 rows each) for the
-/// activation block at `a`; `GRP` chunk products are summed in i16 first.
+/// Σ codes × activations over 8 chunks (4 K-values × 8 rows each) against
+/// the 32 activation values at i32 elements `8 r..8 r + 8` of `a`; `GRP`
+/// chunk products are summed in i16 first.
 #[inline(always)]
-unsafe fn dot8<const GRP: usize>(w: &[__m256i; 8], a: *const i8) -> __m256i {
+unsafe fn dot8<const GRP: usize>(w: &[__m256i; 8], a: *const i8, r: usize) -> __m256i {
     let ones = _mm256_set1_epi16(1);
     let mut s = _mm256_setzero_si256();
     let mut c0 = 0;
     while c0 < 8 {
-        let mut p = _mm256_maddubs_epi16(w[c0], bcast_i32(a, 4 * c0));
+        let mut p = _mm256_maddubs_epi16(w[c0], bcast_i32(a, 8 * r + c0));
         for c in c0 + 1..c0 + GRP {
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], bcast_i32(a, 4 * c)));
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], bcast_i32(a, 8 * r + c)));
         }
         s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
         c0 += GRP;
@@ -103,20 +101,36 @@ unsafe fn dot8<const GRP: usize>(w: &[__m256i; 8], a: *const i8) -> __m256i {
 
 /// Like [`dot8`] for signed weights (Q8_0): |w| × (a with w's sign).
 #[inline(always)]
-unsafe fn dot8_signed(w: &[__m256i; 8], a: *const i8) -> __m256i {
+unsafe fn dot8_signed(w: &[__m256i; 8], a: *const i8, r: usize) -> __m256i {
     let ones = _mm256_set1_epi16(1);
     let mut s = _mm256_setzero_si256();
     for (c, &wc) in w.iter().enumerate() {
         let p = _mm256_maddubs_epi16(
             _mm256_abs_epi8(wc),
-            _mm256_sign_epi8(bcast_i32(a, 4 * c), wc),
+            _mm256_sign_epi8(bcast_i32(a, 8 * r + c), wc),
         );
         s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
     }
     s
 }
 
-/// Four chunks' worth of a 32-bit mask, one bit per byte, as 0x10 bytes.
+/// 4 chunks of 6-bit codes against i32 elements `e..e + 4` of `a`
+/// (products ≤ 2·63·127 per i16, so pairs are safe).
+#[inline(always)]
+unsafe fn dot4(w: &[__m256i], a: *const i8, e: usize) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let p0 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[0], bcast_i32(a, e)),
+        _mm256_maddubs_epi16(w[1], bcast_i32(a, e + 1)),
+    );
+    let p1 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[2], bcast_i32(a, e + 2)),
+        _mm256_maddubs_epi16(w[3], bcast_i32(a, e + 3)),
+    );
+    _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones))
+}
+
+/// Four chunks' worth of a 32-bit mask, one bit per byte, as `value` bytes.
 #[inline(always)]
 unsafe fn bit_bytes(bits: u32, value: __m256i) -> __m256i {
     let spread = _mm256_shuffle_epi8(
@@ -190,30 +204,29 @@ unsafe fn k32<const G: usize>(fmt: Fmt, cx: &Ctx, w: *const u8, n0: usize) {
         if fmt == Fmt::Q8_0 {
             let flip = _mm256_set1_epi8(-128);
             for (c, wc) in wv.iter_mut().enumerate() {
-                *wc = _mm256_xor_si256(load(rec.wrapping_add(64 * c + 32 * h)), flip);
+                *wc = _mm256_xor_si256(at::<__m256i, u8>(rec, 2 * c + h), flip);
             }
         } else {
-            nibbles(rec, h, &mut wv);
+            nibbles(rec, 0, h, &mut wv);
         }
         if fmt == Fmt::Q5_0 {
             let sixteen = _mm256_set1_epi8(16);
             for (c, wc) in wv.iter_mut().enumerate() {
-                let bits = ld::<u32>(rec.wrapping_add(off::Q5_H + 8 * c + 4 * h));
+                let bits = at::<u32, u8>(rec, off::Q5_H / 4 + 2 * c + h);
                 *wc = _mm256_or_si256(*wc, bit_bytes(bits, sixteen));
             }
         }
-        let dw = f16x8(rec.wrapping_add(d_off + 16 * h));
+        let dw = f16x8(rec, d_off / 16 + h);
         let mw = if fmt == Fmt::Q4_1 {
-            f16x8(rec.wrapping_add(off::Q4_1_M + 16 * h))
+            f16x8(rec, off::Q4_1_M / 16 + h)
         } else {
             _mm256_setzero_ps()
         };
         for_g!(G, |g| {
-            let a = qs.wrapping_add(32 * g);
             let s = match fmt {
-                Fmt::Q8_0 => dot8_signed(&wv, a),
-                Fmt::Q4_1 => dot8::<4>(&wv, a),
-                _ => _mm256_add_epi32(dot8::<4>(&wv, a), bcast_i32(bias, 4 * g)),
+                Fmt::Q8_0 => dot8_signed(&wv, qs, g),
+                Fmt::Q4_1 => dot8::<4>(&wv, qs, g),
+                _ => _mm256_add_epi32(dot8::<4>(&wv, qs, g), bcast_i32(bias, g)),
             };
             let scale = _mm256_mul_ps(dw, bcast_f32(d, g));
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[g]);
@@ -242,24 +255,23 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         let mut isum = [_mm256_setzero_si256(); G];
         for j in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];
-            nibbles(rec.wrapping_add(256 * j), h, &mut wv);
-            let sc = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(ld::<i64>(
-                rec.wrapping_add(off::Q4K_SC + 16 * j + 8 * h),
+            nibbles(rec, 4 * j, h, &mut wv);
+            let sc = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(at::<i64, u8>(
+                rec,
+                off::Q4K_SC / 8 + 2 * j + h,
             )));
             for_g!(G, |g| {
-                let s = dot8::<4>(&wv, qs.wrapping_add(256 * g + 32 * j));
+                let s = dot8::<4>(&wv, qs, 8 * g + j);
                 isum[g] = _mm256_add_epi32(isum[g], _mm256_mullo_epi32(s, sc));
             });
         }
-        let dw = f16x8(rec.wrapping_add(off::Q4K_D + 16 * h));
-        let dmin = f16x8(rec.wrapping_add(off::Q4K_DMIN + 16 * h));
+        let dw = f16x8(rec, off::Q4K_D / 16 + h);
+        let dmin = f16x8(rec, off::Q4K_DMIN / 16 + h);
         for_g!(G, |g| {
             let mut ms = _mm256_setzero_si256();
             for q in 0..4 {
-                let m = _mm256_cvtepu8_epi16(ld::<__m128i>(
-                    rec.wrapping_add(off::Q4K_MIN + 32 * q + 16 * h),
-                ));
-                ms = _mm256_add_epi32(ms, _mm256_madd_epi16(m, bcast_i32(bsum, 16 * g + 4 * q)));
+                let m = _mm256_cvtepu8_epi16(at::<__m128i, u8>(rec, off::Q4K_MIN / 16 + 2 * q + h));
+                ms = _mm256_add_epi32(ms, _mm256_madd_epi16(m, bcast_i32(bsum, 4 * g + q)));
             }
             let da = bcast_f32(d, g);
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), _mm256_mul_ps(dw, da), acc[g]);
@@ -286,10 +298,9 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         let mut isum = [_mm256_setzero_si256(); G];
         for gr in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];
-            nibbles(rec.wrapping_add(256 * gr), h, &mut wv);
-            let qh = rec.wrapping_add(off::Q6K_QH + 128 * gr + 32 * h);
+            nibbles(rec, 4 * gr, h, &mut wv);
             for hh in 0..2 {
-                let v = load(qh.wrapping_add(64 * hh));
+                let v = at::<__m256i, u8>(rec, off::Q6K_QH / 32 + 4 * gr + 2 * hh + h);
                 let sh = [
                     _mm256_slli_epi16::<4>(v),
                     _mm256_slli_epi16::<2>(v),
@@ -302,22 +313,24 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 }
             }
             let sc_at = |j: usize| {
-                _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(ld::<i64>(
-                    rec.wrapping_add(off::Q6K_SC + 16 * j + 8 * h),
+                _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(at::<i64, u8>(
+                    rec,
+                    off::Q6K_SC / 8 + 2 * j + h,
                 )))
             };
             let (sc0, sc1) = (sc_at(2 * gr), sc_at(2 * gr + 1));
-            let (w0, w1) = ([wv[0], wv[1], wv[2], wv[3]], [wv[4], wv[5], wv[6], wv[7]]);
             for_g!(G, |g| {
-                let a = qs.wrapping_add(256 * g + 32 * gr);
-                let bi = 4 * (16 * g + 2 * gr);
-                let s0 = _mm256_add_epi32(dot4(&w0, a), bcast_i32(bias, bi));
-                let s1 = _mm256_add_epi32(dot4(&w1, a.wrapping_add(16)), bcast_i32(bias, bi + 4));
+                let e = 64 * g + 8 * gr;
+                let s0 = _mm256_add_epi32(dot4(&wv[..4], qs, e), bcast_i32(bias, 16 * g + 2 * gr));
+                let s1 = _mm256_add_epi32(
+                    dot4(&wv[4..], qs, e + 4),
+                    bcast_i32(bias, 16 * g + 2 * gr + 1),
+                );
                 let t = _mm256_add_epi32(_mm256_mullo_epi32(s0, sc0), _mm256_mullo_epi32(s1, sc1));
                 isum[g] = _mm256_add_epi32(isum[g], t);
             });
         }
-        let dw = f16x8(rec.wrapping_add(off::Q6K_D + 16 * h));
+        let dw = f16x8(rec, off::Q6K_D / 16 + h);
         for_g!(G, |g| {
             let da = bcast_f32(d, g);
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), _mm256_mul_ps(dw, da), acc[g]);
@@ -328,21 +341,6 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         bias = bias.wrapping_add(16 * p.stride);
     }
     store::<G>(cx, n0, &acc);
-}
-
-/// 4 chunks of 6-bit codes (products ≤ 2·63·127 per i16, so pairs are safe).
-#[inline(always)]
-unsafe fn dot4(w: &[__m256i; 4], a: *const i8) -> __m256i {
-    let ones = _mm256_set1_epi16(1);
-    let p0 = _mm256_add_epi16(
-        _mm256_maddubs_epi16(w[0], bcast_i32(a, 0)),
-        _mm256_maddubs_epi16(w[1], bcast_i32(a, 4)),
-    );
-    let p1 = _mm256_add_epi16(
-        _mm256_maddubs_epi16(w[2], bcast_i32(a, 8)),
-        _mm256_maddubs_epi16(w[3], bcast_i32(a, 12)),
-    );
-    _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones))
 }
 
 /// Computes the output columns of `tiles` for all activation rows.
