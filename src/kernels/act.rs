@@ -102,12 +102,12 @@ pub(crate) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8], sums: &mut [
     }
     let id = _mm512_set1_ps(127.0 / amax);
     let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
-    for i in 0..n {
+    for (i, sum) in sums.iter_mut().enumerate().take(n) {
         let v = _mm512_mul_ps(load_at::<__m512>(xp as *const u8, i), id);
         // Default MXCSR rounding: to nearest, ties to even.
         let r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
         store_at(q.as_mut_ptr() as *mut u8, i, _mm512_cvtepi32_epi8(r));
-        sums[i] = _mm512_reduce_add_epi32(r);
+        *sum = _mm512_reduce_add_epi32(r);
     }
     amax / 127.0
 }
@@ -158,8 +158,9 @@ impl QAct {
                         }
                     }
                     Fmt::Q6K => {
-                        for j in 0..16 {
-                            self.bias[16 * at + j] = -o * sums[j];
+                        for (b, &s) in self.bias[16 * at..16 * at + 16].iter_mut().zip(sums.iter())
+                        {
+                            *b = -o * s;
                         }
                     }
                 }
