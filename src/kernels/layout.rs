@@ -123,11 +123,6 @@ fn nib_pos(r: usize, e: usize) -> (usize, bool) {
     ((e % 16) / 4 * CHUNK + 4 * r + e % 4, e >= 16)
 }
 
-fn put_nib(g: &mut [u8], r: usize, e: usize, code: u8) {
-    let (i, hi) = nib_pos(r, e);
-    g[i] |= if hi { code << 4 } else { code & 15 };
-}
-
 fn get_nib(g: &[u8], r: usize, e: usize) -> u8 {
     let (i, hi) = nib_pos(r, e);
     if hi {
@@ -149,12 +144,31 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Writes the low 4 bits of `codes` (a multiple of 32) as nibble chunks.
+fn put_nibbles(rec: &mut [u8], r: usize, codes: &[u8]) {
+    for (g, c) in codes.chunks_exact(32).enumerate() {
+        for p in 0..4 {
+            let dst = &mut rec[256 * g + p * CHUNK + 4 * r..][..4];
+            let (lo, hi) = (&c[4 * p..4 * p + 4], &c[16 + 4 * p..20 + 4 * p]);
+            for k in 0..4 {
+                dst[k] = (lo[k] & 15) | (hi[k] << 4);
+            }
+        }
+    }
+}
+
 /// Copies GGUF block `src` (row `r` of the tile) into record `rec`.
-/// `rec` must start zeroed.
+/// `rec` must start zeroed. Goes through the block's codes: a 1.5B model
+/// has ~10^9 of them, so the per-value work is kept to a few byte ops.
 pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
+    let mut codes = [0u8; 256];
     match fmt {
         Fmt::Q4_0 | Fmt::Q4_1 => {
-            let qs = if fmt == Fmt::Q4_0 { &src[2..18] } else { &src[4..20] };
+            let qs = if fmt == Fmt::Q4_0 {
+                &src[2..18]
+            } else {
+                &src[4..20]
+            };
             // GGUF already keeps value j in the low nibble and j+16 in the
             // high nibble of byte j: the same pairing as the layout.
             for (j, &q) in qs.iter().enumerate() {
@@ -167,10 +181,10 @@ pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
         }
         Fmt::Q5_0 => {
             let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
-            let qs = &src[6..22];
+            for (j, &q) in src[6..22].iter().enumerate() {
+                rec[(j / 4) * CHUNK + 4 * r + j % 4] = q;
+            }
             for e in 0..32 {
-                let low = if e < 16 { qs[e] & 15 } else { qs[e - 16] >> 4 };
-                put_nib(rec, r, e, low);
                 if (qh >> e) & 1 != 0 {
                     let bit = 4 * r + e % 4;
                     rec[off::Q5_H + 8 * (e / 4) + bit / 8] |= 1 << (bit % 8);
@@ -180,19 +194,21 @@ pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
         }
         Fmt::Q8_0 => {
             for e in 0..32 {
-                rec[(e / 4) * CHUNK + 4 * r + e % 4] = (src[2 + e] as i8 as i32 + 128) as u8;
+                rec[(e / 4) * CHUNK + 4 * r + e % 4] = src[2 + e] ^ 0x80;
             }
             rec[off::Q8_D + 2 * r..off::Q8_D + 2 * r + 2].copy_from_slice(&src[0..2]);
         }
         Fmt::Q4K => {
             let scales = &src[4..16];
-            let qs = &src[16..144];
-            for e in 0..256 {
-                // GGUF: 64-value chunks of 32 bytes, low nibbles first.
-                let byte = qs[32 * (e / 64) + e % 32];
-                let code = if (e / 32) % 2 == 0 { byte & 15 } else { byte >> 4 };
-                put_nib(&mut rec[256 * (e / 32)..], r, e % 32, code);
+            // GGUF: per 64 values, 32 bytes: low nibbles are the first 32
+            // values, high nibbles the next 32.
+            for (h, qs) in src[16..144].chunks_exact(32).enumerate() {
+                for (l, &q) in qs.iter().enumerate() {
+                    codes[64 * h + l] = q & 15;
+                    codes[64 * h + 32 + l] = q >> 4;
+                }
             }
+            put_nibbles(rec, r, &codes);
             for j in 0..8 {
                 let (sc, m) = q4k_scale_min(j, scales);
                 rec[off::Q4K_SC + 16 * j + r] = sc;
@@ -202,19 +218,32 @@ pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
             rec[off::Q4K_DMIN + 2 * r..off::Q4K_DMIN + 2 * r + 2].copy_from_slice(&src[2..4]);
         }
         Fmt::Q6K => {
-            let ql = &src[0..128];
-            let qh = &src[128..192];
-            let sc = &src[192..208];
-            for e in 0..256 {
-                let (half, i) = (e / 128, e % 128);
-                let (quarter, l) = (i / 32, i % 32);
-                let lbyte = ql[64 * half + l + 32 * (quarter % 2)];
-                let low = if quarter < 2 { lbyte & 15 } else { lbyte >> 4 };
-                let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
-                let (g, e2) = (e / 32, e % 32);
-                put_nib(&mut rec[256 * g..], r, e2, low);
-                let (h, p) = (e2 / 16, (e2 % 16) / 4);
-                rec[off::Q6K_QH + 128 * g + CHUNK * h + 4 * r + e2 % 4] |= high << (2 * p);
+            let (ql, qh, sc) = (&src[0..128], &src[128..192], &src[192..208]);
+            // GGUF: per 128 values, 64 low-nibble bytes and 32 bytes of
+            // 2-bit highs; value 32q + l takes nibble q / 2 of byte
+            // l + 32 (q % 2) and bits 2q of high byte l.
+            for half in 0..2 {
+                for l in 0..32 {
+                    let (a, b) = (ql[64 * half + l], ql[64 * half + l + 32]);
+                    let hb = qh[32 * half + l];
+                    let base = 128 * half + l;
+                    codes[base] = (a & 15) | ((hb & 3) << 4);
+                    codes[base + 32] = (b & 15) | (((hb >> 2) & 3) << 4);
+                    codes[base + 64] = (a >> 4) | (((hb >> 4) & 3) << 4);
+                    codes[base + 96] = (b >> 4) | (((hb >> 6) & 3) << 4);
+                }
+            }
+            put_nibbles(rec, r, &codes);
+            for (g, c) in codes.chunks_exact(32).enumerate() {
+                for h in 0..2 {
+                    for k in 0..4 {
+                        let mut byte = 0u8;
+                        for p in 0..4 {
+                            byte |= (c[16 * h + 4 * p + k] >> 4) << (2 * p);
+                        }
+                        rec[off::Q6K_QH + 128 * g + CHUNK * h + 4 * r + k] = byte;
+                    }
+                }
             }
             for (j, &s) in sc.iter().enumerate() {
                 rec[off::Q6K_SC + 16 * j + r] = s;

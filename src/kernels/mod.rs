@@ -18,6 +18,7 @@ mod isa;
 mod layout;
 mod pool;
 mod scalar;
+mod unaligned;
 
 pub use isa::{isa, Isa};
 

@@ -18,8 +18,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins before parking.
-const SPIN: Duration = Duration::from_micros(200);
+/// How long an idle worker spins before parking (`TREESPEC_SPIN_US`): long
+/// enough to catch the next projection of the same layer, short enough not
+/// to steal a core from candle's own threads between layers.
+fn spin_time() -> Duration {
+    static SPIN: OnceLock<Duration> = OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("TREESPEC_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(50);
+        Duration::from_micros(us)
+    })
+}
 
 /// `state`: job number in the high 32 bits, `OPEN` while workers may join,
 /// number of workers inside the job in the low bits.
@@ -137,20 +148,20 @@ impl Pool {
             }
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job.work()));
-        // Close the job once no worker is inside it.
+        // Close the job once no worker is inside it. A worker still inside
+        // may have been preempted: yield soon so it can finish on this core.
         let mut spins = 0u32;
         loop {
             let cur = s.state.load(Ordering::Acquire);
             if cur & COUNT == 0
-                && s
-                    .state
+                && s.state
                     .compare_exchange(cur, cur & !OPEN, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
                 break;
             }
             spins += 1;
-            if spins < 1 << 12 {
+            if spins < 256 {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
@@ -167,13 +178,14 @@ impl Pool {
 }
 
 fn worker(s: &'static Shared) {
+    let spin = spin_time();
     let mut seen = s.state.load(Ordering::Acquire) >> 32;
     loop {
         let start = Instant::now();
         let mut spins = 0u32;
         while s.state.load(Ordering::Acquire) >> 32 == seen {
             spins += 1;
-            if spins % 64 != 0 || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || start.elapsed() < spin {
                 std::hint::spin_loop();
                 continue;
             }

@@ -1,0 +1,35 @@
+//! Unaligned loads and stores without per-access debug-build checks.
+//!
+//! The test and bench profiles build with debug assertions, which put UB
+//! checks on `ptr::read_unaligned` (used by `_mm512_loadu_si512` and
+//! friends: a stack round trip per load) and a null check on every raw
+//! pointer dereference (each address must then live in its own register).
+//! Here every access is `base[index]` on a `packed` element type: one null
+//! check per base pointer, which the compiler shares between accesses, and
+//! constant indices that fold into the instruction's addressing.
+
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+pub(crate) struct Unaligned<T>(pub T);
+
+/// Elements a base pointer may address (only a bound for the index check).
+const SPAN: usize = 1 << 24;
+
+/// Reads element `i` (of type `T`, unaligned) counted from `base`.
+///
+/// # Safety
+/// `base + i × size_of::<T>()` must be valid for reading a `T`.
+#[inline(always)]
+pub(crate) unsafe fn load_at<T: Copy>(base: *const u8, i: usize) -> T {
+    (*(base as *const [Unaligned<T>; SPAN]))[i].0
+}
+
+/// Writes element `i` (of type `T`, unaligned) counted from `base`.
+///
+/// # Safety
+/// `base + i × size_of::<T>()` must be valid for writing a `T`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+pub(crate) unsafe fn store_at<T: Copy>(base: *mut u8, i: usize, v: T) {
+    (*(base as *mut [Unaligned<T>; SPAN]))[i].0 = v;
+}
