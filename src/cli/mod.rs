@@ -12,7 +12,11 @@ use treespec::model::Model;
 use treespec::registry;
 
 #[derive(Parser, Debug)]
-#[command(name = "treespec", version, about = "Lossless tree speculative decoding for local LLMs")]
+#[command(
+    name = "treespec",
+    version,
+    about = "Lossless tree speculative decoding for local LLMs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -73,7 +77,9 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         if let Some(t) = self.threads {
             // SAFETY-free: only fails if a pool already exists, which is fine.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(t.max(1))
+                .build_global();
             std::env::set_var("TREESPEC_THREADS", t.to_string());
         }
         let path: PathBuf = registry::resolve_model(&self.model, &registry::treespec_home(), true)
@@ -97,12 +103,14 @@ pub struct SpecArgs {
     /// Speculative method: none, pld, recycle, hybrid.
     #[arg(long, env = "TREESPEC_SPEC", default_value = "hybrid")]
     pub spec: String,
-    /// Tree shape for recycle/hybrid: `dynamic` (best-first by stored
-    /// probabilities), a template name (tr-4, tr-8, tr-16, tr-32, tr-80) or a
-    /// template JSON file.
-    #[arg(long, env = "TREESPEC_TREE", default_value = "dynamic")]
+    /// Tree shape for recycle/hybrid: `auto` (dynamic tree with the budget
+    /// chosen each step from this machine's measured verify cost and the
+    /// running acceptance; falls back to plain decoding when speculation
+    /// does not pay), `dynamic` (best-first by stored probabilities), a
+    /// template name (tr-4, tr-8, tr-16, tr-32, tr-80) or a template JSON file.
+    #[arg(long, env = "TREESPEC_TREE", default_value = "auto")]
     pub tree: String,
-    /// Draft nodes per step (besides the root).
+    /// Draft nodes per step besides the root (the cap, with --tree auto).
     #[arg(long, env = "TREESPEC_SPEC_MAX_NODES", default_value_t = treespec::engine::spec::DEFAULT_MAX_DRAFT)]
     pub spec_max_nodes: usize,
     /// Do not seed the recycling matrix from the prompt's bigrams.
@@ -123,6 +131,20 @@ impl SpecArgs {
             recycle_state: self.recycle_state.clone(),
         })
     }
+}
+
+/// The `--tree auto` controller for `model`, if the configuration asks for one.
+pub fn auto_budget(
+    model: &Model,
+    spec: &treespec::engine::spec::SpecConfig,
+) -> Result<Option<std::sync::Arc<std::sync::Mutex<treespec::engine::budget::BudgetController>>>> {
+    if !spec.auto_budget() {
+        return Ok(None);
+    }
+    let curve = treespec::engine::budget::cost_curve(model, &registry::treespec_home())?;
+    Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(
+        treespec::engine::budget::BudgetController::new(&curve, spec.max_draft),
+    ))))
 }
 
 pub fn init_logging(verbose: u8) {

@@ -2,6 +2,7 @@
 //! keep, until a stop condition. Plain decoding is the same loop with a tree
 //! of one node.
 
+pub mod budget;
 pub mod scorer;
 pub mod spec;
 pub mod stats;
@@ -33,6 +34,8 @@ pub struct GenerateOptions {
     /// Record the top-2 probability margin of every emitted token (near-tie
     /// detection in equality tests and benchmarks).
     pub record_margins: bool,
+    /// Choose the budget each step (`--tree auto`); `max_draft` is then unused.
+    pub auto_budget: Option<std::sync::Arc<std::sync::Mutex<budget::BudgetController>>>,
     /// The acceptance rule. Always [`verify`] in real use; tests swap in a
     /// deliberately wrong rule to show the losslessness tests can fail.
     pub verifier: VerifyFn,
@@ -49,6 +52,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             max_draft: 0,
             record_margins: false,
+            auto_budget: None,
             verifier: verify,
         }
     }
@@ -255,8 +259,11 @@ pub fn generate(
             break StopReason::ContextFull;
         }
         let root = *context.last().expect("context is never empty");
-        let budget = opts
-            .max_draft
+        let chosen = match &opts.auto_budget {
+            Some(c) if drafter.is_some() => c.lock().unwrap_or_else(|e| e.into_inner()).choose(),
+            _ => opts.max_draft,
+        };
+        let budget = chosen
             .min(room - 1)
             .min(opts.max_new_tokens - tokens.len() - 1);
         let td = Instant::now();
@@ -276,6 +283,13 @@ pub fn generate(
             .extend(verdict.path.iter().map(|&i| tree.tokens[i]));
         spec.verify_ms += tv.elapsed().as_secs_f64() * 1e3;
         spec.record_step(tree.num_drafted(), verdict.accepted_drafts());
+        if let (Some(c), Some(_)) = (&opts.auto_budget, &drafter) {
+            c.lock().unwrap_or_else(|e| e.into_inner()).record(
+                chosen,
+                verdict.emitted.len(),
+                tree.len(),
+            );
+        }
 
         if let Some(d) = drafter.as_deref_mut() {
             let k = d.wants_topk();
@@ -304,7 +318,10 @@ pub fn generate(
             first_token_ms.get_or_insert_with(|| t1.elapsed().as_secs_f64() * 1e3);
             let piece = detok.push(tok)?;
             let (safe, hit) = scanner.push(&piece);
-            if !on_token(&TokenEvent { token: tok, text: &safe }) {
+            if !on_token(&TokenEvent {
+                token: tok,
+                text: &safe,
+            }) {
                 break 'outer StopReason::Cancelled;
             }
             if hit {
@@ -338,7 +355,7 @@ pub fn generate(
     stats.generated_tokens = tokens.len();
     stats.steps = spec.steps;
     stats.finish();
-    spec.finish(tokens.len());
+    spec.finish();
     Ok(Generation {
         tokens,
         text: scanner.text,

@@ -43,18 +43,18 @@ impl SpecMethod {
     }
 }
 
-/// Default draft nodes per step. On this project's reference CPU (2 Zen 4
-/// cores) a verify pass over N tokens costs c(N) ≈ c(1)·(1 + small) only up
-/// to about 8 tokens with treespec's kernels; beyond that the extra accepted
-/// tokens no longer pay for the pass (see the Token Recycling issue's
-/// simulation: best budget 4–8 nodes at CPU kernel costs). `--spec-max-nodes`
-/// overrides it.
-pub const DEFAULT_MAX_DRAFT: usize = 8;
+/// Default cap on draft nodes per step. With `--tree auto` (the default) the
+/// budget is chosen per step at or below it from this machine's measured
+/// verify costs; 16 is where c(N) stops being nearly flat even with
+/// treespec's kernels on a 2-core CPU, so larger trees are never the
+/// tokens-per-second optimum there. With a fixed tree it is the budget.
+pub const DEFAULT_MAX_DRAFT: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct SpecConfig {
     pub method: SpecMethod,
-    /// Tree shape for recycle/hybrid: a template name/file or `dynamic`.
+    /// Tree shape for recycle/hybrid: `auto` (dynamic tree, budget chosen
+    /// per step), `dynamic`, or a template name/file.
     pub tree: String,
     pub max_draft: usize,
     pub seed_from_prompt: bool,
@@ -62,11 +62,25 @@ pub struct SpecConfig {
     pub recycle_state: Option<PathBuf>,
 }
 
+impl SpecConfig {
+    /// Whether the engine picks the budget per step (`--tree auto`).
+    pub fn auto_budget(&self) -> bool {
+        self.tree == "auto" && self.method != SpecMethod::None
+    }
+
+    fn shape(&self) -> Result<TreeShape> {
+        if self.tree == "auto" {
+            return Ok(TreeShape::Dynamic);
+        }
+        TreeShape::parse(&self.tree)
+    }
+}
+
 impl Default for SpecConfig {
     fn default() -> Self {
         SpecConfig {
             method: SpecMethod::Hybrid,
-            tree: "dynamic".into(),
+            tree: "auto".into(),
             max_draft: DEFAULT_MAX_DRAFT,
             seed_from_prompt: true,
             recycle_state: None,
@@ -75,7 +89,9 @@ impl Default for SpecConfig {
 }
 
 /// The drafter behind a [`SpecMethod`], with access to its recycler (for
-/// persistence) where it has one.
+/// persistence) where it has one. Built once per process, so the size
+/// difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum SpecDrafter {
     Pld(PromptLookup),
     Recycle(TokenRecycler),
@@ -89,7 +105,7 @@ impl SpecDrafter {
             TokenRecycler::new(
                 vocab,
                 RecycleConfig {
-                    shape: TreeShape::parse(&cfg.tree)?,
+                    shape: cfg.shape()?,
                     seed_from_prompt: cfg.seed_from_prompt,
                     ..Default::default()
                 },

@@ -17,11 +17,15 @@ pub struct SpecStats {
     pub accepted_per_depth: Vec<usize>,
     pub draft_ms: f64,
     pub verify_ms: f64,
+    /// Tokens the verifier emitted (a stop token included).
+    #[serde(skip)]
+    pub emitted: usize,
 }
 
 impl SpecStats {
     pub fn record_step(&mut self, drafted: usize, accepted: usize) {
         self.steps += 1;
+        self.emitted += accepted + 1;
         self.drafted_tokens += drafted;
         self.accepted_tokens += accepted;
         if self.accepted_per_depth.len() < accepted {
@@ -32,9 +36,9 @@ impl SpecStats {
         }
     }
 
-    pub fn finish(&mut self, emitted: usize) {
+    pub fn finish(&mut self) {
         self.mean_accepted_tokens = if self.steps > 0 {
-            emitted as f64 / self.steps as f64
+            self.emitted as f64 / self.steps as f64
         } else {
             0.0
         };
@@ -42,20 +46,24 @@ impl SpecStats {
 
     /// Adds another request's counts (cumulative server/bench statistics).
     pub fn merge(&mut self, o: &SpecStats) {
-        let emitted = self.mean_accepted_tokens * self.steps as f64
-            + o.mean_accepted_tokens * o.steps as f64;
+        self.emitted += o.emitted;
         self.steps += o.steps;
         self.drafted_tokens += o.drafted_tokens;
         self.accepted_tokens += o.accepted_tokens;
         if self.accepted_per_depth.len() < o.accepted_per_depth.len() {
-            self.accepted_per_depth.resize(o.accepted_per_depth.len(), 0);
+            self.accepted_per_depth
+                .resize(o.accepted_per_depth.len(), 0);
         }
-        for (a, b) in self.accepted_per_depth.iter_mut().zip(&o.accepted_per_depth) {
+        for (a, b) in self
+            .accepted_per_depth
+            .iter_mut()
+            .zip(&o.accepted_per_depth)
+        {
             *a += b;
         }
         self.draft_ms += o.draft_ms;
         self.verify_ms += o.verify_ms;
-        self.finish(emitted.round() as usize);
+        self.finish();
     }
 }
 

@@ -99,8 +99,8 @@ impl ModelConfig {
         let a = arch.name();
         let hidden = meta_usize(ct, &format!("{a}.embedding_length"), path)?;
         let n_heads = meta_usize(ct, &format!("{a}.attention.head_count"), path)?;
-        let n_kv_heads = meta_usize(ct, &format!("{a}.attention.head_count_kv"), path)
-            .unwrap_or(n_heads);
+        let n_kv_heads =
+            meta_usize(ct, &format!("{a}.attention.head_count_kv"), path).unwrap_or(n_heads);
         let vocab_size = match meta_usize(ct, &format!("{a}.vocab_size"), path) {
             Ok(v) => v,
             Err(_) => ct
@@ -115,7 +115,7 @@ impl ModelConfig {
             hidden,
             n_heads,
             n_kv_heads,
-            head_dim: if n_heads > 0 { hidden / n_heads } else { 0 },
+            head_dim: hidden.checked_div(n_heads).unwrap_or(0),
             ffn_dim: meta_usize(ct, &format!("{a}.feed_forward_length"), path)?,
             vocab_size,
             context_length: meta_usize(ct, &format!("{a}.context_length"), path)?,
@@ -142,7 +142,10 @@ impl ModelConfig {
             .and_then(|a| a.first())
             .and_then(|v| v.as_str())
             .unwrap_or("");
-        let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let model_type = json
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         let arch = match (archs, model_type) {
             ("LlamaForCausalLM", _) | (_, "llama") => Arch::Llama,
             ("Qwen2ForCausalLM", _) | (_, "qwen2") => Arch::Qwen2,
@@ -161,7 +164,7 @@ impl ModelConfig {
             hidden,
             n_heads,
             n_kv_heads: get("num_key_value_heads").unwrap_or(n_heads),
-            head_dim: get("head_dim").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+            head_dim: get("head_dim").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
             ffn_dim: get("intermediate_size")?,
             vocab_size: get("vocab_size")?,
             context_length: get("max_position_embeddings").unwrap_or(4096),
@@ -185,13 +188,13 @@ impl ModelConfig {
         if self.n_layers == 0 || self.hidden == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
             return bad(format!("implausible hyperparameters: {self:?}"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} heads are not a multiple of {} kv heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim * self.n_heads != self.hidden {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim * self.n_heads != self.hidden {
             return bad(format!(
                 "head dim {} does not fit hidden size {} with {} heads",
                 self.head_dim, self.hidden, self.n_heads
