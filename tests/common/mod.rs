@@ -57,3 +57,66 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// Writes SmolLM2's tokenizer as a Hugging Face directory (tokenizer.json in
+/// the shape its model card ships, tokenizer_config.json with the template)
+/// from the GGUF metadata, so `from_hf_dir` can be held to the same goldens.
+pub fn write_smollm2_hf_tokenizer(dir: &std::path::Path) {
+    let path = model_path("smollm2-135m");
+    let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let strings = |key: &str| -> Vec<String> {
+        ct.metadata[key]
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string().unwrap().clone())
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens");
+    let types: Vec<u32> = ct.metadata["tokenizer.ggml.token_type"]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_i32().unwrap() as u32)
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, &ty))| ty == 3)
+        .map(|(i, (t, _))| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer_json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": strings("tokenizer.ggml.merges")}
+    });
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": ct.metadata["tokenizer.chat_template"].to_string().unwrap(),
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
