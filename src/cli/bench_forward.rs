@@ -39,6 +39,36 @@ pub struct ForwardReport {
     pub isa: String,
     pub decode_tok_s: f64,
     pub curve: Vec<CurvePoint>,
+    /// Measured read bandwidth of this machine (all threads), GB/s.
+    pub read_bandwidth_gb_s: f64,
+    /// Bytes of weights one forward streams (the model file, near enough).
+    pub weight_bytes: u64,
+    /// weight_bytes / bandwidth: no forward can be faster than this.
+    pub bandwidth_floor_ms: f64,
+}
+
+/// Read bandwidth with every pool thread summing its share of a 1 GiB buffer
+/// (larger than any cache), best of 5 passes.
+fn read_bandwidth_gb_s() -> f64 {
+    let n = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let threads = treespec::kernels::threads().max(1);
+    let chunk = n.div_ceil(threads);
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        treespec::kernels::parallel_for(threads, 1, &|r: std::ops::Range<usize>| {
+            for c in r {
+                let part = &buf[(c * chunk).min(n)..((c + 1) * chunk).min(n)];
+                let s = part.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+                sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+    best
 }
 
 /// Measures c(N) for each N in `ns` on `model` after `ctx` cached tokens.
@@ -69,7 +99,12 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         ..Default::default()
     };
     let g = engine::generate(&model, &mut session, None, &prompt, &opts, &mut |_| true)?;
+    let bw = read_bandwidth_gb_s();
+    let weight_bytes = std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0);
     let report = ForwardReport {
+        read_bandwidth_gb_s: bw,
+        weight_bytes,
+        bandwidth_floor_ms: weight_bytes as f64 / (bw * 1e9) * 1e3,
         model: a.model.model.clone(),
         threads,
         isa: treespec::kernels::isa().to_string(),
@@ -82,9 +117,24 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         report.model, report.threads, report.isa
     );
     println!("plain decode: {:.1} tok/s", report.decode_tok_s);
-    println!("{:>5} {:>10} {:>8}", "N", "ms", "c(N)/c(1)");
+    println!(
+        "read bandwidth {:.1} GB/s; streaming {:.0} MB of weights takes >= {:.2} ms",
+        report.read_bandwidth_gb_s,
+        report.weight_bytes as f64 / 1e6,
+        report.bandwidth_floor_ms
+    );
+    println!(
+        "{:>5} {:>10} {:>10} {:>12}",
+        "N", "ms", "c(N)/c(1)", "floor/c(N)"
+    );
     for p in &report.curve {
-        println!("{:>5} {:>10.2} {:>8.2}", p.n, p.ms, p.ms / c1);
+        println!(
+            "{:>5} {:>10.2} {:>10.2} {:>12.2}",
+            p.n,
+            p.ms,
+            p.ms / c1,
+            report.bandwidth_floor_ms / p.ms
+        );
     }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
