@@ -295,11 +295,18 @@ pub fn generate(
             let k = d.wants_topk();
             if k > 0 && tree.len() > 1 {
                 let td = Instant::now();
-                let topk: Vec<NodeTopK> = (0..tree.len())
-                    .map(|i| {
+                // Two passes over the vocabulary per node: spread over the pool.
+                let topk: Vec<std::sync::Mutex<NodeTopK>> =
+                    (0..tree.len()).map(|_| Default::default()).collect();
+                crate::kernels::parallel_for(tree.len(), 1, &|nodes| {
+                    for i in nodes {
                         let (ids, probs) = top_k_probs(logits.row(i), k);
-                        NodeTopK { ids, probs }
-                    })
+                        *topk[i].lock().unwrap_or_else(|e| e.into_inner()) = NodeTopK { ids, probs };
+                    }
+                });
+                let topk: Vec<NodeTopK> = topk
+                    .into_iter()
+                    .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
                     .collect();
                 d.observe(&tree, &topk, &verdict.path);
                 spec.draft_ms += td.elapsed().as_secs_f64() * 1e3;
