@@ -203,6 +203,16 @@ fn rejects_unusable_shapes() {
 }
 
 #[test]
+fn empty_matrix_is_fine() {
+    let t = Tensor::zeros((0, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let m = QMatrix::from_qtensor(&q).unwrap();
+    let mut y = vec![];
+    m.matmul(&[1.0; 64], 1, &mut y);
+    assert_eq!(m.out_features(), 0);
+}
+
+#[test]
 fn isa_names_a_supported_path() {
     let name = treespec::kernels::isa();
     assert!(Isa::available().iter().any(|i| i.name() == name));

@@ -93,6 +93,14 @@ impl Tiles {
                 }
             }
         };
+        if tile_bytes == 0 || ntiles == 0 {
+            return Tiles {
+                fmt,
+                out,
+                blocks,
+                buf,
+            };
+        }
         // Loading a 1.5B model repacks ~1 GB: use every core.
         let threads = pool::global().threads().min(ntiles).max(1);
         let per = ntiles.div_ceil(threads);
@@ -108,6 +116,12 @@ impl Tiles {
             blocks,
             buf,
         }
+    }
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({:?}, [{}, {}])", self.dtype, self.out, self.inp)
     }
 }
 
