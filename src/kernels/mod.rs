@@ -218,6 +218,13 @@ impl QMatrix {
         assert!(x.len() >= n * self.inp, "x holds fewer than n rows");
         assert!(y.len() >= n * self.out, "y holds fewer than n rows");
         let isa = if isa.supported() { isa } else { Isa::Scalar };
+        if self.out == 0 {
+            return;
+        }
+        if self.inp == 0 {
+            y[..n * self.out].fill(0.0);
+            return;
+        }
         for (xc, yc) in x[..n * self.inp]
             .chunks(MAX_ROWS * self.inp)
             .zip(y[..n * self.out].chunks_mut(MAX_ROWS * self.out))
