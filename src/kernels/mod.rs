@@ -7,6 +7,15 @@
 //! quantized to int8 blocks ([`act`]). Paths: AVX-512 VNNI, AVX2, and a
 //! portable scalar reference, chosen at run time ([`isa`]). Work is split
 //! over output tiles on a persistent pool ([`pool`]).
+//!
+//! Environment knobs (read once):
+//! - `TREESPEC_ISA=scalar|avx2|avx512`: force a path (if supported);
+//! - `TREESPEC_THREADS=n`: pool size including the calling thread;
+//! - `TREESPEC_SPIN_US=us`: how long idle workers spin before parking (50);
+//! - `TREESPEC_POOL=rayon`: dispatch through rayon instead (for comparison);
+//! - `TREESPEC_PF_DIST=bytes`, `TREESPEC_PF_MIN_ROWS=n`: software prefetch
+//!   distance (4096) and the row count from which it is used (1);
+//! - `TREESPEC_NO_HUGEPAGES`: do not advise 2 MB pages for the weights.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
