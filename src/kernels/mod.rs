@@ -2,11 +2,11 @@
 //! rows (N = 1..64) of a draft tree against GGUF-quantized weights, at little
 //! more cost for N rows than for one.
 //!
-//! Weights are repacked at load time into 16-row tiles ([`layout`]) so that
+//! Weights are repacked at load time into 16-row tiles (`layout`) so that
 //! each weight load is reused by every activation row; activations are
-//! quantized to int8 blocks ([`act`]). Paths: AVX-512 VNNI, AVX2, and a
-//! portable scalar reference, chosen at run time ([`isa`]). Work is split
-//! over output tiles on a persistent pool ([`pool`]).
+//! quantized to int8 blocks (`act`). Paths: AVX-512 VNNI, AVX2, and a
+//! portable scalar reference, chosen at run time (`isa`). Work is split
+//! over output tiles on a persistent pool (`pool`).
 //!
 //! Environment knobs (read once):
 //! - `TREESPEC_ISA=scalar|avx2|avx512`: force a path (if supported);
