@@ -203,53 +203,83 @@ fn rejects_unusable_shapes() {
 }
 
 #[test]
+fn empty_matrix_is_fine() {
+    let t = Tensor::zeros((0, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let m = QMatrix::from_qtensor(&q).unwrap();
+    let mut y = vec![];
+    m.matmul(&[1.0; 64], 1, &mut y);
+    assert_eq!(m.out_features(), 0);
+}
+
+#[test]
 fn isa_names_a_supported_path() {
     let name = treespec::kernels::isa();
     assert!(Isa::available().iter().any(|i| i.name() == name));
 }
 
-/// Real weights of every format the 0.5B model uses, when it is here.
+/// Real weights of every format the three models use, when they are here.
 #[test]
 fn real_model_tensors() {
-    let path = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/treespec/models/qwen2.5-coder-0.5b.gguf");
-    let Ok(mut f) = std::fs::File::open(&path) else {
-        eprintln!("skipped: {} not found", path.display());
-        return;
-    };
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    for name in [
-        "blk.0.attn_q.weight",   // Q5_0
-        "blk.0.attn_v.weight",   // Q8_0
-        "blk.0.ffn_down.weight", // Q6_K
-        "blk.1.ffn_down.weight", // Q4_K
-    ] {
-        let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
-        let m = QMatrix::from_qtensor(&q).unwrap();
-        let (out, inp) = (m.out_features(), m.in_features());
-        let w = dequantized(&q);
-        let mut row = vec![0f32; inp];
-        for j in (0..out).step_by(7) {
-            m.dequantize_row(j, &mut row);
-            assert!(
-                row.iter()
-                    .zip(&w[j * inp..])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{name} row {j}"
-            );
+    let dir = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+        .join(".cache/treespec/models");
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "smollm2-135m.gguf",
+            &["blk.0.attn_q.weight", "blk.0.ffn_down.weight"], // Q4_1
+        ),
+        (
+            "qwen2.5-coder-0.5b.gguf",
+            &[
+                "blk.0.attn_q.weight",   // Q5_0
+                "blk.0.attn_v.weight",   // Q8_0
+                "blk.0.ffn_down.weight", // Q6_K
+                "blk.1.ffn_down.weight", // Q4_K
+            ],
+        ),
+        (
+            "qwen2.5-coder-1.5b.gguf",
+            &["blk.0.attn_k.weight", "blk.0.ffn_down.weight"], // Q4_K, Q6_K
+        ),
+    ];
+    for (file, names) in cases {
+        let path = dir.join(file);
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            eprintln!("skipped: {} not found", path.display());
+            continue;
+        };
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        for &name in names {
+            check_real(&content.tensor(&mut f, name, &Device::Cpu).unwrap(), name);
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let n = 5;
-        let x = random(&mut rng, n * inp);
-        let mut reference = vec![0f32; n * out];
-        m.matmul_with(Isa::Scalar, &x, n, &mut reference);
-        for isa in Isa::available() {
-            let mut y = vec![0f32; n * out];
-            m.matmul_with(isa, &x, n, &mut y);
-            let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (a, b) in y.iter().zip(&reference) {
-                assert!((a - b).abs() <= 1e-4 * scale, "{name} {isa:?}: {a} vs {b}");
-            }
+    }
+}
+
+fn check_real(q: &QTensor, name: &str) {
+    let m = QMatrix::from_qtensor(q).unwrap();
+    let (out, inp) = (m.out_features(), m.in_features());
+    let w = dequantized(q);
+    let mut row = vec![0f32; inp];
+    for j in (0..out).step_by(7) {
+        m.dequantize_row(j, &mut row);
+        assert!(
+            row.iter()
+                .zip(&w[j * inp..])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name} row {j}"
+        );
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let n = 5;
+    let x = random(&mut rng, n * inp);
+    let mut reference = vec![0f32; n * out];
+    m.matmul_with(Isa::Scalar, &x, n, &mut reference);
+    for isa in Isa::available() {
+        let mut y = vec![0f32; n * out];
+        m.matmul_with(isa, &x, n, &mut y);
+        let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (a, b) in y.iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{name} {isa:?}: {a} vs {b}");
         }
     }
 }

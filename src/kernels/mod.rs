@@ -2,11 +2,20 @@
 //! rows (N = 1..64) of a draft tree against GGUF-quantized weights, at little
 //! more cost for N rows than for one.
 //!
-//! Weights are repacked at load time into 16-row tiles ([`layout`]) so that
+//! Weights are repacked at load time into 16-row tiles (`layout`) so that
 //! each weight load is reused by every activation row; activations are
-//! quantized to int8 blocks ([`act`]). Paths: AVX-512 VNNI, AVX2, and a
-//! portable scalar reference, chosen at run time ([`isa`]). Work is split
-//! over output tiles on a persistent pool ([`pool`]).
+//! quantized to int8 blocks (`act`). Paths: AVX-512 VNNI, AVX2, and a
+//! portable scalar reference, chosen at run time (`isa`). Work is split
+//! over output tiles on a persistent pool (`pool`).
+//!
+//! Environment knobs (read once):
+//! - `TREESPEC_ISA=scalar|avx2|avx512`: force a path (if supported);
+//! - `TREESPEC_THREADS=n`: pool size including the calling thread;
+//! - `TREESPEC_SPIN_US=us`: how long idle workers spin before parking (50);
+//! - `TREESPEC_POOL=rayon`: dispatch through rayon instead (for comparison);
+//! - `TREESPEC_PF_DIST=bytes`, `TREESPEC_PF_MIN_ROWS=n`: software prefetch
+//!   distance (4096) and the row count from which it is used (1);
+//! - `TREESPEC_NO_HUGEPAGES`: do not advise 2 MB pages for the weights.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
@@ -93,6 +102,14 @@ impl Tiles {
                 }
             }
         };
+        if tile_bytes == 0 || ntiles == 0 {
+            return Tiles {
+                fmt,
+                out,
+                blocks,
+                buf,
+            };
+        }
         // Loading a 1.5B model repacks ~1 GB: use every core.
         let threads = pool::global().threads().min(ntiles).max(1);
         let per = ntiles.div_ceil(threads);
@@ -108,6 +125,12 @@ impl Tiles {
             blocks,
             buf,
         }
+    }
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({:?}, [{}, {}])", self.dtype, self.out, self.inp)
     }
 }
 
@@ -204,6 +227,13 @@ impl QMatrix {
         assert!(x.len() >= n * self.inp, "x holds fewer than n rows");
         assert!(y.len() >= n * self.out, "y holds fewer than n rows");
         let isa = if isa.supported() { isa } else { Isa::Scalar };
+        if self.out == 0 {
+            return;
+        }
+        if self.inp == 0 {
+            y[..n * self.out].fill(0.0);
+            return;
+        }
         for (xc, yc) in x[..n * self.inp]
             .chunks(MAX_ROWS * self.inp)
             .zip(y[..n * self.out].chunks_mut(MAX_ROWS * self.out))

@@ -86,6 +86,13 @@ fn thread_count() -> usize {
         .min(256)
 }
 
+/// `TREESPEC_POOL=rayon` hands the chunks to rayon instead (to compare
+/// the per-call overhead).
+fn use_rayon() -> bool {
+    static RAYON: OnceLock<bool> = OnceLock::new();
+    *RAYON.get_or_init(|| std::env::var("TREESPEC_POOL").is_ok_and(|v| v == "rayon"))
+}
+
 pub(crate) fn global() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| Pool::new(thread_count()))
@@ -127,6 +134,13 @@ impl Pool {
         let chunk = chunk.max(1);
         if self.threads == 1 || units <= chunk {
             f(0..units);
+            return;
+        }
+        if use_rayon() {
+            use rayon::prelude::*;
+            (0..units.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| f(c * chunk..((c + 1) * chunk).min(units)));
             return;
         }
         let mut epoch = self.submit.lock().unwrap_or_else(|e| e.into_inner());

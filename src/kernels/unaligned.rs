@@ -10,7 +10,7 @@
 
 #[repr(C, packed)]
 #[derive(Clone, Copy)]
-pub(crate) struct Unaligned<T>(pub T);
+struct Unaligned<T>(T);
 
 /// Elements a base pointer may address (only a bound for the index check).
 const SPAN: usize = 1 << 24;
@@ -19,6 +19,7 @@ const SPAN: usize = 1 << 24;
 ///
 /// # Safety
 /// `base + i × size_of::<T>()` must be valid for reading a `T`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 pub(crate) unsafe fn load_at<T: Copy>(base: *const u8, i: usize) -> T {
     (*(base as *const [Unaligned<T>; SPAN]))[i].0
