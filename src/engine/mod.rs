@@ -301,7 +301,8 @@ pub fn generate(
                 crate::kernels::parallel_for(tree.len(), 1, &|nodes| {
                     for i in nodes {
                         let (ids, probs) = top_k_probs(logits.row(i), k);
-                        *topk[i].lock().unwrap_or_else(|e| e.into_inner()) = NodeTopK { ids, probs };
+                        *topk[i].lock().unwrap_or_else(|e| e.into_inner()) =
+                            NodeTopK { ids, probs };
                     }
                 });
                 let topk: Vec<NodeTopK> = topk
