@@ -17,7 +17,7 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn load_err(path: &PathBuf) -> String {
+fn load_err(path: &std::path::Path) -> String {
     match Model::load(path) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => {
@@ -58,7 +58,7 @@ fn wrong_magic_and_empty_file() {
     assert!(load_err(&p).contains("cannot open"));
 }
 
-fn write_gguf(path: &PathBuf, arch: &str, with_tensor: bool) {
+fn write_gguf(path: &std::path::Path, arch: &str, with_tensor: bool) {
     let md = [
         (
             "general.architecture",
