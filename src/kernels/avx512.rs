@@ -42,7 +42,7 @@ fn prefetch_cfg() -> &'static Prefetch {
                 .unwrap_or(d)
         };
         Prefetch {
-            dist: env("TREESPEC_PF_DIST", 4096),
+            dist: env("TREESPEC_PF_DIST", 8192),
             min_rows: env("TREESPEC_PF_MIN_ROWS", 1),
         }
     })

@@ -14,7 +14,7 @@
 //! - `TREESPEC_SPIN_US=us`: how long idle workers spin before parking (50);
 //! - `TREESPEC_POOL=rayon`: dispatch through rayon instead (for comparison);
 //! - `TREESPEC_PF_DIST=bytes`, `TREESPEC_PF_MIN_ROWS=n`: software prefetch
-//!   distance (4096) and the row count from which it is used (1);
+//!   distance (8192) and the row count from which it is used (1);
 //! - `TREESPEC_NO_HUGEPAGES`: do not advise 2 MB pages for the weights.
 
 mod act;
