@@ -283,3 +283,32 @@ fn check_real(q: &QTensor, name: &str) {
         }
     }
 }
+
+/// Several threads sharing the pool (and one matrix) get the same results
+/// as calls made one at a time.
+#[test]
+fn concurrent_callers_get_the_same_results() {
+    let q = quantized(GgmlDType::Q4_1, 300, 576, 77);
+    let m = std::sync::Arc::new(QMatrix::from_qtensor(&q).unwrap());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(78);
+    let n = 9;
+    let x = std::sync::Arc::new(random(&mut rng, n * 576));
+    let mut want = vec![0f32; n * 300];
+    m.matmul(&x, n, &mut want);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (m, x) = (m.clone(), x.clone());
+            std::thread::spawn(move || {
+                let mut y = vec![0f32; n * 300];
+                for _ in 0..50 {
+                    y.fill(f32::NAN);
+                    m.matmul(&x, n, &mut y);
+                }
+                y
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), want);
+    }
+}

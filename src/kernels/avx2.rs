@@ -14,7 +14,7 @@
 use super::act::QAct;
 use super::layout::{off, Fmt, TILE};
 use super::unaligned::load_at;
-use super::Tiles;
+use super::{prefetch_rec, Tiles};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -31,6 +31,8 @@ struct Ctx<'a> {
     lanes: usize,
     /// 0 or 1: which 8 rows of the tile.
     half: usize,
+    /// Prefetch distance in bytes, 0 for none.
+    pf: usize,
 }
 
 macro_rules! for_g {
@@ -200,6 +202,7 @@ unsafe fn k32<const G: usize>(fmt: Fmt, cx: &Ctx, w: *const u8, n0: usize) {
         _ => off::Q8_D,
     };
     for _ in 0..cx.nb {
+        prefetch_rec(rec, rec_bytes, cx.pf);
         let mut wv = [_mm256_setzero_si256(); 8];
         if fmt == Fmt::Q8_0 {
             let flip = _mm256_set1_epi8(-128);
@@ -252,6 +255,7 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let mut rec = w;
     let (mut qs, mut d, mut bsum) = (p.qs, p.d, p.bsum);
     for _ in 0..cx.nb {
+        prefetch_rec(rec, rec_bytes, cx.pf);
         let mut isum = [_mm256_setzero_si256(); G];
         for j in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];
@@ -295,6 +299,7 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let mut rec = w;
     let (mut qs, mut d, mut bias) = (p.qs, p.d, p.bias);
     for _ in 0..cx.nb {
+        prefetch_rec(rec, rec_bytes, cx.pf);
         let mut isum = [_mm256_setzero_si256(); G];
         for gr in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];
@@ -353,11 +358,12 @@ pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32
     let n = act.n;
     let groups = n.div_ceil(MAXG);
     let per = n.div_ceil(groups.max(1));
+    let pf = super::prefetch_distance(n);
     for t in tiles {
         let rows = TILE.min(m.out - t * TILE);
         let w = m.tile_ptr(t);
         for half in 0..rows.div_ceil(8) {
-            let cx = Ctx {
+            let mut cx = Ctx {
                 act,
                 nb: m.blocks,
                 y,
@@ -365,6 +371,8 @@ pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32
                 col0: t * TILE,
                 lanes: (rows - 8 * half).min(8),
                 half,
+                // Only the first pass over the tile streams it from memory.
+                pf: if half == 0 { pf } else { 0 },
             };
             let mut n0 = 0;
             while n0 < n {
@@ -385,6 +393,7 @@ pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32
                     (f, _) => k32::<4>(f, c, w, n0),
                 }
                 n0 += gs;
+                cx.pf = 0;
             }
         }
     }

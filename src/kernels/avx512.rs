@@ -13,40 +13,14 @@
 use super::act::QAct;
 use super::layout::{off, Fmt, TILE};
 use super::unaligned::load_at;
-use super::Tiles;
+use super::{prefetch_rec, Tiles};
 use std::arch::x86_64::*;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 /// Most activation rows per group: 32-block formats / K-quants (these keep
 /// a second set of integer accumulators).
 const MAXG_32: usize = 16;
 const MAXG_K: usize = 8;
-
-struct Prefetch {
-    /// Bytes ahead of the current record.
-    dist: usize,
-    /// Only from this many activation rows. Measured on Zen 4 with weights
-    /// streaming from DRAM, prefetching helps even at one row, so it is on
-    /// by default; the knob stays for other machines.
-    min_rows: usize,
-}
-
-fn prefetch_cfg() -> &'static Prefetch {
-    static CFG: OnceLock<Prefetch> = OnceLock::new();
-    CFG.get_or_init(|| {
-        let env = |k: &str, d: usize| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
-        Prefetch {
-            dist: env("TREESPEC_PF_DIST", 4096),
-            min_rows: env("TREESPEC_PF_MIN_ROWS", 1),
-        }
-    })
-}
 
 /// Per-call data the kernels share.
 struct Ctx<'a> {
@@ -75,17 +49,6 @@ macro_rules! for_g {
 // `at` (`base[index]`, see `unaligned`): the tests and benchmarks build with
 // overflow and UB checks, which would otherwise sit in the inner loops.
 // Every access stays inside the buffers by construction.
-
-#[inline(always)]
-unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize) {
-    if pf != 0 {
-        let mut l = 0;
-        while l < len {
-            _mm_prefetch::<_MM_HINT_T1>(rec.wrapping_add(pf + l) as *const i8);
-            l += 64;
-        }
-    }
-}
 
 /// Element `i` of type `T` from `base` (any pointer type).
 #[inline(always)]
@@ -420,8 +383,7 @@ pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32
     };
     let groups = n.div_ceil(maxg);
     let per = n.div_ceil(groups.max(1));
-    let cfg = prefetch_cfg();
-    let pf = if n >= cfg.min_rows { cfg.dist } else { 0 };
+    let pf = super::prefetch_distance(n);
     for t in tiles {
         let lanes = TILE.min(m.out - t * TILE);
         let mut cx = Ctx {
