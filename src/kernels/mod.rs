@@ -37,6 +37,7 @@ use buf::AlignedBuf;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use layout::{Fmt, TILE};
+#[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
 /// Rows of activations handled per pass over the weights (more rows are
@@ -47,6 +48,7 @@ const MAX_ROWS: usize = 64;
 /// hand-off would cost more than it saves.
 const SERIAL_MACS: usize = 1 << 17;
 
+#[cfg(target_arch = "x86_64")]
 struct Prefetch {
     /// Bytes ahead of the current record.
     dist: usize,
@@ -56,6 +58,7 @@ struct Prefetch {
     min_rows: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 fn prefetch_cfg() -> &'static Prefetch {
     static CFG: OnceLock<Prefetch> = OnceLock::new();
     CFG.get_or_init(|| {
@@ -74,7 +77,7 @@ fn prefetch_cfg() -> &'static Prefetch {
 
 /// Software prefetch distance in bytes for a call with `rows` activation
 /// rows (0: none).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 fn prefetch_distance(rows: usize) -> usize {
     let cfg = prefetch_cfg();
     if rows >= cfg.min_rows {
