@@ -98,7 +98,11 @@ fn check(name: &str) {
             let got = logits.row(*node);
             let d = max_abs_diff(got, want);
             worst = worst.max(d);
-            assert!(d < 1e-2, "{name}: node {node}: logits differ by {d}");
+            // Bit-exact by design (per-row kernels and order-fixed attention
+            // sums): any float difference gets amplified by the int8
+            // activation rounding of later layers, which would turn
+            // speculation into something that is only approximately lossless.
+            assert_eq!(d, 0.0, "{name}: node {node}: logits differ by {d}");
             assert_eq!(
                 treespec::sampling::argmax(got),
                 treespec::sampling::argmax(want)
@@ -123,7 +127,7 @@ fn check(name: &str) {
     let b = sequential(&model, &mut plain, &[next]);
     let d = max_abs_diff(&a[0], &b[0]);
     println!("{name}: after keep, next-step max |logit diff| = {d:e}");
-    assert!(d < 1e-2, "{name}: after keep the next step differs by {d}");
+    assert_eq!(d, 0.0, "{name}: after keep the next step differs by {d}");
 }
 
 #[test]

@@ -76,6 +76,65 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Softmax of one row whose first `ctx` entries are the committed prefix.
+///
+/// Determinism matters more than speed here: a token's result must not
+/// depend on which other draft nodes share the forward (tree forward ==
+/// sequential forward bit for bit, see tests/tree_forward.rs), because int8
+/// activation rounding downstream turns a 1-ulp difference into visible logit
+/// changes. So masked entries are exactly 0, the prefix (laid out the same in
+/// every forward) is summed in 16 fixed lanes, and the new tokens' entries —
+/// whose positions differ between tree and chain layouts — are added one by
+/// one in order, skipping masked zeros.
+fn softmax_in_place(s: &mut [f32], ctx: usize) {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for x in s.iter_mut() {
+        *x = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            fast_exp(*x - max)
+        };
+    }
+    let mut lanes = [0f32; 16];
+    let mut chunks = s[..ctx].chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            lanes[l] += c[l];
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    for &x in &s[ctx..] {
+        if x != 0.0 {
+            sum += x;
+        }
+    }
+    let inv = 1.0 / sum;
+    for x in s.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// e^x for x <= 0 (softmax after subtracting the max), vectorisable: x = n ln2 + r
+/// with r in [-ln2/2, ln2/2] (Cody–Waite split of ln 2 so r stays exact),
+/// e^r by its Taylor polynomial to degree 7, 2^n through the exponent bits.
+/// Relative error < 5e-7 against libm's ~1 ulp; libm's `expf` is a call per
+/// element, which made the softmax a visible share of decode time.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
 pub struct AttentionShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -137,17 +196,7 @@ pub fn tree_attention(
                 }
             }
             for r in 0..rows {
-                let s = &mut scores[r * span..(r + 1) * span];
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for x in s.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                for x in s.iter_mut() {
-                    *x *= inv;
-                }
+                softmax_in_place(&mut scores[r * span..(r + 1) * span], ctx);
             }
             let mut acc = vec![0f32; rows * d];
             for j in 0..span {
@@ -181,6 +230,18 @@ unsafe impl Sync for OutPtr {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f32;
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let (a, b) = (fast_exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
 
     #[test]
     fn mask_follows_ancestors() {
