@@ -37,7 +37,13 @@ fn every_raw_category_maps_to_its_report_column() {
     ] {
         assert_eq!(category_of(raw, "spec_bench"), "conversation", "{raw}");
     }
-    for raw in ["translation", "summarization", "qa", "math_reasoning", "rag"] {
+    for raw in [
+        "translation",
+        "summarization",
+        "qa",
+        "math_reasoning",
+        "rag",
+    ] {
         assert_eq!(category_of(raw, "spec_bench"), raw);
     }
     assert_eq!(category_of("code", "mbpp"), "code");
@@ -57,7 +63,14 @@ fn the_real_datasets_map_onto_seven_columns() {
     cats.dedup();
     assert_eq!(
         cats,
-        ["conversation", "math_reasoning", "qa", "rag", "summarization", "translation"]
+        [
+            "conversation",
+            "math_reasoning",
+            "qa",
+            "rag",
+            "summarization",
+            "translation"
+        ]
     );
     assert_eq!(sb.iter().filter(|i| i.turns.len() == 2).count(), 80);
     let mb = load_items(&shared.join("mbpp.jsonl")).unwrap();
@@ -80,7 +93,10 @@ fn fixture_loads_and_bad_files_are_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     for (name, text) in [
         ("notjson.jsonl", "{oops\n"),
-        ("noturns.jsonl", "{\"question_id\": 1, \"category\": \"qa\"}\n"),
+        (
+            "noturns.jsonl",
+            "{\"question_id\": 1, \"category\": \"qa\"}\n",
+        ),
         ("noid.jsonl", "{\"category\": \"qa\", \"turns\": [\"x\"]}\n"),
         ("emptyturns.jsonl", "{\"question_id\": 1, \"turns\": []}\n"),
         ("empty.jsonl", "\n"),
@@ -117,6 +133,7 @@ fn rec(
         prompt_tokens: 50,
         prefilled_tokens: 50,
         new_tokens: tokens,
+        mat_tokens: tokens,
         steps,
         wall_s,
         prefill_ms: 0.0,
@@ -124,7 +141,11 @@ fn rec(
         mat: tokens as f64 / steps as f64,
         drafted_tokens: if method == "none" { 0 } else { 4 * steps },
         accepted_tokens: tokens - steps,
-        accepted_per_depth: if method == "none" { vec![] } else { vec![steps / 2, steps / 4] },
+        accepted_per_depth: if method == "none" {
+            vec![]
+        } else {
+            vec![steps / 2, steps / 4]
+        },
         draft_ms: 1.0,
         verify_ms: 2.0,
         stop: "max_tokens".into(),
@@ -179,7 +200,10 @@ fn aggregation_matches_hand_computed_ratios_of_sums() {
     assert_eq!((o.new_tokens, o.steps), (110, 80));
     assert!(close(o.mat.unwrap(), 110.0 / 80.0));
     assert!(close(o.tok_s, 110.0 / 19.0));
-    assert_eq!(o.accepted_per_depth, vec![5 + 2 + 20 + 7 + 5, 2 + 1 + 10 + 3 + 2]);
+    assert_eq!(
+        o.accepted_per_depth,
+        vec![5 + 2 + 20 + 7 + 5, 2 + 1 + 10 + 3 + 2]
+    );
     assert_eq!((o.exact, o.near_tie, o.mismatch), (3, 1, 0));
     assert!(close(c("none", "conversation").tok_s, 10.0));
 
@@ -270,8 +294,16 @@ fn results(records: Vec<PromptRecord>, complete: bool) -> BenchResults {
                 ..Default::default()
             },
             forward_curve: Some(vec![
-                CurvePoint { n: 1, ms: 10.0, ratio: 1.0 },
-                CurvePoint { n: 8, ms: 14.0, ratio: 1.4 },
+                CurvePoint {
+                    n: 1,
+                    ms: 10.0,
+                    ratio: 1.0,
+                },
+                CurvePoint {
+                    n: 8,
+                    ms: 14.0,
+                    ratio: 1.4,
+                },
             ]),
             complete,
             interrupted: !complete,
@@ -335,6 +367,7 @@ fn check_json_fields(v: &serde_json::Value) {
             "prompt_tokens",
             "prefilled_tokens",
             "new_tokens",
+            "mat_tokens",
             "steps",
             "wall_s",
             "prefill_ms",
@@ -376,6 +409,7 @@ fn check_json_fields(v: &serde_json::Value) {
             "category",
             "generations",
             "new_tokens",
+            "mat_tokens",
             "steps",
             "seconds",
             "tok_s",
@@ -393,7 +427,14 @@ fn check_json_fields(v: &serde_json::Value) {
             assert!(c.get(k).is_some(), "aggregate cell lacks `{k}`");
         }
     }
-    for k in ["exact", "near_tie", "mismatch", "sampled", "unchecked", "mismatches"] {
+    for k in [
+        "exact",
+        "near_tie",
+        "mismatch",
+        "sampled",
+        "unchecked",
+        "mismatches",
+    ] {
         assert!(agg["lossless"].get(k).is_some(), "lossless lacks `{k}`");
     }
 }
@@ -414,8 +455,14 @@ fn writer_produces_documented_json_and_spec_bench_table() {
     assert_eq!(v["complete"], true);
     let md = std::fs::read_to_string(&w.markdown).unwrap();
     assert!(md.contains("| Method | Multi-turn Conversation | Translation | Code (MBPP) | #Mean Accepted Tokens | Tokens/s | Overall |"), "{md}");
-    assert!(md.contains("| none (plain) | 1.00× | 1.00× | 1.00× |"), "{md}");
-    assert!(md.contains("| pld | 1.50× | 0.80× | 1.50× | 1.38 |"), "{md}");
+    assert!(
+        md.contains("| none (plain) | 1.00× | 1.00× | 1.00× |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| pld | 1.50× | 0.80× | 1.50× | 1.38 |"),
+        "{md}"
+    );
     assert!(md.contains("Best method overall: **pld** at 1.11×"), "{md}");
     assert!(md.contains("pld on translation (0.80×)"), "{md}");
     assert!(md.contains("c(8)/c(1) = 1.40"), "{md}");

@@ -2,7 +2,7 @@
 //! computes them: a method's speedup is plain decoding's total time over the
 //! method's total time on the same generations (a ratio of sums, so long
 //! generations weigh more), tok/s is total tokens over total time, and MAT
-//! is total tokens over total steps.
+//! is total accepted tokens over total steps.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,6 +43,8 @@ pub struct Cell {
     /// Generations (turns × repeats) counted.
     pub generations: usize,
     pub new_tokens: usize,
+    /// Tokens the steps accepted (new tokens plus end-of-generation tokens).
+    pub mat_tokens: usize,
     pub steps: usize,
     /// Total wall time, seconds.
     pub seconds: f64,
@@ -177,7 +179,12 @@ pub fn aggregate(
     }
 }
 
-fn cell(method: &str, category: &str, recs: &[&PromptRecord], baseline: &HashMap<Key, f64>) -> Cell {
+fn cell(
+    method: &str,
+    category: &str,
+    recs: &[&PromptRecord],
+    baseline: &HashMap<Key, f64>,
+) -> Cell {
     let mut c = Cell {
         method: method.into(),
         category: category.into(),
@@ -186,6 +193,7 @@ fn cell(method: &str, category: &str, recs: &[&PromptRecord], baseline: &HashMap
     for r in recs {
         c.generations += 1;
         c.new_tokens += r.new_tokens;
+        c.mat_tokens += r.mat_tokens;
         c.steps += r.steps;
         c.seconds += r.wall_s;
         c.drafted_tokens += r.drafted_tokens;
@@ -210,7 +218,7 @@ fn cell(method: &str, category: &str, recs: &[&PromptRecord], baseline: &HashMap
         }
     }
     c.tok_s = ratio(c.new_tokens as f64, c.seconds).unwrap_or(0.0);
-    c.mat = ratio(c.new_tokens as f64, c.steps as f64);
+    c.mat = ratio(c.mat_tokens as f64, c.steps as f64);
     c.speedup = if c.baseline_seconds > 0.0 {
         ratio(c.baseline_seconds, c.matched_seconds)
     } else {
@@ -261,8 +269,9 @@ fn peer_cells(
                     && e.turn.is_none_or(|et| et == *t)
             })
             .collect();
-        let datasets: std::collections::BTreeSet<&String> = hits.iter().map(|(k, _)| &k.0).collect();
-        if hits.is_empty() || datasets.len() > 1 || !(e.seconds > 0.0) {
+        let datasets: std::collections::BTreeSet<&String> =
+            hits.iter().map(|(k, _)| &k.0).collect();
+        if hits.is_empty() || datasets.len() > 1 || e.seconds <= 0.0 || !e.seconds.is_finite() {
             unmatched += 1;
             continue;
         }
@@ -297,7 +306,13 @@ fn peer_cells(
     for c in categories {
         if let Some(&s) = sums.get(c) {
             cells.push(mk(c, s));
-            total = (total.0 + s.0, total.1 + s.1, total.2 + s.2, total.3 + s.3, total.4 + s.4);
+            total = (
+                total.0 + s.0,
+                total.1 + s.1,
+                total.2 + s.2,
+                total.3 + s.3,
+                total.4 + s.4,
+            );
         }
     }
     if total.4 > 0 {

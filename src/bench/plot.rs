@@ -75,7 +75,10 @@ fn color(i: usize) -> RGBColor {
 
 /// Draws into `<stem>.tmp.png` beside `path` (the backend picks the format
 /// from the extension), then renames, so a reader never sees half a file.
-fn atomically(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<()>) -> Result<()> {
+fn atomically(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+) -> Result<()> {
     ensure_font()?;
     let tmp = path.with_extension("tmp.png");
     {
@@ -129,7 +132,10 @@ pub fn speedup_by_category(path: &Path, agg: &Aggregate) -> Result<()> {
                 .filter_map(|(gi, g)| {
                     let v = value(m, g)?;
                     let x0 = gi as f64 - 0.4 + mi as f64 * width;
-                    Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], c.filled()))
+                    Some(Rectangle::new(
+                        [(x0, 0.0), (x0 + width * 0.9, v)],
+                        c.filled(),
+                    ))
                 })
                 .collect();
             chart
@@ -161,12 +167,14 @@ pub fn speedup_by_category(path: &Path, agg: &Aggregate) -> Result<()> {
             } else {
                 category_title(g)
             };
-            let style = TextStyle::from((FONT, 14).into_font())
-                .pos(plotters::style::text_anchor::Pos::new(
+            let style = TextStyle::from((FONT, 14).into_font()).pos(
+                plotters::style::text_anchor::Pos::new(
                     plotters::style::text_anchor::HPos::Center,
                     plotters::style::text_anchor::VPos::Top,
-                ));
-            root.draw(&Text::new(title, (px, py + 8), style)).map_err(plot_err)?;
+                ),
+            );
+            root.draw(&Text::new(title, (px, py + 8), style))
+                .map_err(plot_err)?;
         }
         Ok(())
     })
@@ -178,7 +186,9 @@ pub fn mat_vs_budget(path: &Path, agg: &Aggregate, methods: &[MethodSpec]) -> Re
     let mat_of = |label: &str| agg.cell(label, OVERALL).and_then(|c| c.mat);
     let mut families: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
     for m in methods.iter().filter(|m| m.label != BASELINE) {
-        let Some(mat) = mat_of(&m.label) else { continue };
+        let Some(mat) = mat_of(&m.label) else {
+            continue;
+        };
         let fam = m.family();
         match families.iter_mut().find(|(f, _)| *f == fam) {
             Some((_, pts)) => pts.push((m.max_draft, mat)),
@@ -224,7 +234,9 @@ pub fn mat_vs_budget(path: &Path, agg: &Aggregate, methods: &[MethodSpec]) -> Re
                     .draw_series(LineSeries::new(xy.clone(), c.stroke_width(2)))
                     .map_err(plot_err)?
                     .label(fam.as_str())
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2))
+                    });
                 chart
                     .draw_series(xy.into_iter().map(|p| Circle::new(p, 4, c.filled())))
                     .map_err(plot_err)?;

@@ -88,7 +88,10 @@ impl MethodSpec {
             out.push(m);
         }
         if !out.iter().any(|m| m.label == BASELINE) {
-            out.insert(0, MethodSpec::parse(BASELINE, default_tree, default_budget)?);
+            out.insert(
+                0,
+                MethodSpec::parse(BASELINE, default_tree, default_budget)?,
+            );
         }
         Ok(out)
     }
@@ -161,12 +164,16 @@ pub struct PromptRecord {
     /// Prompt tokens run (the rest reused from the conversation's cache).
     pub prefilled_tokens: usize,
     pub new_tokens: usize,
+    /// Tokens the steps accepted: `new_tokens` plus the end-of-generation
+    /// token when generation stopped on one (MAT counts it, as every step
+    /// emits at least one token).
+    pub mat_tokens: usize,
     pub steps: usize,
     /// Wall time of the whole generation (prefill + decode), seconds.
     pub wall_s: f64,
     pub prefill_ms: f64,
     pub decode_ms: f64,
-    /// Mean accepted tokens: new tokens per step, bonus token included.
+    /// Mean accepted tokens: `mat_tokens / steps`, bonus token included.
     pub mat: f64,
     pub drafted_tokens: usize,
     pub accepted_tokens: usize,
@@ -281,9 +288,15 @@ mod tests {
     #[test]
     fn method_specs_parse() {
         let m = MethodSpec::parse("recycle:tr-16", "dynamic", 8).unwrap();
-        assert_eq!((m.label.as_str(), m.tree.as_str(), m.max_draft), ("recycle:tr-16", "tr-16", 16));
+        assert_eq!(
+            (m.label.as_str(), m.tree.as_str(), m.max_draft),
+            ("recycle:tr-16", "tr-16", 16)
+        );
         let m = MethodSpec::parse("hybrid", "dynamic", 8).unwrap();
-        assert_eq!((m.label.as_str(), m.tree.as_str(), m.max_draft), ("hybrid", "dynamic", 8));
+        assert_eq!(
+            (m.label.as_str(), m.tree.as_str(), m.max_draft),
+            ("hybrid", "dynamic", 8)
+        );
         let m = MethodSpec::parse("recycle::4", "dynamic", 8).unwrap();
         assert_eq!((m.label.as_str(), m.max_draft), ("recycle:dynamic:4", 4));
         let m = MethodSpec::parse("none", "dynamic", 8).unwrap();

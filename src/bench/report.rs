@@ -32,11 +32,19 @@ fn method_order(results: &BenchResults) -> Vec<String> {
 
 /// Aggregates the records as the writers do.
 pub fn aggregate_results(results: &BenchResults) -> Aggregate {
-    aggregate(&results.records, &method_order(results), results.peer.as_ref())
+    aggregate(
+        &results.records,
+        &method_order(results),
+        results.peer.as_ref(),
+    )
 }
 
 /// The `results.json` document.
-pub fn results_json(results: &BenchResults, agg: &Aggregate, plots: &[String]) -> Result<serde_json::Value> {
+pub fn results_json(
+    results: &BenchResults,
+    agg: &Aggregate,
+    plots: &[String],
+) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(&results.info).map_err(json_err)?;
     let obj = v.as_object_mut().expect("RunInfo serialises to an object");
     obj.insert("schema".into(), SCHEMA.into());
@@ -44,9 +52,18 @@ pub fn results_json(results: &BenchResults, agg: &Aggregate, plots: &[String]) -
         "prompts".into(),
         serde_json::to_value(&results.records).map_err(json_err)?,
     );
-    obj.insert("aggregate".into(), serde_json::to_value(agg).map_err(json_err)?);
-    obj.insert("peer".into(), serde_json::to_value(&results.peer).map_err(json_err)?);
-    obj.insert("plots".into(), serde_json::to_value(plots).map_err(json_err)?);
+    obj.insert(
+        "aggregate".into(),
+        serde_json::to_value(agg).map_err(json_err)?,
+    );
+    obj.insert(
+        "peer".into(),
+        serde_json::to_value(&results.peer).map_err(json_err)?,
+    );
+    obj.insert(
+        "plots".into(),
+        serde_json::to_value(plots).map_err(json_err)?,
+    );
     Ok(v)
 }
 
@@ -133,7 +150,11 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
     let status = if info.complete {
         "complete".to_string()
     } else if info.interrupted {
-        format!("**partial: interrupted** after {} of {} items", ran.len(), cfg.items)
+        format!(
+            "**partial: interrupted** after {} of {} items",
+            ran.len(),
+            cfg.items
+        )
     } else {
         format!("in progress: {} of {} items", ran.len(), cfg.items)
     };
@@ -160,7 +181,7 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
     );
     let _ = writeln!(
         md,
-        "Speedup = plain decoding's total time / the method's total time over the same generations (prefill included); tok/s = total new tokens / total time; MAT = new tokens per verify step.\n"
+        "Speedup = plain decoding's total time / the method's total time over the same generations (prefill included); tok/s = total new tokens / total time; MAT = tokens accepted per verify step (bonus and end-of-generation tokens included).\n"
     );
 
     // The Spec-Bench table.
@@ -182,14 +203,20 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
         let _ = write!(
             line,
             " {} | {} | {} |",
-            o.as_ref().and_then(|x| x.mat).map_or("–".into(), |m| format!("{m:.2}")),
+            o.as_ref()
+                .and_then(|x| x.mat)
+                .map_or("–".into(), |m| format!("{m:.2}")),
             o.as_ref().map_or("–".into(), |x| format!("{:.1}", x.tok_s)),
             speedup(o.as_ref().and_then(|x| x.speedup)),
         );
         let _ = writeln!(md, "{line}");
     };
     for m in &agg.methods {
-        let name = if m == BASELINE { "none (plain)" } else { m.as_str() };
+        let name = if m == BASELINE {
+            "none (plain)"
+        } else {
+            m.as_str()
+        };
         row(&mut md, name, &|c| agg.cell(m, c).cloned());
     }
     if let Some(p) = agg.peer.first() {
@@ -220,7 +247,10 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
             c.mat.map_or("–".into(), |m| format!("{m:.2}")),
             c.drafted_tokens as f64 / steps,
             if c.drafted_tokens > 0 {
-                format!("{:.1}%", 100.0 * c.accepted_tokens as f64 / c.drafted_tokens as f64)
+                format!(
+                    "{:.1}%",
+                    100.0 * c.accepted_tokens as f64 / c.drafted_tokens as f64
+                )
             } else {
                 "–".into()
             },
@@ -257,10 +287,11 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
         .filter(|c| c.method != BASELINE && c.speedup.is_some())
         .collect();
     let plain = agg.cell(BASELINE, OVERALL);
-    match spec
-        .iter()
-        .max_by(|a, b| a.speedup.unwrap_or(0.0).total_cmp(&b.speedup.unwrap_or(0.0)))
-    {
+    match spec.iter().max_by(|a, b| {
+        a.speedup
+            .unwrap_or(0.0)
+            .total_cmp(&b.speedup.unwrap_or(0.0))
+    }) {
         Some(best) => {
             let s = best.speedup.unwrap_or(0.0);
             let vs = plain.map_or(String::new(), |p| format!(" vs {:.1} plain", p.tok_s));
@@ -283,7 +314,14 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
         .per_category
         .iter()
         .filter(|c| c.method != BASELINE && c.speedup.is_some_and(|s| s < 1.0))
-        .map(|c| format!("{} on {} ({:.2}×)", c.method, c.category, c.speedup.unwrap_or(0.0)))
+        .map(|c| {
+            format!(
+                "{} on {} ({:.2}×)",
+                c.method,
+                c.category,
+                c.speedup.unwrap_or(0.0)
+            )
+        })
         .collect();
     if lost.is_empty() {
         if !spec.is_empty() {

@@ -137,7 +137,10 @@ fn commit() -> String {
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    for dir in [PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from(".")] {
+    for dir in [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        PathBuf::from("."),
+    ] {
         if let Some(head) = git(&dir, &["rev-parse", "HEAD"]).filter(|h| !h.is_empty()) {
             let dirty = git(&dir, &["status", "--porcelain", "--untracked-files=no"])
                 .is_some_and(|s| !s.is_empty());
@@ -184,7 +187,12 @@ struct Runner<'a> {
 
 impl Runner<'_> {
     /// Runs the item's turns (up to `max_turns`) as one conversation with method `mi`.
-    fn conversation(&mut self, mi: usize, item: &Item, max_turns: usize) -> treespec::Result<Vec<TurnRun>> {
+    fn conversation(
+        &mut self,
+        mi: usize,
+        item: &Item,
+        max_turns: usize,
+    ) -> treespec::Result<Vec<TurnRun>> {
         self.session.reset();
         let opts = GenerateOptions {
             max_new_tokens: self.max_new_tokens,
@@ -200,7 +208,8 @@ impl Runner<'_> {
                 role: "user".into(),
                 content: turn.clone(),
             });
-            let ids = encode_chat(self.model, &msgs).map_err(|e| treespec::Error::Invalid(e.to_string()))?;
+            let ids = encode_chat(self.model, &msgs)
+                .map_err(|e| treespec::Error::Invalid(e.to_string()))?;
             let d = self.drafters[mi].as_mut().map(|d| d as &mut dyn Drafter);
             let t = Instant::now();
             let g = engine::generate(self.model, &mut self.session, d, &ids, &opts, &mut |_| true)?;
@@ -219,7 +228,11 @@ impl Runner<'_> {
 /// is a near-tie when plain decoding's top-2 margin there was below
 /// [`NEAR_TIE`]; later turns inherit an earlier turn's verdict (their
 /// prompts already differ).
-fn checks(runs: &[TurnRun], plain: Option<&[TurnRun]>, sampled: bool) -> Vec<(Check, Option<usize>, Option<f32>)> {
+fn checks(
+    runs: &[TurnRun],
+    plain: Option<&[TurnRun]>,
+    sampled: bool,
+) -> Vec<(Check, Option<usize>, Option<f32>)> {
     let mut out = Vec::new();
     let mut inherited: Option<Check> = None;
     for (t, r) in runs.iter().enumerate() {
@@ -239,7 +252,12 @@ fn checks(runs: &[TurnRun], plain: Option<&[TurnRun]>, sampled: bool) -> Vec<(Ch
             out.push((Check::Exact, None, None));
             continue;
         }
-        let at = r.g.tokens.iter().zip(&p.g.tokens).take_while(|(a, b)| a == b).count();
+        let at =
+            r.g.tokens
+                .iter()
+                .zip(&p.g.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
         let margin = p.g.margins.get(at).copied();
         let c = if margin.unwrap_or(1.0) < NEAR_TIE {
             Check::NearTie
@@ -252,7 +270,21 @@ fn checks(runs: &[TurnRun], plain: Option<&[TurnRun]>, sampled: bool) -> Vec<(Ch
     out
 }
 
-fn record(item: &Item, turn: usize, repeat: usize, method: &str, r: &TurnRun, check: (Check, Option<usize>, Option<f32>)) -> PromptRecord {
+/// Tokens the model accepted: the emitted ones, plus the end-of-generation
+/// token, which the last step accepted but the output leaves out (without
+/// it plain decoding's MAT would read below 1).
+fn mat_tokens(g: &Generation) -> usize {
+    g.tokens.len() + usize::from(g.stop == engine::StopReason::Eos)
+}
+
+fn record(
+    item: &Item,
+    turn: usize,
+    repeat: usize,
+    method: &str,
+    r: &TurnRun,
+    check: (Check, Option<usize>, Option<f32>),
+) -> PromptRecord {
     let g = &r.g;
     PromptRecord {
         dataset: item.dataset.clone(),
@@ -265,11 +297,12 @@ fn record(item: &Item, turn: usize, repeat: usize, method: &str, r: &TurnRun, ch
         prompt_tokens: g.stats.prompt_tokens,
         prefilled_tokens: g.stats.prefilled_tokens,
         new_tokens: g.tokens.len(),
+        mat_tokens: mat_tokens(g),
         steps: g.spec.steps,
         wall_s: r.wall_s,
         prefill_ms: g.stats.prefill_ms,
         decode_ms: g.stats.decode_ms,
-        mat: g.spec.mean_accepted_tokens,
+        mat: mat_tokens(g) as f64 / g.spec.steps.max(1) as f64,
         drafted_tokens: g.spec.drafted_tokens,
         accepted_tokens: g.spec.accepted_tokens,
         accepted_per_depth: g.spec.accepted_per_depth.clone(),
@@ -303,7 +336,8 @@ pub fn run(a: SuiteArgs) -> Result<()> {
     let methods = MethodSpec::parse_list(&a.methods, &a.tree, a.spec_max_nodes)?;
     let peer: Option<PeerFigures> = match &a.compare {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("--compare {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("--compare {}", p.display()))?;
             Some(serde_json::from_str(&text).with_context(|| format!("--compare {}: expected {{\"name\", \"prompts\": [{{\"question_id\", \"turn\"?, \"tokens\", \"seconds\"}}]}}", p.display()))?)
         }
         None => None,
@@ -402,7 +436,10 @@ pub fn run(a: SuiteArgs) -> Result<()> {
 
     let mut runner = Runner {
         model: &model,
-        session: Session::new(&model, a.model.ctx_size.min(model.config().context_length.max(1))),
+        session: Session::new(
+            &model,
+            a.model.ctx_size.min(model.config().context_length.max(1)),
+        ),
         methods: methods.clone(),
         drafters,
         sampling,
@@ -438,7 +475,12 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             let mut runs: Vec<Option<Vec<TurnRun>>> = (0..n_methods).map(|_| None).collect();
             let mut failed = None;
             for &mi in &order {
-                bar.set_message(format!("{} {} {}", item.category, item.id_text(), methods[mi].label));
+                bar.set_message(format!(
+                    "{} {} {}",
+                    item.category,
+                    item.id_text(),
+                    methods[mi].label
+                ));
                 match runner.conversation(mi, item, usize::MAX) {
                     Ok(r) => runs[mi] = Some(r),
                     Err(e) => {
@@ -481,7 +523,9 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                         bar.println(&msg);
                         tracing::error!("{msg}");
                     }
-                    results.records.push(record(item, t, repeat, &methods[mi].label, tr, ck));
+                    results
+                        .records
+                        .push(record(item, t, repeat, &methods[mi].label, tr, ck));
                 }
             }
             results.info.elapsed_s = started.elapsed().as_secs_f64();
@@ -506,7 +550,11 @@ pub fn run(a: SuiteArgs) -> Result<()> {
         "wrote {} and {}{}",
         written.json.display(),
         written.markdown.display(),
-        if written.plots.is_empty() { "" } else { " and plots" }
+        if written.plots.is_empty() {
+            ""
+        } else {
+            " and plots"
+        }
     );
     if interrupted {
         eprintln!("interrupted: partial results");
