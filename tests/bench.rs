@@ -520,6 +520,13 @@ fn bench_forward_subcommand_still_parses() {
 fn end_to_end_on_smollm2() {
     common::model_path("smollm2-135m");
     let dir = temp_dir("e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let peer = dir.join("peer.json");
+    std::fs::write(
+        &peer,
+        r#"{"name": "otherengine", "prompts": [{"question_id": 301, "tokens": 16, "seconds": 0.5}, {"question_id": 2, "turn": 0, "tokens": 16, "seconds": 0.25}]}"#,
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_treespec"))
         .args(["bench", "-m", "smollm2-135m", "--dataset"])
         .arg(fixture())
@@ -529,8 +536,10 @@ fn end_to_end_on_smollm2() {
             "--no-curve",
             "--methods",
             "none,pld,hybrid",
-            "--out",
+            "--compare",
         ])
+        .arg(&peer)
+        .arg("--out")
         .arg(&dir)
         .env("TREESPEC_HOME", common::treespec_home())
         .output()
@@ -563,7 +572,21 @@ fn end_to_end_on_smollm2() {
     assert_eq!(v["aggregate"]["lossless"]["mismatch"], 0);
     assert_eq!(v["aggregate"]["overall"].as_array().unwrap().len(), 3);
     let md = std::fs::read_to_string(dir.join("results.md")).unwrap();
-    for m in ["none (plain)", "| pld |", "| hybrid |"] {
+    assert_eq!(v["peer"]["name"], "otherengine");
+    let peer_overall = v["aggregate"]["peer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["category"] == "overall")
+        .expect("peer overall cell");
+    assert_eq!(peer_overall["generations"], 2);
+    assert!((peer_overall["tok_s"].as_f64().unwrap() - 32.0 / 0.75).abs() < 1e-9);
+    for m in [
+        "none (plain)",
+        "| pld |",
+        "| hybrid |",
+        "| otherengine (peer) |",
+    ] {
         assert!(md.contains(m), "{md}");
     }
     for p in v["plots"].as_array().unwrap() {

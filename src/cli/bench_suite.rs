@@ -3,6 +3,7 @@
 //! the baseline, greedy outputs checked against it, results written after
 //! every item (see `treespec::bench` for the files).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -464,7 +465,9 @@ pub fn run(a: SuiteArgs) -> Result<()> {
     let sampled = a.temperature > 0.0;
     let mut interrupted = STOP.load(Ordering::SeqCst);
     let mut round = 0usize;
-    'items: for item in &items {
+    // indicatif draws nothing without a terminal: log a line per item instead.
+    let log_lines = !std::io::stderr().is_terminal();
+    'items: for (item_no, item) in items.iter().enumerate() {
         if interrupted {
             break;
         }
@@ -531,6 +534,18 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             results.info.elapsed_s = started.elapsed().as_secs_f64();
             results.info.interrupted = interrupted;
             bench::write_results(&out_dir, &results, false)?;
+            if log_lines {
+                eprintln!(
+                    "[{}/{} items, repeat {}] {} {} {} done, {:.0} s",
+                    item_no + 1,
+                    items.len(),
+                    repeat + 1,
+                    item.dataset,
+                    item.category,
+                    item.id_text(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
             if interrupted {
                 break 'items;
             }
