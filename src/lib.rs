@@ -10,6 +10,7 @@
 //! - [`engine`]: the generation loop that ties scorer, drafter and verifier;
 //! - [`tokenizer`], [`registry`], [`sampling`]: around them.
 
+pub mod bench;
 pub mod draft;
 pub mod engine;
 pub mod error;

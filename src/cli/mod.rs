@@ -1,6 +1,7 @@
 //! Command-line front end. Library errors surface here through `anyhow`.
 
 mod bench_forward;
+mod bench_suite;
 mod generate;
 
 use std::path::PathBuf;
@@ -47,10 +48,15 @@ pub struct PullArgs {
     pub verify: bool,
 }
 
+/// `treespec bench -m M --dataset F ... --out D` runs the benchmark suite;
+/// `treespec bench forward ...` the forward-cost measurement.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub mode: BenchMode,
+    pub mode: Option<BenchMode>,
+    #[command(flatten)]
+    pub suite: bench_suite::SuiteArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,7 +172,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Pull(a) => pull(a),
         Command::Bench(b) => match b.mode {
-            BenchMode::Forward(a) => bench_forward::run(a),
+            Some(BenchMode::Forward(a)) => bench_forward::run(a),
+            None => bench_suite::run(b.suite),
         },
     }
 }

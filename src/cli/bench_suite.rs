@@ -1,0 +1,578 @@
+//! `treespec bench -m MODEL --dataset FILE ... --out DIR`: every method on
+//! every prompt of Spec-Bench-schema datasets, plain decoding interleaved as
+//! the baseline, greedy outputs checked against it, results written after
+//! every item (see `treespec::bench` for the files).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use treespec::bench::record::{CurvePoint, MachineInfo, ModelInfo, RunConfig, BASELINE};
+use treespec::bench::{self, BenchResults, Check, Item, MethodSpec, PeerFigures, PromptRecord};
+use treespec::draft::Drafter;
+use treespec::engine::spec::{SpecConfig, SpecDrafter, SpecMethod, DEFAULT_MAX_DRAFT};
+use treespec::engine::{self, GenerateOptions, Generation, Session};
+use treespec::model::Model;
+use treespec::sampling::{SamplingParams, NEAR_TIE};
+use treespec::tokenizer::ChatMessage;
+
+use super::bench_forward::forward_curve;
+use super::ModelArgs;
+
+/// Set by Ctrl-C: finish the current run, write, stop.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+#[derive(Args, Debug)]
+pub struct SuiteArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Spec-Bench-schema JSONL file (repeatable). `FILE@K` takes only its
+    /// first K items (instead of --per-category).
+    #[arg(long = "dataset", value_name = "FILE[@K]", required = true)]
+    pub datasets: Vec<String>,
+    /// Methods, comma-separated: `method[:tree[:budget]]`, e.g.
+    /// none,pld,recycle,hybrid,recycle:tr-8,hybrid:dynamic:16. Plain
+    /// decoding (none) is always run as the baseline.
+    #[arg(long, default_value = "none,pld,recycle,hybrid")]
+    pub methods: Vec<String>,
+    /// Default tree shape for recycle/hybrid (dynamic, tr-4 … tr-80, or a template file).
+    #[arg(long, default_value = "dynamic")]
+    pub tree: String,
+    /// Default draft nodes per step (a `tr-N` template defaults to N).
+    #[arg(long, default_value_t = DEFAULT_MAX_DRAFT)]
+    pub spec_max_nodes: usize,
+    /// Do not seed the recycling matrix from each prompt's bigrams.
+    #[arg(long)]
+    pub no_prompt_seed: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Cap on the total number of items.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// The first K items of each category.
+    #[arg(long)]
+    pub per_category: Option<usize>,
+    /// Runs of every method on every item.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// 0 = greedy (outputs checked against plain decoding).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Items run first with every method and excluded from the results.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Another engine's per-prompt figures (JSON) to add as a row.
+    #[arg(long, value_name = "FILE")]
+    pub compare: Option<PathBuf>,
+    /// Skip measuring the c(N) forward-cost curve at start.
+    #[arg(long)]
+    pub no_curve: bool,
+    /// Skip the PNG plots.
+    #[arg(long)]
+    pub no_plots: bool,
+    /// Output folder (results.json, results.md, plots).
+    #[arg(long, value_name = "DIR", required = true)]
+    pub out: Option<PathBuf>,
+}
+
+/// `FILE@K` → (FILE, Some(K)); a path whose `@` suffix is not a number stays whole.
+fn split_dataset_arg(s: &str) -> (PathBuf, Option<usize>) {
+    if let Some((path, k)) = s.rsplit_once('@') {
+        if let Ok(k) = k.parse::<usize>() {
+            return (PathBuf::from(path), Some(k));
+        }
+    }
+    (PathBuf::from(s), None)
+}
+
+fn load_plan(a: &SuiteArgs) -> Result<(Vec<Item>, Vec<String>)> {
+    let mut items = Vec::new();
+    let mut names = Vec::new();
+    for d in &a.datasets {
+        let (path, k) = split_dataset_arg(d);
+        let all = bench::load_items(&path)?;
+        names.push(d.clone());
+        match k {
+            Some(k) => items.extend(all.into_iter().take(k)),
+            None => items.extend(bench::select(all, a.per_category)),
+        }
+    }
+    if let Some(l) = a.limit {
+        items.truncate(l);
+    }
+    if items.is_empty() {
+        bail!("no items selected (check --limit / --per-category / FILE@K)");
+    }
+    Ok((items, names))
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// `git rev-parse HEAD` of the source tree (then of the working folder),
+/// with `-dirty` when it has uncommitted changes; "unknown" without git.
+fn commit() -> String {
+    let git = |dir: &Path, args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    for dir in [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        PathBuf::from("."),
+    ] {
+        if let Some(head) = git(&dir, &["rev-parse", "HEAD"]).filter(|h| !h.is_empty()) {
+            let dirty = git(&dir, &["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            return if dirty { format!("{head}-dirty") } else { head };
+        }
+    }
+    "unknown".into()
+}
+
+/// The conversation so far → prompt ids, through the model's chat template
+/// (plain concatenation for a model without one).
+fn encode_chat(model: &Model, msgs: &[ChatMessage]) -> Result<Vec<u32>> {
+    let tok = &model.tokenizer;
+    let (text, special) = if tok.has_chat_template() {
+        (tok.apply_chat_template(msgs, true)?, true)
+    } else {
+        let joined: Vec<&str> = msgs.iter().map(|m| m.content.as_str()).collect();
+        (joined.join("\n\n"), false)
+    };
+    let mut ids = tok.encode(&text, special)?;
+    if let Some(bos) = tok.bos_to_add() {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
+/// One turn's generation and its wall time.
+struct TurnRun {
+    g: Generation,
+    wall_s: f64,
+}
+
+struct Runner<'a> {
+    model: &'a Model,
+    session: Session,
+    methods: Vec<MethodSpec>,
+    /// One per method for the whole run: recycling drafters stay hot across prompts.
+    drafters: Vec<Option<SpecDrafter>>,
+    sampling: SamplingParams,
+    max_new_tokens: usize,
+}
+
+impl Runner<'_> {
+    /// Runs the item's turns (up to `max_turns`) as one conversation with method `mi`.
+    fn conversation(
+        &mut self,
+        mi: usize,
+        item: &Item,
+        max_turns: usize,
+    ) -> treespec::Result<Vec<TurnRun>> {
+        self.session.reset();
+        let opts = GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: self.sampling.clone(),
+            max_draft: self.methods[mi].max_draft,
+            record_margins: self.methods[mi].label == BASELINE,
+            ..Default::default()
+        };
+        let mut msgs: Vec<ChatMessage> = Vec::new();
+        let mut out = Vec::new();
+        for turn in item.turns.iter().take(max_turns) {
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: turn.clone(),
+            });
+            let ids = encode_chat(self.model, &msgs)
+                .map_err(|e| treespec::Error::Invalid(e.to_string()))?;
+            let d = self.drafters[mi].as_mut().map(|d| d as &mut dyn Drafter);
+            let t = Instant::now();
+            let g = engine::generate(self.model, &mut self.session, d, &ids, &opts, &mut |_| true)?;
+            let wall_s = t.elapsed().as_secs_f64();
+            msgs.push(ChatMessage {
+                role: "assistant".into(),
+                content: g.text.clone(),
+            });
+            out.push(TurnRun { g, wall_s });
+        }
+        Ok(out)
+    }
+}
+
+/// Compares a method's turns with plain decoding's: the first difference
+/// is a near-tie when plain decoding's top-2 margin there was below
+/// [`NEAR_TIE`]; later turns inherit an earlier turn's verdict (their
+/// prompts already differ).
+fn checks(
+    runs: &[TurnRun],
+    plain: Option<&[TurnRun]>,
+    sampled: bool,
+) -> Vec<(Check, Option<usize>, Option<f32>)> {
+    let mut out = Vec::new();
+    let mut inherited: Option<Check> = None;
+    for (t, r) in runs.iter().enumerate() {
+        if sampled {
+            out.push((Check::Sampled, None, None));
+            continue;
+        }
+        let Some(p) = plain.and_then(|p| p.get(t)) else {
+            out.push((Check::Unchecked, None, None));
+            continue;
+        };
+        if let Some(c) = inherited {
+            out.push((c, None, None));
+            continue;
+        }
+        if r.g.tokens == p.g.tokens {
+            out.push((Check::Exact, None, None));
+            continue;
+        }
+        let at =
+            r.g.tokens
+                .iter()
+                .zip(&p.g.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+        let margin = p.g.margins.get(at).copied();
+        let c = if margin.unwrap_or(1.0) < NEAR_TIE {
+            Check::NearTie
+        } else {
+            Check::Mismatch
+        };
+        inherited = Some(c);
+        out.push((c, Some(at), margin));
+    }
+    out
+}
+
+/// Tokens the model accepted: the emitted ones, plus the end-of-generation
+/// token, which the last step accepted but the output leaves out (without
+/// it plain decoding's MAT would read below 1).
+fn mat_tokens(g: &Generation) -> usize {
+    g.tokens.len() + usize::from(g.stop == engine::StopReason::Eos)
+}
+
+fn record(
+    item: &Item,
+    turn: usize,
+    repeat: usize,
+    method: &str,
+    r: &TurnRun,
+    check: (Check, Option<usize>, Option<f32>),
+) -> PromptRecord {
+    let g = &r.g;
+    PromptRecord {
+        dataset: item.dataset.clone(),
+        question_id: item.question_id.clone(),
+        category: item.category.clone(),
+        raw_category: item.raw_category.clone(),
+        turn,
+        repeat,
+        method: method.to_string(),
+        prompt_tokens: g.stats.prompt_tokens,
+        prefilled_tokens: g.stats.prefilled_tokens,
+        new_tokens: g.tokens.len(),
+        mat_tokens: mat_tokens(g),
+        steps: g.spec.steps,
+        wall_s: r.wall_s,
+        prefill_ms: g.stats.prefill_ms,
+        decode_ms: g.stats.decode_ms,
+        mat: mat_tokens(g) as f64 / g.spec.steps.max(1) as f64,
+        drafted_tokens: g.spec.drafted_tokens,
+        accepted_tokens: g.spec.accepted_tokens,
+        accepted_per_depth: g.spec.accepted_per_depth.clone(),
+        draft_ms: g.spec.draft_ms,
+        verify_ms: g.spec.verify_ms,
+        stop: serde_json::to_value(g.stop)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        check: check.0,
+        first_diff: check.1,
+        diff_margin: check.2,
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] {pos}/{len} runs, ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+pub fn run(a: SuiteArgs) -> Result<()> {
+    let started = Instant::now();
+    let out_dir = a.out.clone().context("--out DIR is required")?;
+    let (items, dataset_names) = load_plan(&a)?;
+    let methods = MethodSpec::parse_list(&a.methods, &a.tree, a.spec_max_nodes)?;
+    let peer: Option<PeerFigures> = match &a.compare {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("--compare {}", p.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| format!("--compare {}: expected {{\"name\", \"prompts\": [{{\"question_id\", \"turn\"?, \"tokens\", \"seconds\"}}]}}", p.display()))?)
+        }
+        None => None,
+    };
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        seed: a.seed,
+        ..Default::default()
+    };
+    sampling.validate()?;
+    let model = a.model.load()?;
+    let vocab = model.config().vocab_size;
+    let drafters = methods
+        .iter()
+        .map(|m| {
+            SpecDrafter::build(
+                &SpecConfig {
+                    method: SpecMethod::parse(&m.method)?,
+                    tree: m.tree.clone(),
+                    max_draft: m.max_draft,
+                    seed_from_prompt: !a.no_prompt_seed,
+                    recycle_state: None,
+                },
+                vocab,
+            )
+        })
+        .collect::<treespec::Result<Vec<_>>>()?;
+
+    let forward_curve = if a.no_curve {
+        None
+    } else {
+        eprintln!("measuring c(N) …");
+        let pts = forward_curve(&model, 256, &[1, 2, 4, 8, 16, 32], 5)?;
+        let c1 = pts.first().map(|p| p.ms).unwrap_or(f64::NAN);
+        Some(
+            pts.iter()
+                .map(|p| CurvePoint {
+                    n: p.n,
+                    ms: p.ms,
+                    ratio: p.ms / c1,
+                })
+                .collect(),
+        )
+    };
+
+    let mut results = BenchResults {
+        info: bench::RunInfo {
+            command: std::env::args().collect(),
+            model: ModelInfo {
+                name: a.model.model.clone(),
+                path: model.path.display().to_string(),
+                identity: model.identity.clone(),
+                arch: model.config().arch.name().into(),
+                n_layers: model.config().n_layers,
+                vocab_size: vocab,
+            },
+            machine: MachineInfo {
+                cpu: cpu_model(),
+                cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+                threads: rayon::current_num_threads(),
+                isa: treespec::kernels::isa().into(),
+                os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+            },
+            commit: commit(),
+            config: RunConfig {
+                datasets: dataset_names,
+                methods: methods.clone(),
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                repeats: a.repeats.max(1),
+                warmup: a.warmup,
+                per_category: a.per_category,
+                limit: a.limit,
+                ctx_size: a.model.ctx_size,
+                items: items.len(),
+            },
+            forward_curve,
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            ..Default::default()
+        },
+        records: Vec::new(),
+        peer,
+    };
+    bench::write_results(&out_dir, &results, false)?;
+
+    if let Err(e) = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: stopping after the current run (press again to quit now)");
+    }) {
+        tracing::warn!("no Ctrl-C handler: {e}");
+    }
+
+    let mut runner = Runner {
+        model: &model,
+        session: Session::new(
+            &model,
+            a.model.ctx_size.min(model.config().context_length.max(1)),
+        ),
+        methods: methods.clone(),
+        drafters,
+        sampling,
+        max_new_tokens: a.max_new_tokens,
+    };
+    let n_methods = methods.len();
+
+    // Warm-up: first turns of the first items, every method, not recorded.
+    for item in items.iter().take(a.warmup) {
+        for mi in 0..n_methods {
+            if STOP.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Err(e) = runner.conversation(mi, item, 1) {
+                tracing::warn!("warm-up on {} {}: {e}", item.dataset, item.id_text());
+            }
+        }
+    }
+
+    let repeats = a.repeats.max(1);
+    let bar = progress_bar((items.len() * repeats * n_methods) as u64);
+    let sampled = a.temperature > 0.0;
+    let mut interrupted = STOP.load(Ordering::SeqCst);
+    let mut round = 0usize;
+    // indicatif draws nothing without a terminal: log a line per item instead.
+    let log_lines = !std::io::stderr().is_terminal();
+    'items: for (item_no, item) in items.iter().enumerate() {
+        if interrupted {
+            break;
+        }
+        for repeat in 0..repeats {
+            // Rotate the order so slow drift in machine speed hits every method alike.
+            let order: Vec<usize> = (0..n_methods).map(|k| (k + round) % n_methods).collect();
+            round += 1;
+            let mut runs: Vec<Option<Vec<TurnRun>>> = (0..n_methods).map(|_| None).collect();
+            let mut failed = None;
+            for &mi in &order {
+                bar.set_message(format!(
+                    "{} {} {}",
+                    item.category,
+                    item.id_text(),
+                    methods[mi].label
+                ));
+                match runner.conversation(mi, item, usize::MAX) {
+                    Ok(r) => runs[mi] = Some(r),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                bar.inc(1);
+                if STOP.load(Ordering::SeqCst) {
+                    interrupted = true;
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                // The prompt itself is unusable (e.g. longer than the context):
+                // skip the item for every method rather than stop the benchmark.
+                bar.println(format!("skipping {} {}: {e}", item.dataset, item.id_text()));
+                bar.inc(((repeats - repeat) * n_methods) as u64);
+                continue 'items;
+            }
+            let plain_idx = methods.iter().position(|m| m.label == BASELINE);
+            let plain = plain_idx.and_then(|i| runs[i].as_deref());
+            for (mi, r) in runs.iter().enumerate() {
+                let Some(r) = r else { continue };
+                let cks = if Some(mi) == plain_idx {
+                    vec![(Check::Baseline, None, None); r.len()]
+                } else {
+                    checks(r, plain, sampled)
+                };
+                for (t, (tr, ck)) in r.iter().zip(cks).enumerate() {
+                    if ck.0 == Check::Mismatch {
+                        let msg = format!(
+                            "MISMATCH (not lossless!): {} {} turn {t}: {} differs from plain decoding at token {} (margin {:.4})",
+                            item.dataset,
+                            item.id_text(),
+                            methods[mi].label,
+                            ck.1.unwrap_or(0),
+                            ck.2.unwrap_or(f32::NAN)
+                        );
+                        bar.println(&msg);
+                        tracing::error!("{msg}");
+                    }
+                    results
+                        .records
+                        .push(record(item, t, repeat, &methods[mi].label, tr, ck));
+                }
+            }
+            results.info.elapsed_s = started.elapsed().as_secs_f64();
+            results.info.interrupted = interrupted;
+            bench::write_results(&out_dir, &results, false)?;
+            if log_lines {
+                eprintln!(
+                    "[{}/{} items, repeat {}] {} {} {} done, {:.0} s",
+                    item_no + 1,
+                    items.len(),
+                    repeat + 1,
+                    item.dataset,
+                    item.category,
+                    item.id_text(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            if interrupted {
+                break 'items;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    results.info.complete = !interrupted;
+    results.info.interrupted = interrupted;
+    results.info.elapsed_s = started.elapsed().as_secs_f64();
+    let written = bench::write_results(&out_dir, &results, !a.no_plots)?;
+    if let Some(e) = &written.plot_error {
+        eprintln!("plots skipped: {e}");
+    }
+    let md = std::fs::read_to_string(&written.markdown)?;
+    println!("{md}");
+    eprintln!(
+        "wrote {} and {}{}",
+        written.json.display(),
+        written.markdown.display(),
+        if written.plots.is_empty() {
+            ""
+        } else {
+            " and plots"
+        }
+    );
+    if interrupted {
+        eprintln!("interrupted: partial results");
+    }
+    Ok(())
+}
