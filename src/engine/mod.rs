@@ -2,6 +2,7 @@
 //! keep, until a stop condition. Plain decoding is the same loop with a tree
 //! of one node.
 
+pub mod prompt;
 pub mod scorer;
 pub mod spec;
 pub mod stats;
@@ -15,6 +16,7 @@ use crate::sampling::{top2_margin, top_k_probs, Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 use crate::verify::{verify, Verdict};
 
+pub use prompt::{chat_prompt_ids, text_prompt_ids};
 pub use stats::{GenStats, SpecStats};
 
 /// Prompt tokens per prefill forward. Bounded so the attention scratch
