@@ -24,7 +24,15 @@ impl Server {
     fn start(extra: &[&str]) -> Server {
         let port = free_port();
         let mut child = Command::new(BIN)
-            .args(["serve", "-m", MODEL, "--port", &port.to_string(), "-c", "512"])
+            .args([
+                "serve",
+                "-m",
+                MODEL,
+                "--port",
+                &port.to_string(),
+                "-c",
+                "512",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -56,7 +64,10 @@ impl Server {
                 assert_eq!(r.status, 503, "health while loading: {}", r.body);
                 assert!(r.json()["error"]["message"].is_string());
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "server never became healthy");
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "server never became healthy"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -90,7 +101,10 @@ impl Server {
             if let Some(st) = self.child.try_wait().expect("wait") {
                 return st;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "server ignored SIGTERM");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "server ignored SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,8 +132,7 @@ struct Resp {
 
 impl Resp {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
     /// The `data:` payloads of an SSE body.
@@ -143,7 +156,12 @@ impl Resp {
     }
 }
 
-fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<u8> {
+fn request_bytes(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Vec<u8> {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -187,7 +205,10 @@ fn try_http(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let mut body = raw[split + 4..].to_vec();
-    if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
         body = dechunk(&body);
     }
     Ok(Resp {
@@ -204,8 +225,11 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Opt
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -220,7 +244,12 @@ fn streamed_text(r: &Resp, chat: bool) -> (String, Vec<Value>) {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.headers["content-type"].starts_with("text/event-stream"));
     let data = r.sse();
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.body
+    );
     let chunks: Vec<Value> = data[..data.len() - 1]
         .iter()
         .map(|d| serde_json::from_str(d).expect("chunk JSON"))
@@ -228,7 +257,11 @@ fn streamed_text(r: &Resp, chat: bool) -> (String, Vec<Value>) {
     let mut text = String::new();
     for c in &chunks {
         if let Some(choice) = c["choices"].get(0) {
-            let piece = if chat { &choice["delta"]["content"] } else { &choice["text"] };
+            let piece = if chat {
+                &choice["delta"]["content"]
+            } else {
+                &choice["text"]
+            };
             text.push_str(piece.as_str().unwrap_or(""));
         }
     }
@@ -237,12 +270,23 @@ fn streamed_text(r: &Resp, chat: bool) -> (String, Vec<Value>) {
 
 fn generate_json(prompt: &str, chat: bool, max_tokens: usize) -> Value {
     let mut cmd = Command::new(BIN);
-    cmd.args(["generate", "-m", MODEL, "--json", "-n", &max_tokens.to_string()]);
+    cmd.args([
+        "generate",
+        "-m",
+        MODEL,
+        "--json",
+        "-n",
+        &max_tokens.to_string(),
+    ]);
     if chat {
         cmd.arg("--chat");
     }
     let out = cmd.arg(prompt).output().expect("run treespec generate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8(out.stdout).expect("UTF-8");
     serde_json::from_str(line.trim()).expect("generate --json prints one JSON line")
 }
@@ -268,12 +312,17 @@ fn serves_the_openai_api() {
     let v = r.json();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    let chat_text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let chat_text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(!chat_text.is_empty());
     let usage = &v["usage"];
     assert_eq!(
         usage["total_tokens"].as_u64(),
-        Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap())
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
     );
     assert!(v["timings"]["predicted_n"].as_u64().unwrap() > 0);
     assert!(v["timings"]["predicted_per_second"].as_f64().unwrap() > 0.0);
@@ -283,7 +332,11 @@ fn serves_the_openai_api() {
 
     // Same text as the CLI for the same prompt (same template, same ids).
     let cli = generate_json(CHAT_PROMPT, true, N);
-    assert_eq!(cli["text"].as_str().unwrap(), chat_text, "server vs `generate --chat --json`");
+    assert_eq!(
+        cli["text"].as_str().unwrap(),
+        chat_text,
+        "server vs `generate --chat --json`"
+    );
 
     // Streamed: same text, role first, usage last.
     let mut streamed = chat_body.clone();
@@ -296,7 +349,10 @@ fn serves_the_openai_api() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().map(Vec::len), Some(0));
-    assert_eq!(last["usage"]["completion_tokens"], usage["completion_tokens"]);
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
     let fin = &chunks[chunks.len() - 2];
     assert!(fin["choices"][0]["finish_reason"].is_string(), "{fin}");
     assert!(fin["timings"]["predicted_n"].as_u64().unwrap() > 0);
@@ -305,7 +361,10 @@ fn serves_the_openai_api() {
     let mut plain = chat_body.clone();
     plain["speculative"] = json!({"enabled": false});
     let v = srv.post("/v1/chat/completions", &plain).json();
-    assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(chat_text.as_str()));
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(chat_text.as_str())
+    );
     assert_eq!(v["spec"]["enabled"], false);
     assert_eq!(v["timings"]["draft_n"], 0);
 
@@ -315,7 +374,11 @@ fn serves_the_openai_api() {
     assert_eq!(v["object"], "text_completion");
     let comp_text = v["choices"][0]["text"].as_str().unwrap().to_string();
     let cli = generate_json(TEXT_PROMPT, false, N);
-    assert_eq!(cli["text"].as_str().unwrap(), comp_text, "server vs `generate --json`");
+    assert_eq!(
+        cli["text"].as_str().unwrap(),
+        comp_text,
+        "server vs `generate --json`"
+    );
     let mut streamed = comp_body.clone();
     streamed["stream"] = json!(true);
     let (text, chunks) = streamed_text(&srv.post("/v1/completions", &streamed), false);
@@ -324,7 +387,11 @@ fn serves_the_openai_api() {
 
     // Stop strings cut the text.
     let mut stopped = comp_body.clone();
-    let word = comp_text.split_whitespace().nth(1).unwrap_or("the").to_string();
+    let word = comp_text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("the")
+        .to_string();
     stopped["stop"] = json!([word.clone()]);
     let v = srv.post("/v1/completions", &stopped).json();
     assert!(!v["choices"][0]["text"].as_str().unwrap().contains(&word));
@@ -352,36 +419,60 @@ fn serves_the_openai_api() {
     let props = srv.get("/props").json();
     assert_eq!(props["speculative"]["method"], "hybrid");
     assert_eq!(props["n_ctx"], 512);
-    let toks = srv.post("/tokenize", &json!({"content": "Hello world"})).json();
+    let toks = srv
+        .post("/tokenize", &json!({"content": "Hello world"}))
+        .json();
     let ids = toks["tokens"].as_array().unwrap().clone();
     assert!(!ids.is_empty());
     let back = srv.post("/detokenize", &json!({"tokens": ids})).json();
     assert_eq!(back["content"], "Hello world");
 
     // Bad inputs: right status, OpenAI shape, server still up.
-    let raw = http(srv.port, "POST", "/v1/chat/completions", &[], Some("{\"messages\": [")).assert_error(400);
+    let raw = http(
+        srv.port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some("{\"messages\": ["),
+    )
+    .assert_error(400);
     assert_eq!(raw["type"], "invalid_request_error");
     let msgs = json!([{"role": "user", "content": "hi"}]);
     for (body, param) in [
-        (json!({"messages": msgs, "temperature": "hot"}), "temperature"),
+        (
+            json!({"messages": msgs, "temperature": "hot"}),
+            "temperature",
+        ),
         (json!({"messages": msgs, "n": 2}), "n"),
         (json!({"messages": msgs, "temperature": -1}), "temperature"),
         (json!({"messages": msgs, "top_p": 0}), "top_p"),
         (json!({"messages": []}), "messages"),
-        (json!({"messages": msgs, "speculative": {"max_nodez": 4}}), "speculative"),
-        (json!({"messages": msgs, "speculative": {"enabled": "no"}}), "speculative"),
+        (
+            json!({"messages": msgs, "speculative": {"max_nodez": 4}}),
+            "speculative",
+        ),
+        (
+            json!({"messages": msgs, "speculative": {"enabled": "no"}}),
+            "speculative",
+        ),
     ] {
         let e = srv.post("/v1/chat/completions", &body).assert_error(400);
         assert_eq!(e["param"], param, "{body}");
     }
     let long = "lorem ipsum dolor ".repeat(400);
-    let e = srv.post("/v1/completions", &json!({"prompt": long, "max_tokens": 4})).assert_error(400);
-    assert_eq!(e["code"], "context_length_exceeded");
     let e = srv
-        .post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": long}]}))
+        .post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}))
         .assert_error(400);
     assert_eq!(e["code"], "context_length_exceeded");
-    srv.post("/detokenize", &json!({"tokens": [1, "x"]})).assert_error(400);
+    let e = srv
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": long}]}),
+        )
+        .assert_error(400);
+    assert_eq!(e["code"], "context_length_exceeded");
+    srv.post("/detokenize", &json!({"tokens": [1, "x"]}))
+        .assert_error(400);
     srv.get("/no/such/thing").assert_error(404);
 
     // A client that leaves mid-stream frees the slot (one worker): the long
@@ -395,7 +486,8 @@ fn serves_the_openai_api() {
         .to_string();
         let mut s = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.write_all(&request_bytes("POST", "/v1/completions", &[], Some(&body))).unwrap();
+        s.write_all(&request_bytes("POST", "/v1/completions", &[], Some(&body)))
+            .unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 256];
         while !String::from_utf8_lossy(&got).contains("data: ") {
@@ -405,7 +497,9 @@ fn serves_the_openai_api() {
         }
         // Dropping the socket closes it.
     }
-    let v = srv.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4})).json();
+    let v = srv
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4}))
+        .json();
     assert!(v["choices"][0]["text"].is_string());
     assert_eq!(
         srv.metric("treespec_requests_total{outcome=\"cancelled\"}"),
@@ -430,31 +524,104 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
     let _ = std::fs::remove_file(&state);
     let state_arg = state.to_str().unwrap();
     let key = "sekrit";
-    let args = ["--spec", "recycle", "--recycle-state", state_arg, "--api-key", key];
+    let args = [
+        "--spec",
+        "recycle",
+        "--recycle-state",
+        state_arg,
+        "--api-key",
+        key,
+    ];
     let srv = Server::start(&args);
     let auth = format!("Bearer {key}");
     let body = json!({"prompt": TEXT_PROMPT, "max_tokens": 16, "temperature": 0}).to_string();
 
     // API key: missing or wrong → 401; /health stays open.
     http(srv.port, "POST", "/v1/completions", &[], Some(&body)).assert_error(401);
-    http(srv.port, "POST", "/v1/completions", &[("Authorization", "Bearer nope")], Some(&body))
-        .assert_error(401);
-    let r = http(srv.port, "POST", "/v1/completions", &[("Authorization", &auth)], Some(&body));
+    http(
+        srv.port,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", "Bearer nope")],
+        Some(&body),
+    )
+    .assert_error(401);
+    let r = http(
+        srv.port,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", &auth)],
+        Some(&body),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let props = http(srv.port, "GET", "/props", &[("Authorization", &auth)], None).json();
     assert_eq!(props["speculative"]["recycle_rows_loaded"], 0);
     let rows = props["speculative"]["recycle_rows"].as_u64().unwrap();
     assert!(rows > 0, "a request should have written matrix rows");
 
+    // SIGTERM while a stream is in flight: it finishes (within the grace
+    // period), then the server saves the matrix and exits 0.
+    let port = srv.port;
+    let long = json!({
+        "prompt": TEXT_PROMPT, "max_tokens": 48, "ignore_eos": true,
+        "temperature": 0, "stream": true,
+    })
+    .to_string();
+    let auth2 = auth.clone();
+    let inflight = std::thread::spawn(move || {
+        http(
+            port,
+            "POST",
+            "/v1/completions",
+            &[("Authorization", &auth2)],
+            Some(&long),
+        )
+    });
+    let t = Instant::now();
+    while metric_with(port, &auth, "treespec_num_requests_running") < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the stream never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let srv_log = srv.log.clone();
     let status = srv.terminate();
     assert!(status.success(), "exit status {status:?}");
+    let (text, chunks) = streamed_text(&inflight.join().unwrap(), false);
+    assert!(!text.is_empty());
+    let fin = &chunks[chunks.len() - 1];
+    assert_eq!(fin["choices"][0]["finish_reason"], "length", "{fin}");
+    assert_eq!(fin["timings"]["predicted_n"], 48);
     assert!(state.exists(), "SIGTERM did not save {}", state.display());
+    // The save is logged with its row count; the in-flight stream added rows.
+    let saved: u64 = {
+        let log = srv_log.lock().unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("recycle state saved"))
+            .unwrap_or_else(|| panic!("no save line in the log:\n{log}"));
+        let n = line
+            .rsplit('(')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        n.and_then(|n| n.parse().ok())
+            .expect("row count in the save line")
+    };
+    assert!(saved >= rows);
     assert!(state_file_has_rows(&state));
 
     let srv = Server::start(&args);
     let props = http(srv.port, "GET", "/props", &[("Authorization", &auth)], None).json();
-    assert_eq!(props["speculative"]["recycle_rows_loaded"].as_u64(), Some(rows));
-    assert!(srv.log.lock().unwrap().contains(&format!("recycle rows loaded {rows}")));
+    assert_eq!(
+        props["speculative"]["recycle_rows_loaded"].as_u64(),
+        Some(saved)
+    );
+    assert!(srv
+        .log
+        .lock()
+        .unwrap()
+        .contains(&format!("recycle rows loaded {saved}")));
 
     // A corrupt state file is ignored with a warning: the server still serves.
     let status = srv.terminate();
@@ -463,13 +630,29 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
     let srv = Server::start(&args);
     let props = http(srv.port, "GET", "/props", &[("Authorization", &auth)], None).json();
     assert_eq!(props["speculative"]["recycle_rows_loaded"], 0);
-    let r = http(srv.port, "POST", "/v1/completions", &[("Authorization", &auth)], Some(&body));
+    let r = http(
+        srv.port,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", &auth)],
+        Some(&body),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     drop(srv);
     let _ = std::fs::remove_file(&state);
 }
 
+fn metric_with(port: u16, auth: &str, name: &str) -> f64 {
+    let text = http(port, "GET", "/metrics", &[("Authorization", auth)], None).body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
+}
+
 /// More than a header: the saved matrix holds the rows.
 fn state_file_has_rows(state: &Path) -> bool {
-    std::fs::metadata(state).map(|m| m.len() > 64).unwrap_or(false)
+    std::fs::metadata(state)
+        .map(|m| m.len() > 64)
+        .unwrap_or(false)
 }

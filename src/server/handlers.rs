@@ -415,8 +415,12 @@ fn empty_delta(kind: Kind) -> Value {
 fn chunk(r: &Reply, delta: Value, done: Option<&Generation>) -> Value {
     let finish = done.map(|g| finish_reason(g.stop));
     let choice = match r.kind {
-        Kind::Chat => json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
-        Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}),
+        Kind::Chat => {
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        }
+        Kind::Completion => {
+            json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish})
+        }
     };
     json!({
         "id": r.id,
@@ -525,4 +529,3 @@ fn new_id(kind: Kind) -> String {
     };
     format!("{prefix}-{:x}{nanos:08x}{n:04x}", unix_time())
 }
-

@@ -142,7 +142,10 @@ impl Metrics {
     pub fn render(&self, running: usize, waiting: usize) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(
@@ -184,7 +187,10 @@ impl Metrics {
             get(&self.generation_tokens),
         );
         let name = "treespec_requests_total";
-        let _ = writeln!(out, "# HELP {name} Finished generation requests by outcome.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Finished generation requests by outcome.\n# TYPE {name} counter"
+        );
         for (label, a) in [
             ("ok", &self.requests_ok),
             ("cancelled", &self.requests_cancelled),
@@ -203,8 +209,16 @@ impl Metrics {
             "Between consecutive generated tokens of a request.",
         );
         for (name, help, v) in [
-            ("treespec_num_requests_running", "Requests generating now.", running),
-            ("treespec_num_requests_waiting", "Requests queued for a worker.", waiting),
+            (
+                "treespec_num_requests_running",
+                "Requests generating now.",
+                running,
+            ),
+            (
+                "treespec_num_requests_waiting",
+                "Requests queued for a worker.",
+                waiting,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
@@ -239,7 +253,9 @@ mod tests {
         assert!(t.contains("treespec_time_to_first_token_seconds_bucket{le=\"0.05\"} 1\n"));
         assert!(t.contains("treespec_time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
         assert!(t.contains("treespec_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
-        assert!(t.contains("treespec_spec_decode_num_accepted_tokens_per_pos_total{position=\"1\"} 1\n"));
+        assert!(t.contains(
+            "treespec_spec_decode_num_accepted_tokens_per_pos_total{position=\"1\"} 1\n"
+        ));
         assert!(t.contains("treespec_spec_decode_num_draft_tokens_total 12\n"));
         assert!(t.contains("treespec_generation_tokens_total 7\n"));
         assert!(t.contains("treespec_num_requests_waiting 2\n"));

@@ -168,7 +168,10 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
     // remaining streams and lets the connections close.
     let engine = state.engine.get().cloned();
     let mut server = server;
-    if tokio::time::timeout(config.grace, &mut server).await.is_err() {
+    if tokio::time::timeout(config.grace, &mut server)
+        .await
+        .is_err()
+    {
         tracing::warn!(target: "treespec::server", "grace period over: cancelling in-flight requests");
         if let Some(e) = &engine {
             e.cancel_all.store(true, Ordering::SeqCst);

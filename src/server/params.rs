@@ -84,7 +84,11 @@ pub fn completion(body: &Map<String, Value>) -> Result<Params, ApiError> {
         }
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => Prompt::Ids(
             a.iter()
-                .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(bad))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|t| u32::try_from(t).ok())
+                        .ok_or_else(bad)
+                })
                 .collect::<Result<_, _>>()?,
         ),
         Some(_) => return Err(bad()),
@@ -168,7 +172,10 @@ fn common(body: &Map<String, Value>, prompt: Prompt, max_alias: &str) -> Result<
         None => uint(body, "max_tokens")?,
     };
     if max_tokens == Some(0) {
-        return Err(ApiError::param("max_tokens", "`max_tokens` must be at least 1"));
+        return Err(ApiError::param(
+            "max_tokens",
+            "`max_tokens` must be at least 1",
+        ));
     }
     let d = SamplingParams::default();
     let temperature = float(body, "temperature")?.unwrap_or(1.0);
@@ -190,7 +197,10 @@ fn common(body: &Map<String, Value>, prompt: Prompt, max_alias: &str) -> Result<
     };
     let repeat_penalty = float(body, "repeat_penalty")?.unwrap_or(d.repeat_penalty as f64);
     if !(repeat_penalty > 0.0 && repeat_penalty.is_finite()) {
-        return Err(ApiError::param("repeat_penalty", "`repeat_penalty` must be > 0"));
+        return Err(ApiError::param(
+            "repeat_penalty",
+            "`repeat_penalty` must be > 0",
+        ));
     }
     let repeat_last_n = uint(body, "repeat_last_n")?.unwrap_or(d.repeat_last_n);
     let seed = match get(body, "seed") {
@@ -255,17 +265,19 @@ fn common(body: &Map<String, Value>, prompt: Prompt, max_alias: &str) -> Result<
 
 /// `"speculative": {"enabled": bool, "max_nodes": int}`; anything else is refused.
 pub fn speculative(v: Option<&Value>) -> Result<SpecOverride, ApiError> {
-    let o = match v {
-        None => return Ok(SpecOverride::default()),
-        Some(Value::Object(o)) => o,
-        Some(_) => {
-            return Err(ApiError::param(
+    let o =
+        match v {
+            None => return Ok(SpecOverride::default()),
+            Some(Value::Object(o)) => o,
+            Some(_) => return Err(ApiError::param(
                 "speculative",
                 "`speculative` must be an object like {\"enabled\": false} or {\"max_nodes\": 4}",
-            ))
-        }
-    };
-    if let Some(k) = o.keys().find(|k| !matches!(k.as_str(), "enabled" | "max_nodes")) {
+            )),
+        };
+    if let Some(k) = o
+        .keys()
+        .find(|k| !matches!(k.as_str(), "enabled" | "max_nodes"))
+    {
         return Err(ApiError::param(
             "speculative",
             format!("unknown key `speculative.{k}` (known: enabled, max_nodes)"),

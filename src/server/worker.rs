@@ -29,7 +29,10 @@ use crate::model::Model;
 pub enum Event {
     /// Text that became final; `tokens` counts the tokens it came with (0 for
     /// the detokenizer's tail at the end).
-    Text { text: String, tokens: usize },
+    Text {
+        text: String,
+        tokens: usize,
+    },
     Done(std::result::Result<Generation, ApiError>),
 }
 
