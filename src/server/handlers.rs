@@ -325,8 +325,12 @@ async fn whole(
     loop {
         match rx.recv().await {
             Some(Event::Text { .. }) => {}
-            Some(Event::Done(Ok(g))) => return Ok(Json(full_body(&reply, &g)).into_response()),
-            Some(Event::Done(Err(e))) => return Err(e),
+            Some(Event::Done(done)) => {
+                return match *done {
+                    Ok(g) => Ok(Json(full_body(&reply, &g)).into_response()),
+                    Err(e) => Err(e),
+                }
+            }
             None => return Err(ApiError::internal("the worker stopped without an answer")),
         }
     }
@@ -341,10 +345,9 @@ fn stream(
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard;
-        let send = |v: Value| SseEvent::default().data(v.to_string());
         if reply.kind == Kind::Chat {
             let first = chunk(&reply, json!({"role": "assistant", "content": ""}), None);
-            if tx.send(Ok(send(first))).await.is_err() {
+            if tx.send(Ok(sse(first))).await.is_err() {
                 return;
             }
         }
@@ -354,54 +357,67 @@ fn stream(
                 // The client is gone: drop the guard now, not at the next token.
                 _ = tx.closed() => return,
             };
-            let out = match ev {
+            let (out, finished) = match ev {
                 Some(Event::Text { text, .. }) if text.is_empty() => continue,
                 Some(Event::Text { text, .. }) => {
                     let delta = match reply.kind {
                         Kind::Chat => json!({ "content": text }),
                         Kind::Completion => json!(text),
                     };
-                    vec![send(chunk(&reply, delta, None))]
+                    (vec![sse(chunk(&reply, delta, None))], false)
                 }
-                Some(Event::Done(Ok(g))) => {
-                    let mut last = chunk(&reply, empty_delta(reply.kind), Some(&g));
-                    last["timings"] = timings(&g);
-                    last["spec"] = spec_json(&reply, &g);
-                    let mut out = vec![send(last)];
-                    if include_usage {
-                        let mut u = chunk(&reply, Value::Null, None);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage(&g);
-                        out.push(send(u));
-                    }
-                    out.push(SseEvent::default().data("[DONE]"));
-                    for e in out {
-                        if tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                    }
-                    return;
-                }
-                Some(Event::Done(Err(e))) => {
-                    vec![send(e.body()), SseEvent::default().data("[DONE]")]
-                }
-                None => vec![
-                    send(ApiError::internal("the worker stopped without an answer").body()),
-                    SseEvent::default().data("[DONE]"),
-                ],
+                Some(Event::Done(done)) => (final_events(&reply, *done, include_usage), true),
+                None => (
+                    final_events(
+                        &reply,
+                        Err(ApiError::internal("the worker stopped without an answer")),
+                        include_usage,
+                    ),
+                    true,
+                ),
             };
-            let done = out.len() > 1;
             for e in out {
                 if tx.send(Ok(e)).await.is_err() {
                     return;
                 }
             }
-            if done {
+            if finished {
                 return;
             }
         }
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+fn sse(v: Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+/// The end of a stream: the finishing chunk (with `timings` and `spec`), the
+/// usage chunk when asked for, `[DONE]`; or an error event and `[DONE]`.
+fn final_events(
+    reply: &Reply,
+    done: Result<Generation, ApiError>,
+    include_usage: bool,
+) -> Vec<SseEvent> {
+    let mut out = Vec::new();
+    match done {
+        Ok(g) => {
+            let mut last = chunk(reply, empty_delta(reply.kind), Some(&g));
+            last["timings"] = timings(&g);
+            last["spec"] = spec_json(reply, &g);
+            out.push(sse(last));
+            if include_usage {
+                let mut u = chunk(reply, Value::Null, None);
+                u["choices"] = json!([]);
+                u["usage"] = usage(&g);
+                out.push(sse(u));
+            }
+        }
+        Err(e) => out.push(sse(e.body())),
+    }
+    out.push(SseEvent::default().data("[DONE]"));
+    out
 }
 
 fn empty_delta(kind: Kind) -> Value {

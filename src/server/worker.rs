@@ -29,11 +29,9 @@ use crate::model::Model;
 pub enum Event {
     /// Text that became final; `tokens` counts the tokens it came with (0 for
     /// the detokenizer's tail at the end).
-    Text {
-        text: String,
-        tokens: usize,
-    },
-    Done(std::result::Result<Generation, ApiError>),
+    Text { text: String, tokens: usize },
+    /// Boxed: a Generation is large next to the per-token events.
+    Done(Box<std::result::Result<Generation, ApiError>>),
 }
 
 pub struct Job {
@@ -206,21 +204,23 @@ impl Worker {
                 Ok(j) => j,
                 Err(_) => return,
             };
-            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
             self.counts.running.fetch_add(1, Ordering::SeqCst);
-            self.serve(job);
+            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+            let done = self.serve(&job);
+            // Not running any more before the client hears it is done, so a
+            // client's next look at the gauges is consistent.
             self.counts.running.fetch_sub(1, Ordering::SeqCst);
+            let _ = job.events.send(Event::Done(Box::new(done)));
         }
     }
 
-    fn serve(&mut self, job: Job) {
+    fn serve(&mut self, job: &Job) -> std::result::Result<Generation, ApiError> {
         let prompt_tokens = job.prompt.len();
         if job.cancel.load(Ordering::Relaxed) || self.cancel_all.load(Ordering::Relaxed) {
             // Gone or shut down before its turn: nothing to run.
             self.metrics
                 .finish_request(prompt_tokens, None, Outcome::Cancelled);
-            let _ = job.events.send(Event::Done(Err(ApiError::shutting_down())));
-            return;
+            return Err(ApiError::shutting_down());
         }
         let metrics = self.metrics.clone();
         let cancel_all = self.cancel_all.clone();
@@ -281,7 +281,7 @@ impl Worker {
                     .finish_request(prompt_tokens, None, Outcome::Failed);
             }
         }
-        let _ = job.events.send(Event::Done(result));
+        result
     }
 }
 
