@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod model;
 pub mod registry;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;
 pub mod verify;
 

@@ -61,8 +61,8 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Prompt text → token ids, as llama.cpp does: chat template when asked,
-/// special tokens recognised unless disabled, BOS when the model wants it.
+/// Prompt text → token ids: the chat template when asked (with an optional
+/// system message), else the raw text (see [`engine::text_prompt_ids`]).
 pub fn prompt_tokens(
     model: &Model,
     prompt: &str,
@@ -71,29 +71,21 @@ pub fn prompt_tokens(
     parse_special: bool,
 ) -> Result<Vec<u32>> {
     let tok = &model.tokenizer;
-    let (text, special) = if chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = system {
-            msgs.push(ChatMessage {
-                role: "system".into(),
-                content: s.into(),
-            });
-        }
-        msgs.push(ChatMessage {
-            role: "user".into(),
-            content: prompt.into(),
-        });
-        (tok.apply_chat_template(&msgs, true)?, true)
-    } else {
-        (prompt.to_string(), parse_special)
-    };
-    let mut ids = tok.encode(&text, special)?;
-    if let Some(bos) = tok.bos_to_add() {
-        if ids.first() != Some(&bos) {
-            ids.insert(0, bos);
-        }
+    if !chat {
+        return Ok(engine::text_prompt_ids(tok, prompt, parse_special)?);
     }
-    Ok(ids)
+    let mut msgs = Vec::new();
+    if let Some(s) = system {
+        msgs.push(ChatMessage {
+            role: "system".into(),
+            content: s.into(),
+        });
+    }
+    msgs.push(ChatMessage {
+        role: "user".into(),
+        content: prompt.into(),
+    });
+    Ok(engine::chat_prompt_ids(tok, &msgs)?)
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {

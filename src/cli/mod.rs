@@ -3,6 +3,7 @@
 mod bench_forward;
 mod bench_suite;
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Pull(PullArgs),
     /// Benchmarks.
     Bench(BenchArgs),
+    /// Serve an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -155,7 +158,8 @@ pub fn auto_budget(
 
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // The server's per-request lines are its access log: on by default.
+        0 => "warn,treespec::server=info",
         1 => "info",
         _ => "debug",
     };
@@ -171,6 +175,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Pull(a) => pull(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(b) => match b.mode {
             Some(BenchMode::Forward(a)) => bench_forward::run(a),
             None => bench_suite::run(b.suite),

@@ -3,6 +3,7 @@
 //! of one node.
 
 pub mod budget;
+pub mod prompt;
 pub mod scorer;
 pub mod spec;
 pub mod stats;
@@ -16,6 +17,7 @@ use crate::sampling::{top2_margin, top_k_probs, Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 use crate::verify::{verify, Verdict};
 
+pub use prompt::{chat_prompt_ids, text_prompt_ids};
 pub use stats::{GenStats, SpecStats};
 
 /// Prompt tokens per prefill forward. Bounded so the attention scratch
