@@ -315,12 +315,10 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
         .iter()
         .filter(|c| c.method != BASELINE && c.speedup.is_some_and(|s| s < 1.0))
         .map(|c| {
-            format!(
-                "{} on {} ({:.2}×)",
-                c.method,
-                c.category,
-                c.speedup.unwrap_or(0.0)
-            )
+            let s = c.speedup.unwrap_or(0.0);
+            // Enough digits that a loss never reads as 1.00×.
+            let digits = if s >= 0.995 { 3 } else { 2 };
+            format!("{} on {} ({s:.digits$}×)", c.method, c.category)
         })
         .collect();
     if lost.is_empty() {
