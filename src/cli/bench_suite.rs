@@ -365,6 +365,8 @@ fn rewrite(from: &Path, out_dir: &Path, a: &SuiteArgs) -> Result<()> {
 
 pub fn run(a: SuiteArgs) -> Result<()> {
     let started = Instant::now();
+    // Before anything else, so later edits to the tree do not mark it dirty.
+    let commit = commit();
     let out_dir = a.out.clone().context("--out DIR is required")?;
     if let Some(from) = &a.from {
         return rewrite(from, &out_dir, &a);
@@ -431,7 +433,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                 isa: treespec::kernels::isa().into(),
                 os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
             },
-            commit: commit(),
+            commit,
             config: RunConfig {
                 datasets: dataset_names,
                 methods: methods.clone(),
