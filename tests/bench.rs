@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use treespec::bench::aggregate::{PeerPrompt, OVERALL};
 use treespec::bench::record::{CurvePoint, MachineInfo, ModelInfo, RunConfig};
 use treespec::bench::{
-    aggregate, category_of, load_items, select, write_results, BenchResults, Check, MethodSpec,
-    PeerFigures, PromptRecord, RunInfo,
+    aggregate, category_of, load_items, read_results, select, write_results, BenchResults, Check,
+    MethodSpec, PeerFigures, PromptRecord, RunInfo,
 };
 
 fn fixture() -> PathBuf {
@@ -466,6 +466,17 @@ fn writer_produces_documented_json_and_spec_bench_table() {
     assert!(md.contains("Best method overall: **pld** at 1.11×"), "{md}");
     assert!(md.contains("pld on translation (0.80×)"), "{md}");
     assert!(md.contains("c(8)/c(1) = 1.40"), "{md}");
+    // Read back, the records aggregate to the same figures.
+    let back = read_results(&w.json).unwrap();
+    assert_eq!(back.records.len(), 9);
+    assert_eq!(back.info.model.identity, "gguf:tiny");
+    assert_eq!(
+        aggregate(&back.records, &["none".into(), "pld".into()], None),
+        aggregate(&records(), &["none".into(), "pld".into()], None)
+    );
+    std::fs::write(dir.join("other.json"), "{\"schema\": \"x\"}").unwrap();
+    assert!(read_results(&dir.join("other.json")).is_err());
+    std::fs::remove_file(dir.join("other.json")).unwrap();
     // No stray temporary files.
     let names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()

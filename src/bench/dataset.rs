@@ -45,6 +45,21 @@ pub fn category_title(category: &str) -> String {
     }
 }
 
+/// Short column names for plot axes.
+pub fn category_short(category: &str) -> String {
+    match category {
+        "conversation" => "Conversation".into(),
+        "translation" => "Translation".into(),
+        "summarization" => "Summarization".into(),
+        "qa" => "QA".into(),
+        "math_reasoning" => "Math".into(),
+        "rag" => "RAG".into(),
+        "code" => "Code".into(),
+        "overall" => "Overall".into(),
+        other => other.to_string(),
+    }
+}
+
 /// The report category of a raw dataset category: the MT-bench ones become
 /// `conversation`, MBPP's (`code`, or anything in a dataset named `mbpp`)
 /// becomes `code`, the other Spec-Bench ones keep their name, and unknown

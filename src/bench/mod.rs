@@ -31,4 +31,4 @@ pub mod report;
 pub use aggregate::{aggregate, Aggregate, Cell, PeerFigures};
 pub use dataset::{category_of, load_items, select, Item};
 pub use record::{BenchResults, Check, MethodSpec, PromptRecord, RunInfo};
-pub use report::{render_markdown, write_results};
+pub use report::{read_results, render_markdown, write_results};

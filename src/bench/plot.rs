@@ -10,7 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::aggregate::{Aggregate, OVERALL};
-use super::dataset::category_title;
+use super::dataset::category_short;
 use super::record::{MethodSpec, BASELINE};
 use crate::error::{Error, Result};
 
@@ -162,11 +162,7 @@ pub fn speedup_by_category(path: &Path, agg: &Aggregate) -> Result<()> {
         let area = chart.plotting_area();
         for (gi, g) in groups.iter().enumerate() {
             let (px, py) = area.map_coordinate(&(gi as f64, 0.0));
-            let title = if g == OVERALL {
-                "Overall".to_string()
-            } else {
-                category_title(g)
-            };
+            let title = category_short(g);
             let style = TextStyle::from((FONT, 14).into_font()).pos(
                 plotters::style::text_anchor::Pos::new(
                     plotters::style::text_anchor::HPos::Center,

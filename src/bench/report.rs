@@ -71,6 +71,22 @@ fn json_err(e: serde_json::Error) -> crate::Error {
     crate::Error::Io(std::io::Error::other(e))
 }
 
+/// Reads back a `results.json` (to redraw or add a peer without rerunning).
+pub fn read_results(path: &Path) -> Result<BenchResults> {
+    let bad = |msg: String| crate::Error::Invalid(format!("{}: {msg}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if v.get("schema").and_then(|s| s.as_str()) != Some(SCHEMA) {
+        return Err(bad(format!("not a {SCHEMA} results file")));
+    }
+    let field = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    Ok(BenchResults {
+        info: serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?,
+        records: serde_json::from_value(field("prompts")).map_err(|e| bad(e.to_string()))?,
+        peer: serde_json::from_value(field("peer")).map_err(|e| bad(e.to_string()))?,
+    })
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
@@ -315,12 +331,10 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
         .iter()
         .filter(|c| c.method != BASELINE && c.speedup.is_some_and(|s| s < 1.0))
         .map(|c| {
-            format!(
-                "{} on {} ({:.2}×)",
-                c.method,
-                c.category,
-                c.speedup.unwrap_or(0.0)
-            )
+            let s = c.speedup.unwrap_or(0.0);
+            // Enough digits that a loss never reads as 1.00×.
+            let digits = if s >= 0.995 { 3 } else { 2 };
+            format!("{} on {} ({s:.digits$}×)", c.method, c.category)
         })
         .collect();
     if lost.is_empty() {

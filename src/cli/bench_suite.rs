@@ -32,7 +32,11 @@ pub struct SuiteArgs {
     pub model: ModelArgs,
     /// Spec-Bench-schema JSONL file (repeatable). `FILE@K` takes only its
     /// first K items (instead of --per-category).
-    #[arg(long = "dataset", value_name = "FILE[@K]", required = true)]
+    #[arg(
+        long = "dataset",
+        value_name = "FILE[@K]",
+        required_unless_present = "from"
+    )]
     pub datasets: Vec<String>,
     /// Methods, comma-separated: `method[:tree[:budget]]`, e.g.
     /// none,pld,recycle,hybrid,recycle:tr-8,hybrid:dynamic:16. Plain
@@ -79,6 +83,10 @@ pub struct SuiteArgs {
     /// Output folder (results.json, results.md, plots).
     #[arg(long, value_name = "DIR", required = true)]
     pub out: Option<PathBuf>,
+    /// Rewrite the outputs from an earlier results.json instead of running
+    /// (with --compare, adds or replaces the peer).
+    #[arg(long, value_name = "RESULTS_JSON", conflicts_with = "datasets")]
+    pub from: Option<PathBuf>,
 }
 
 /// `FILE@K` → (FILE, Some(K)); a path whose `@` suffix is not a number stays whole.
@@ -330,19 +338,42 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
     bar
 }
 
+fn read_peer(path: &Path) -> Result<PeerFigures> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--compare {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--compare {}: expected {{\"name\", \"prompts\": [{{\"question_id\", \"turn\"?, \"dataset\"?, \"tokens\", \"seconds\"}}]}}",
+            path.display()
+        )
+    })
+}
+
+/// `--from`: the earlier run's records, written again (plots, a new peer).
+fn rewrite(from: &Path, out_dir: &Path, a: &SuiteArgs) -> Result<()> {
+    let mut results = bench::read_results(from)?;
+    if let Some(p) = &a.compare {
+        results.peer = Some(read_peer(p)?);
+    }
+    let written = bench::write_results(out_dir, &results, !a.no_plots)?;
+    if let Some(e) = &written.plot_error {
+        eprintln!("plots skipped: {e}");
+    }
+    println!("{}", std::fs::read_to_string(&written.markdown)?);
+    Ok(())
+}
+
 pub fn run(a: SuiteArgs) -> Result<()> {
     let started = Instant::now();
+    // Before anything else, so later edits to the tree do not mark it dirty.
+    let commit = commit();
     let out_dir = a.out.clone().context("--out DIR is required")?;
+    if let Some(from) = &a.from {
+        return rewrite(from, &out_dir, &a);
+    }
     let (items, dataset_names) = load_plan(&a)?;
     let methods = MethodSpec::parse_list(&a.methods, &a.tree, a.spec_max_nodes)?;
-    let peer: Option<PeerFigures> = match &a.compare {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("--compare {}", p.display()))?;
-            Some(serde_json::from_str(&text).with_context(|| format!("--compare {}: expected {{\"name\", \"prompts\": [{{\"question_id\", \"turn\"?, \"tokens\", \"seconds\"}}]}}", p.display()))?)
-        }
-        None => None,
-    };
+    let peer = a.compare.as_deref().map(read_peer).transpose()?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         seed: a.seed,
@@ -402,7 +433,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                 isa: treespec::kernels::isa().into(),
                 os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
             },
-            commit: commit(),
+            commit,
             config: RunConfig {
                 datasets: dataset_names,
                 methods: methods.clone(),
