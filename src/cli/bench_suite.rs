@@ -190,6 +190,10 @@ struct Runner<'a> {
     methods: Vec<MethodSpec>,
     /// One per method for the whole run: recycling drafters stay hot across prompts.
     drafters: Vec<Option<SpecDrafter>>,
+    /// Per method: the `--tree auto` budget controller (one per method, kept
+    /// across prompts like the drafters).
+    budgets:
+        Vec<Option<std::sync::Arc<std::sync::Mutex<treespec::engine::budget::BudgetController>>>>,
     sampling: SamplingParams,
     max_new_tokens: usize,
 }
@@ -208,6 +212,7 @@ impl Runner<'_> {
             sampling: self.sampling.clone(),
             max_draft: self.methods[mi].max_draft,
             record_margins: self.methods[mi].label == BASELINE,
+            auto_budget: self.budgets[mi].clone(),
             ..Default::default()
         };
         let mut msgs: Vec<ChatMessage> = Vec::new();
@@ -472,6 +477,19 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             &model,
             a.model.ctx_size.min(model.config().context_length.max(1)),
         ),
+        budgets: methods
+            .iter()
+            .map(|m| {
+                let cfg = SpecConfig {
+                    method: SpecMethod::parse(&m.method)?,
+                    tree: m.tree.clone(),
+                    max_draft: m.max_draft,
+                    seed_from_prompt: !a.no_prompt_seed,
+                    recycle_state: None,
+                };
+                super::auto_budget(&model, &cfg)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
         methods: methods.clone(),
         drafters,
         sampling,
