@@ -51,7 +51,7 @@ impl TreeMask {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // 16 independent lanes so the compiler vectorises without reassociating.
     let mut acc = [0f32; 16];
@@ -69,7 +69,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
@@ -86,6 +86,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// every forward) is summed in 16 fixed lanes, and the new tokens' entries —
 /// whose positions differ between tree and chain layouts — are added one by
 /// one in order, skipping masked zeros.
+#[inline(always)]
 fn softmax_in_place(s: &mut [f32], ctx: usize) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for x in s.iter_mut() {
@@ -170,57 +171,144 @@ pub fn tree_attention(
         .collect();
 
     let mut out = vec![0f32; n * n_heads * d];
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let b = Block {
+        q,
+        k,
+        v,
+        mask,
+        n,
+        n_heads,
+        d,
+        kv_row,
+        ctx,
+        group,
+        block,
+        scale,
+        out: OutPtr(out.as_mut_ptr()),
+    };
+    let level = simd_level();
     let run = |range: std::ops::Range<usize>| {
-        let out_ptr = &out_ptr;
         for &(g, i0) in &tasks[range] {
-            let i1 = (i0 + block).min(n);
-            let rows = (i1 - i0) * group;
-            let span = ctx + i1; // tokens past ctx + i1 are never visible to these queries
-            let mut scores = vec![0f32; rows * span];
-            // Scores: every key row is loaded once for all `rows` queries.
-            for j in 0..span {
-                let key = &k[j * kv_row + g * d..j * kv_row + (g + 1) * d];
-                for i in i0..i1 {
-                    let visible = j < ctx || mask.sees(i, j - ctx);
-                    for h in 0..group {
-                        let r = (i - i0) * group + h;
-                        scores[r * span + j] = if visible {
-                            let head = g * group + h;
-                            let qrow = &q[(i * n_heads + head) * d..(i * n_heads + head + 1) * d];
-                            dot(qrow, key) * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                    }
-                }
-            }
-            for r in 0..rows {
-                softmax_in_place(&mut scores[r * span..(r + 1) * span], ctx);
-            }
-            let mut acc = vec![0f32; rows * d];
-            for j in 0..span {
-                let val = &v[j * kv_row + g * d..j * kv_row + (g + 1) * d];
-                for r in 0..rows {
-                    let p = scores[r * span + j];
-                    if p != 0.0 {
-                        axpy(&mut acc[r * d..(r + 1) * d], p, val);
-                    }
-                }
-            }
-            for r in 0..rows {
-                let (i, h) = (i0 + r / group, g * group + r % group);
-                let dst = (i * n_heads + h) * d;
-                // SAFETY: each (query, head) row belongs to exactly one task,
-                // so tasks write disjoint ranges of `out`, which outlives them.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), out_ptr.0.add(dst), d);
+            // SAFETY: the wrappers only enable features `simd_level` found.
+            unsafe {
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    2 => attend_avx512(&b, g, i0),
+                    #[cfg(target_arch = "x86_64")]
+                    1 => attend_avx2(&b, g, i0),
+                    _ => attend(&b, g, i0),
                 }
             }
         }
     };
     parallel_for(tasks.len(), 1, &run);
     out
+}
+
+/// What every task reads (and the output rows it writes, disjoint per task).
+struct Block<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: &'a TreeMask,
+    n: usize,
+    n_heads: usize,
+    d: usize,
+    kv_row: usize,
+    ctx: usize,
+    group: usize,
+    block: usize,
+    scale: f32,
+    out: OutPtr,
+}
+
+/// 2 = AVX-512F, 1 = AVX2 + FMA, 0 = baseline. The crate is built for plain
+/// x86-64, so the task body is compiled once per level and picked at run
+/// time, as the matmul kernels are.
+fn simd_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return 2;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return 1;
+            }
+        }
+        0
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(b: &Block, g: usize, i0: usize) {
+    attend(b, g, i0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(b: &Block, g: usize, i0: usize) {
+    attend(b, g, i0)
+}
+
+/// Queries `i0..i0 + block`, every head of kv group `g`.
+#[inline(always)]
+fn attend(b: &Block, g: usize, i0: usize) {
+    let (q, k, v, mask) = (b.q, b.k, b.v, b.mask);
+    let (n_heads, d, kv_row, ctx, group, scale) =
+        (b.n_heads, b.d, b.kv_row, b.ctx, b.group, b.scale);
+    let i1 = (i0 + b.block).min(b.n);
+    let rows = (i1 - i0) * group;
+    let span = ctx + i1; // tokens past ctx + i1 are never visible to these queries
+    let mut scores = vec![0f32; rows * span];
+    let qrow = |r: usize| {
+        let (i, h) = (i0 + r / group, g * group + r % group);
+        &q[(i * n_heads + h) * d..(i * n_heads + h + 1) * d]
+    };
+    // Scores: every key row is loaded once for all `rows` queries; the
+    // committed prefix is visible to all, only new tokens need the mask.
+    for j in 0..ctx {
+        let key = &k[j * kv_row + g * d..j * kv_row + (g + 1) * d];
+        for r in 0..rows {
+            scores[r * span + j] = dot(qrow(r), key) * scale;
+        }
+    }
+    for j in ctx..span {
+        let key = &k[j * kv_row + g * d..j * kv_row + (g + 1) * d];
+        for r in 0..rows {
+            scores[r * span + j] = if mask.sees(i0 + r / group, j - ctx) {
+                dot(qrow(r), key) * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+    for r in 0..rows {
+        softmax_in_place(&mut scores[r * span..(r + 1) * span], ctx);
+    }
+    let mut acc = vec![0f32; rows * d];
+    for j in 0..span {
+        let val = &v[j * kv_row + g * d..j * kv_row + (g + 1) * d];
+        for r in 0..rows {
+            let p = scores[r * span + j];
+            if p != 0.0 {
+                axpy(&mut acc[r * d..(r + 1) * d], p, val);
+            }
+        }
+    }
+    for r in 0..rows {
+        let (i, h) = (i0 + r / group, g * group + r % group);
+        let dst = (i * n_heads + h) * d;
+        // SAFETY: each (query, head) row belongs to exactly one task, so
+        // tasks write disjoint ranges of `out`, which outlives them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), b.out.0.add(dst), d);
+        }
+    }
 }
 
 struct OutPtr(*mut f32);
