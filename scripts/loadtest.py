@@ -193,6 +193,8 @@ def main():
         if line and not line.startswith("#") and " " in line:
             k, v = line.rsplit(" ", 1)
             m[k] = v
+    steps = float(m.get("treespec_spec_decode_num_drafts_total", 0))
+    generated = float(m.get("treespec_generation_tokens_total", 0))
     drafted = float(m.get("treespec_spec_decode_num_draft_tokens_total", 0))
     accepted = float(m.get("treespec_spec_decode_num_accepted_tokens_total", 0))
     report = {
@@ -209,6 +211,8 @@ def main():
         "ttft_p50_s": round(percentile(ttfts, 50), 3),
         "ttft_p99_s": round(percentile(ttfts, 99), 3),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
+        # Tokens emitted per verify step (1.0 = no gain from drafting).
+        "mean_accepted_tokens": round(generated / steps, 3) if steps else None,
         "server_peak_rss_mb": round(rss, 1) if rss else None,
     }
     print(json.dumps(report, indent=2))

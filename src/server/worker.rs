@@ -7,6 +7,10 @@
 //! mutex, locked per propose/observe call rather than per request, so
 //! concurrent requests interleave and every request's verified tokens teach
 //! the matrix the others read (the hot start carries across requests).
+//! Drafting never decides what is emitted (the verifier does), so sharing
+//! cannot change any output; its one cost is prompt lookup's n-gram index,
+//! which belongs to one sequence and is rebuilt when another request's
+//! step comes in between (only with `max_concurrent` > 1).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -70,6 +74,8 @@ pub struct Engine {
 pub struct Counts {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
+    /// Accepted and not yet answered: what the queue bound applies to.
+    pub admitted: AtomicUsize,
 }
 
 impl Engine {
@@ -147,19 +153,23 @@ impl Engine {
         })
     }
 
-    /// Queues a job, or refuses it when `queue_cap` requests already wait.
+    /// Queues a job, or refuses it when every worker is busy and
+    /// `queue_cap` requests already wait.
     pub fn submit(&self, job: Job) -> std::result::Result<(), Rejected> {
         let jobs = lock(&self.jobs);
         let Some(tx) = jobs.as_ref() else {
             return Err(Rejected::ShuttingDown);
         };
-        let waiting = self.counts.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.queue_cap {
-            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Rejected::QueueFull(waiting));
+        let c = &self.counts;
+        let admitted = c.admitted.fetch_add(1, Ordering::SeqCst);
+        if admitted >= self.max_concurrent + self.queue_cap {
+            c.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(Rejected::QueueFull(self.waiting()));
         }
+        c.waiting.fetch_add(1, Ordering::SeqCst);
         if tx.send(job).is_err() {
-            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+            c.waiting.fetch_sub(1, Ordering::SeqCst);
+            c.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(Rejected::ShuttingDown);
         }
         Ok(())
@@ -210,6 +220,7 @@ impl Worker {
             // Not running any more before the client hears it is done, so a
             // client's next look at the gauges is consistent.
             self.counts.running.fetch_sub(1, Ordering::SeqCst);
+            self.counts.admitted.fetch_sub(1, Ordering::SeqCst);
             let _ = job.events.send(Event::Done(Box::new(done)));
         }
     }
