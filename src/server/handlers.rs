@@ -324,7 +324,7 @@ async fn whole(
 ) -> Result<Response, ApiError> {
     loop {
         match rx.recv().await {
-            Some(Event::Text { .. }) => {}
+            Some(Event::Text(_)) => {}
             Some(Event::Done(done)) => {
                 return match *done {
                     Ok(g) => Ok(Json(full_body(&reply, &g)).into_response()),
@@ -358,8 +358,8 @@ fn stream(
                 _ = tx.closed() => return,
             };
             let (out, finished) = match ev {
-                Some(Event::Text { text, .. }) if text.is_empty() => continue,
-                Some(Event::Text { text, .. }) => {
+                Some(Event::Text(text)) if text.is_empty() => continue,
+                Some(Event::Text(text)) => {
                     let delta = match reply.kind {
                         Kind::Chat => json!({ "content": text }),
                         Kind::Completion => json!(text),

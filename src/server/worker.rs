@@ -31,9 +31,9 @@ use crate::model::Model;
 
 /// What a worker tells the request's handler.
 pub enum Event {
-    /// Text that became final; `tokens` counts the tokens it came with (0 for
-    /// the detokenizer's tail at the end).
-    Text { text: String, tokens: usize },
+    /// Text that became final (possibly empty: a stop string's prefix is
+    /// held back until it is known not to be one).
+    Text(String),
     /// Boxed: a Generation is large next to the per-token events.
     Done(Box<std::result::Result<Generation, ApiError>>),
 }
@@ -250,12 +250,7 @@ impl Worker {
             if job.cancel.load(Ordering::Relaxed) || cancel_all.load(Ordering::Relaxed) {
                 return false;
             }
-            job.events
-                .send(Event::Text {
-                    text: ev.text.to_string(),
-                    tokens: usize::from(real),
-                })
-                .is_ok()
+            job.events.send(Event::Text(ev.text.to_string())).is_ok()
         };
         let mut shared = match (&self.drafter, job.speculate) {
             (Some(d), true) => Some(SharedDrafter::new(d)),
