@@ -111,9 +111,7 @@ fn main() {
         let theirs = QMatMul::from_qtensor(q).unwrap();
         let mut ours_1 = None;
         for &n in &ns {
-            let x: Vec<f32> = (0..n * inp)
-                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
+            let x: Vec<f32> = (0..n * inp).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
             let xt = Tensor::from_vec(x.clone(), (n, inp), &Device::Cpu).unwrap();
             let mut y = vec![0f32; n * out];
             // Warm-up, and a first estimate of the rep count.

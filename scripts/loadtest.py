@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=900, help="no new requests after this many seconds")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "treespec"))
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra `treespec serve` argument (repeatable), e.g. --server-arg=--spec-max-nodes=4")
     args = ap.parse_args()
 
     proc = None
@@ -143,6 +145,7 @@ def main():
         cmd = [
             args.bin, "serve", "-m", args.model, "--port", str(port), "--spec", args.spec,
             "--max-concurrent", str(args.max_concurrent), "--queue", str(args.queue),
+            *args.server_arg,
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=open(os.devnull, "w") if not os.environ.get("LOADTEST_LOG") else None)
@@ -199,6 +202,7 @@ def main():
     accepted = float(m.get("treespec_spec_decode_num_accepted_tokens_total", 0))
     report = {
         "spec": args.spec,
+        "server_args": args.server_arg,
         "max_concurrent": args.max_concurrent,
         "clients": args.clients,
         "requests": len(results),

@@ -73,8 +73,16 @@ fn check_matmul(dtype: GgmlDType, out: usize, inp: usize, seed: u64) {
                 .collect();
             for j in 0..out {
                 let wr = &w[j * inp..][..inp];
-                let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                let mag: f64 = wr.iter().zip(xr).map(|(&a, &b)| (a * b).abs() as f64).sum();
+                let exact: f64 = wr
+                    .iter()
+                    .zip(xr)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                let mag: f64 = wr
+                    .iter()
+                    .zip(xr)
+                    .map(|(&a, &b)| (a * b).abs() as f64)
+                    .sum();
                 // int8 rounding moves each activation by at most half a step.
                 let qerr: f64 = if quant {
                     wr.iter()

@@ -63,10 +63,8 @@ fn check_greedy(model_name: &str, prompts: &[(String, String)], new_tokens: usiz
         .into_iter()
         .map(|(n, c)| (n, SpecDrafter::build(&c, vocab).unwrap().unwrap()))
         .collect();
-    let max_drafts: HashMap<&str, usize> = methods()
-        .into_iter()
-        .map(|(n, c)| (n, c.max_draft))
-        .collect();
+    let max_drafts: HashMap<&str, usize> =
+        methods().into_iter().map(|(n, c)| (n, c.max_draft)).collect();
     let (mut exact, mut ties, mut mismatches) = (0, Vec::new(), Vec::new());
     let mut mat: HashMap<&str, (usize, usize)> = HashMap::new();
     for (pi, (cat, text)) in prompts.iter().enumerate() {
@@ -77,15 +75,7 @@ fn check_greedy(model_name: &str, prompts: &[(String, String)], new_tokens: usiz
             ..Default::default()
         };
         session.reset();
-        let plain = generate(
-            &model,
-            &mut session,
-            None,
-            &prompt,
-            &plain_opts,
-            &mut |_| true,
-        )
-        .unwrap();
+        let plain = generate(&model, &mut session, None, &prompt, &plain_opts, &mut |_| true).unwrap();
         let mut all_exact = true;
         for (name, d) in drafters.iter_mut() {
             let opts = GenerateOptions {
@@ -257,12 +247,7 @@ fn biased_verify(
                 node = c;
             }
             None => {
-                let v = verify(
-                    &DraftTree::root(tree.tokens[node]),
-                    &single_row(row),
-                    sampler,
-                    ctx,
-                );
+                let v = verify(&DraftTree::root(tree.tokens[node]), &single_row(row), sampler, ctx);
                 emitted.extend(v.emitted);
                 break;
             }
@@ -288,10 +273,7 @@ fn sampling_speculation_keeps_the_target_distribution() {
         .unwrap();
     let exact = exact_distribution(&model, &prompt);
     let total: f64 = exact.values().sum();
-    assert!(
-        (total - 1.0).abs() < 1e-6,
-        "exact distribution sums to {total}"
-    );
+    assert!((total - 1.0).abs() < 1e-6, "exact distribution sums to {total}");
 
     // Bound: Bretagnolle–Huber–Carol, P(||p̂ − p||₁ ≥ λ) ≤ 2^K e^{−nλ²/2};
     // K = 8 outcomes, failure probability 1e-4.
@@ -306,9 +288,7 @@ fn sampling_speculation_keeps_the_target_distribution() {
         tree: "tr-8".into(),
         ..Default::default()
     };
-    let mut rec = SpecDrafter::build(&cfg, model.config().vocab_size)
-        .unwrap()
-        .unwrap();
+    let mut rec = SpecDrafter::build(&cfg, model.config().vocab_size).unwrap().unwrap();
     // Warm the matrix so the drafts are the likely tokens (the hard case).
     sample_distribution(&model, &prompt, Some(&mut rec), verify, 20);
     let recycled = sample_distribution(&model, &prompt, Some(&mut rec), verify, n);
@@ -321,12 +301,6 @@ fn sampling_speculation_keeps_the_target_distribution() {
     );
     println!("TV to the exact distribution (bound {bound:.3}, n = {n}): plain {tv_plain:.3}, recycle {tv_rec:.3}, biased verifier {tv_wrong:.3}");
     assert!(tv_plain < bound, "plain sampling is off: {tv_plain}");
-    assert!(
-        tv_rec < bound,
-        "speculative sampling is NOT lossless: {tv_rec}"
-    );
-    assert!(
-        tv_wrong > bound,
-        "the test cannot tell a wrong verifier: {tv_wrong}"
-    );
+    assert!(tv_rec < bound, "speculative sampling is NOT lossless: {tv_rec}");
+    assert!(tv_wrong > bound, "the test cannot tell a wrong verifier: {tv_wrong}");
 }

@@ -15,12 +15,7 @@ use treespec::sampling::{argmax, top2_margin, NEAR_TIE};
 
 fn log_softmax_at(row: &[f32], ids: &[u32]) -> Vec<f64> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row
-        .iter()
-        .map(|&v| (v as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
     ids.iter().map(|&i| row[i as usize] as f64 - lse).collect()
 }
 
@@ -34,11 +29,7 @@ fn forced_logits(model: &Model, seq: &[u32], from: usize) -> Vec<Vec<f32>> {
         let chunk = &seq[start..end];
         let pos: Vec<usize> = (start..end).collect();
         let par: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
-        let want = if end > from {
-            LogitRows::All
-        } else {
-            LogitRows::None
-        };
+        let want = if end > from { LogitRows::All } else { LogitRows::None };
         let l = model
             .decoder
             .forward(&mut cache, chunk, &pos, &par, want)
@@ -60,10 +51,7 @@ fn check_model(name: &str) {
     let mut worst_lp = 0f64;
     let mut worst_at = String::new();
     println!("{name}:");
-    for g in common::golden(name)
-        .iter()
-        .filter(|g| g["kind"] == "generate")
-    {
+    for g in common::golden(name).iter().filter(|g| g["kind"] == "generate") {
         let id = g["id"].as_str().unwrap();
         let prompt = common::ids(&g["prompt_ids"]);
         let want = common::ids(&g["tokens"]);
@@ -81,22 +69,13 @@ fn check_model(name: &str) {
         let mut note = String::new();
         for (i, row) in rows.iter().enumerate() {
             let tops = g["top_logprobs"][i].as_array().unwrap();
-            let top_ids: Vec<u32> = tops
-                .iter()
-                .map(|t| t["id"].as_u64().unwrap() as u32)
-                .collect();
-            let top_lp: Vec<f64> = tops
-                .iter()
-                .map(|t| t["logprob"].as_f64().unwrap())
-                .collect();
+            let top_ids: Vec<u32> = tops.iter().map(|t| t["id"].as_u64().unwrap() as u32).collect();
+            let top_lp: Vec<f64> = tops.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
             let ours = argmax(row);
             if ours != want[i] {
                 let our_margin = top2_margin(row);
                 if ties[i] || our_margin < NEAR_TIE {
-                    note = format!(
-                        " (then a near-tie: llama.cpp {}, ours {our_margin:.3})",
-                        ties[i]
-                    );
+                    note = format!(" (then a near-tie: llama.cpp {}, ours {our_margin:.3})", ties[i]);
                 } else {
                     note = " (MISMATCH)".into();
                     failures.push(format!(
@@ -131,10 +110,7 @@ fn check_model(name: &str) {
     assert!(failures.is_empty(), "{name}: {failures:#?}");
     // A real bug (rope, masking, a wrong tensor) moves these by whole nats;
     // quantization noise here stays around half a nat (reported above).
-    assert!(
-        worst_lp < 1.0,
-        "{name}: log-probabilities drift by {worst_lp}"
-    );
+    assert!(worst_lp < 1.0, "{name}: log-probabilities drift by {worst_lp}");
 }
 
 #[test]

@@ -10,10 +10,7 @@ use treespec::engine::scorer::score;
 use treespec::model::{KvCache, LogitRows, Model};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// One token at a time on top of `cache`; returns the logits of each.
@@ -36,9 +33,7 @@ fn sequential(model: &Model, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32
 fn random_tree(root: u32, n: usize, vocab: u32, seed: u64) -> DraftTree {
     let mut s = seed;
     let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (s >> 33) as u32
     };
     let mut t = DraftTree::root(root);
@@ -108,10 +103,7 @@ fn check(name: &str) {
     println!("{name}: tree vs sequential max |logit diff| = {worst:e}");
 
     // Keep a deep path, then the next token's logits equal plain decoding's.
-    let leaf = (0..tree.len())
-        .rev()
-        .find(|&i| tree.depths[i] == tree.max_depth())
-        .unwrap();
+    let leaf = (0..tree.len()).rev().find(|&i| tree.depths[i] == tree.max_depth()).unwrap();
     let path = tree.path_to(leaf);
     tree_cache.keep(&path).unwrap();
     assert_eq!(tree_cache.len(), cache.len() + path.len());

@@ -53,20 +53,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Measures c(N) for each N in `ns` on `model` after `ctx` cached tokens.
-pub fn forward_curve(
-    model: &Model,
-    ctx: usize,
-    ns: &[usize],
-    reps: usize,
-) -> Result<Vec<CurvePoint>> {
+pub fn forward_curve(model: &Model, ctx: usize, ns: &[usize], reps: usize) -> Result<Vec<CurvePoint>> {
     let dec = &model.decoder;
     let vocab = dec.config.vocab_size as u32;
     let maxn = ns.iter().copied().max().unwrap_or(1);
     let mut cache = dec.new_cache(ctx + maxn + 1);
     // Deterministic pseudo-text: token ids spread over the vocabulary.
-    let toks: Vec<u32> = (0..ctx + maxn)
-        .map(|i| (i as u32 * 7919 + 13) % vocab)
-        .collect();
+    let toks: Vec<u32> = (0..ctx + maxn).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
     for chunk in toks[..ctx].chunks(engine::PREFILL_CHUNK) {
         let base = cache.len();
         let pos: Vec<usize> = (base..base + chunk.len()).collect();
@@ -102,9 +95,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let curve = forward_curve(&model, a.ctx, &a.n, a.reps.max(1))?;
 
     // Plain decode: 64 greedy tokens after a short prompt, EOS ignored.
-    let prompt: Vec<u32> = (0..32u32)
-        .map(|i| (i * 7919 + 13) % model.config().vocab_size as u32)
-        .collect();
+    let prompt: Vec<u32> = (0..32u32).map(|i| (i * 7919 + 13) % model.config().vocab_size as u32).collect();
     let mut session = Session::new(&model, a.model.ctx_size);
     let opts = GenerateOptions {
         max_new_tokens: 64,
@@ -120,10 +111,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         curve,
     };
     let c1 = report.curve.first().map(|p| p.ms).unwrap_or(f64::NAN);
-    println!(
-        "model {}  threads {}  isa {}",
-        report.model, report.threads, report.isa
-    );
+    println!("model {}  threads {}  isa {}", report.model, report.threads, report.isa);
     println!("plain decode: {:.1} tok/s", report.decode_tok_s);
     println!("{:>5} {:>10} {:>8}", "N", "ms", "c(N)/c(1)");
     for p in &report.curve {

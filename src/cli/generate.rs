@@ -129,10 +129,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let g = engine::generate(&model, &mut session, dref, &ids, &opts, &mut |ev| {
         if stream && !ev.text.is_empty() {
             // A closed stdout (e.g. `| head`) ends generation quietly.
-            return out
-                .write_all(ev.text.as_bytes())
-                .and_then(|_| out.flush())
-                .is_ok();
+            return out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()).is_ok();
         }
         true
     })?;

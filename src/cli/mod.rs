@@ -13,11 +13,7 @@ use treespec::model::Model;
 use treespec::registry;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "treespec",
-    version,
-    about = "Lossless tree speculative decoding for local LLMs"
-)]
+#[command(name = "treespec", version, about = "Lossless tree speculative decoding for local LLMs")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -80,9 +76,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         if let Some(t) = self.threads {
             // SAFETY-free: only fails if a pool already exists, which is fine.
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(t.max(1))
-                .build_global();
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global();
             std::env::set_var("TREESPEC_THREADS", t.to_string());
         }
         let path: PathBuf = registry::resolve_model(&self.model, &registry::treespec_home(), true)

@@ -88,20 +88,16 @@ impl DraftTree {
             return Err(Error::Draft("a tree needs a root".into()));
         }
         if self.parents.len() != n || self.depths.len() != n {
-            return Err(Error::Draft(
-                "tokens, parents and depths differ in length".into(),
-            ));
+            return Err(Error::Draft("tokens, parents and depths differ in length".into()));
         }
         if self.parents[0].is_some() || self.depths[0] != 0 {
             return Err(Error::Draft("node 0 must be the root".into()));
         }
         for i in 1..n {
-            let p =
-                self.parents[i].ok_or_else(|| Error::Draft(format!("node {i} has no parent")))?;
+            let p = self.parents[i]
+                .ok_or_else(|| Error::Draft(format!("node {i} has no parent")))?;
             if p >= i {
-                return Err(Error::Draft(format!(
-                    "node {i} comes before its parent {p}"
-                )));
+                return Err(Error::Draft(format!("node {i} comes before its parent {p}")));
             }
             if self.depths[i] != self.depths[p] + 1 {
                 return Err(Error::Draft(format!("node {i} has a wrong depth")));

@@ -306,10 +306,7 @@ pub fn generate(
             first_token_ms.get_or_insert_with(|| t1.elapsed().as_secs_f64() * 1e3);
             let piece = detok.push(tok)?;
             let (safe, hit) = scanner.push(&piece);
-            if !on_token(&TokenEvent {
-                token: tok,
-                text: &safe,
-            }) {
+            if !on_token(&TokenEvent { token: tok, text: &safe }) {
                 break 'outer StopReason::Cancelled;
             }
             if hit {

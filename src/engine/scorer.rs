@@ -9,11 +9,5 @@ use crate::model::{Decoder, KvCache, LogitRows, Logits};
 pub fn score(decoder: &Decoder, cache: &mut KvCache, tree: &DraftTree) -> Result<Logits> {
     let base = cache.len();
     let positions: Vec<usize> = tree.depths.iter().map(|d| base + d).collect();
-    decoder.forward(
-        cache,
-        &tree.tokens,
-        &positions,
-        &tree.parents,
-        LogitRows::All,
-    )
+    decoder.forward(cache, &tree.tokens, &positions, &tree.parents, LogitRows::All)
 }

@@ -42,20 +42,15 @@ impl SpecStats {
 
     /// Adds another request's counts (cumulative server/bench statistics).
     pub fn merge(&mut self, o: &SpecStats) {
-        let emitted =
-            self.mean_accepted_tokens * self.steps as f64 + o.mean_accepted_tokens * o.steps as f64;
+        let emitted = self.mean_accepted_tokens * self.steps as f64
+            + o.mean_accepted_tokens * o.steps as f64;
         self.steps += o.steps;
         self.drafted_tokens += o.drafted_tokens;
         self.accepted_tokens += o.accepted_tokens;
         if self.accepted_per_depth.len() < o.accepted_per_depth.len() {
-            self.accepted_per_depth
-                .resize(o.accepted_per_depth.len(), 0);
+            self.accepted_per_depth.resize(o.accepted_per_depth.len(), 0);
         }
-        for (a, b) in self
-            .accepted_per_depth
-            .iter_mut()
-            .zip(&o.accepted_per_depth)
-        {
+        for (a, b) in self.accepted_per_depth.iter_mut().zip(&o.accepted_per_depth) {
             *a += b;
         }
         self.draft_ms += o.draft_ms;

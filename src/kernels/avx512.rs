@@ -102,12 +102,7 @@ unsafe fn f16x16(p: *const u8) -> __m512 {
 
 #[inline(always)]
 unsafe fn bcast_i32<T>(p: *const T, byte_off: usize) -> __m512i {
-    _mm512_set1_epi32(
-        (p as *const u8)
-            .wrapping_add(byte_off)
-            .cast::<i32>()
-            .read_unaligned(),
-    )
+    _mm512_set1_epi32((p as *const u8).wrapping_add(byte_off).cast::<i32>().read_unaligned())
 }
 
 #[inline(always)]
@@ -221,10 +216,7 @@ impl ActPtrs {
             qs: act.qs.as_ptr().wrapping_add(n0 * act.bs),
             d: act.d.as_ptr().wrapping_add(n0),
             // Q6_K keeps 16 biases per block, the 32-block formats one.
-            bias: act
-                .bias
-                .as_ptr()
-                .wrapping_add(n0 * if act.bs == 256 { 16 } else { 1 }),
+            bias: act.bias.as_ptr().wrapping_add(n0 * if act.bs == 256 { 16 } else { 1 }),
             fsum: act.fsum.as_ptr().wrapping_add(n0),
             bsum: act.bsum32.as_ptr().wrapping_add(n0 * 8),
             stride: act.n,
@@ -287,7 +279,7 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
             let mut wv = [_mm512_setzero_si512(); 8];
             nibbles(rec.wrapping_add(256 * j), &mut wv, lo);
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                rec.wrapping_add(off::Q4K_SC + 16 * j) as *const __m128i
+                rec.wrapping_add(off::Q4K_SC + 16 * j) as *const __m128i,
             ));
             for_g!(G, |g| {
                 let a = qs.wrapping_add(256 * g + 32 * j);
@@ -298,7 +290,7 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
         let mut mins = [_mm512_setzero_si512(); 4];
         for (q, m) in mins.iter_mut().enumerate() {
             *m = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                rec.wrapping_add(off::Q4K_MIN + 32 * q) as *const __m256i
+                rec.wrapping_add(off::Q4K_MIN + 32 * q) as *const __m256i,
             ));
         }
         let dw = f16x16(rec.wrapping_add(off::Q4K_D));

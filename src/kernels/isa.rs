@@ -75,10 +75,7 @@ pub fn selected() -> Isa {
             Ok(v) if !v.is_empty() => match Isa::from_name(&v) {
                 Some(isa) if isa.supported() => isa,
                 _ => {
-                    tracing::warn!(
-                        "TREESPEC_ISA={v} is unknown or unsupported here; using {}",
-                        best.name()
-                    );
+                    tracing::warn!("TREESPEC_ISA={v} is unknown or unsupported here; using {}", best.name());
                     best
                 }
             },

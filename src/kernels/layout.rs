@@ -154,11 +154,7 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
     match fmt {
         Fmt::Q4_0 | Fmt::Q4_1 => {
-            let qs = if fmt == Fmt::Q4_0 {
-                &src[2..18]
-            } else {
-                &src[4..20]
-            };
+            let qs = if fmt == Fmt::Q4_0 { &src[2..18] } else { &src[4..20] };
             // GGUF already keeps value j in the low nibble and j+16 in the
             // high nibble of byte j: the same pairing as the layout.
             for (j, &q) in qs.iter().enumerate() {
@@ -194,11 +190,7 @@ pub(crate) fn pack_block(fmt: Fmt, src: &[u8], rec: &mut [u8], r: usize) {
             for e in 0..256 {
                 // GGUF: 64-value chunks of 32 bytes, low nibbles first.
                 let byte = qs[32 * (e / 64) + e % 32];
-                let code = if (e / 32) % 2 == 0 {
-                    byte & 15
-                } else {
-                    byte >> 4
-                };
+                let code = if (e / 32) % 2 == 0 { byte & 15 } else { byte >> 4 };
                 put_nib(&mut rec[256 * (e / 32)..], r, e % 32, code);
             }
             for j in 0..8 {

@@ -142,7 +142,8 @@ impl Pool {
         loop {
             let cur = s.state.load(Ordering::Acquire);
             if cur & COUNT == 0
-                && s.state
+                && s
+                    .state
                     .compare_exchange(cur, cur & !OPEN, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {

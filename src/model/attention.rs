@@ -190,9 +190,7 @@ mod tests {
         assert!(!m.sees(3, 2));
         assert!(!m.sees(2, 1));
         assert!(!m.sees(0, 1));
-        let chain: Vec<_> = (0..130)
-            .map(|i| if i == 0 { None } else { Some(i - 1) })
-            .collect();
+        let chain: Vec<_> = (0..130).map(|i| if i == 0 { None } else { Some(i - 1) }).collect();
         let m = TreeMask::from_parents(&chain);
         assert!(m.sees(129, 0) && m.sees(129, 70) && !m.sees(70, 129));
     }

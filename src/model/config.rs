@@ -99,8 +99,8 @@ impl ModelConfig {
         let a = arch.name();
         let hidden = meta_usize(ct, &format!("{a}.embedding_length"), path)?;
         let n_heads = meta_usize(ct, &format!("{a}.attention.head_count"), path)?;
-        let n_kv_heads =
-            meta_usize(ct, &format!("{a}.attention.head_count_kv"), path).unwrap_or(n_heads);
+        let n_kv_heads = meta_usize(ct, &format!("{a}.attention.head_count_kv"), path)
+            .unwrap_or(n_heads);
         let vocab_size = match meta_usize(ct, &format!("{a}.vocab_size"), path) {
             Ok(v) => v,
             Err(_) => ct
@@ -142,10 +142,7 @@ impl ModelConfig {
             .and_then(|a| a.first())
             .and_then(|v| v.as_str())
             .unwrap_or("");
-        let model_type = json
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         let arch = match (archs, model_type) {
             ("LlamaForCausalLM", _) | (_, "llama") => Arch::Llama,
             ("Qwen2ForCausalLM", _) | (_, "qwen2") => Arch::Qwen2,

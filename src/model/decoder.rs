@@ -7,10 +7,10 @@
 //! and logits = Wout · RMSNorm(x_L).
 
 use super::attention::{tree_attention, AttentionShape, TreeMask};
+use super::ops::{add, rms_norm, silu_mul, Rope};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
-use super::ops::{add, rms_norm, silu_mul, Rope};
 use crate::error::{Error, Result};
 
 pub struct Layer {
@@ -35,8 +35,7 @@ impl Embedding {
     fn lookup(&self, ids: &[u32]) -> Result<Vec<f32>> {
         Ok(match self {
             Embedding::Quantized(t) => {
-                let ids =
-                    candle_core::Tensor::from_slice(ids, ids.len(), &candle_core::Device::Cpu)?;
+                let ids = candle_core::Tensor::from_slice(ids, ids.len(), &candle_core::Device::Cpu)?;
                 t.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?
             }
             Embedding::Dense { table, dim } => ids

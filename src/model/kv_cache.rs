@@ -102,9 +102,7 @@ impl KvCache {
     /// drops the others.
     pub fn keep(&mut self, indices: &[usize]) -> Result<()> {
         if indices.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::Invalid(
-                "KvCache::keep needs ascending indices".into(),
-            ));
+            return Err(Error::Invalid("KvCache::keep needs ascending indices".into()));
         }
         if let Some(&last) = indices.last() {
             if last >= self.pending {
@@ -120,10 +118,7 @@ impl KvCache {
             if dst != src {
                 // src > dst, so a forward copy never overwrites an entry still to move.
                 for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-                    buf.copy_within(
-                        (base + src) * row..(base + src + 1) * row,
-                        (base + dst) * row,
-                    );
+                    buf.copy_within((base + src) * row..(base + src + 1) * row, (base + dst) * row);
                 }
             }
         }
@@ -156,11 +151,7 @@ impl KvCache {
 
     /// Bytes held by the cache now.
     pub fn memory_bytes(&self) -> usize {
-        self.k
-            .iter()
-            .chain(self.v.iter())
-            .map(|b| b.capacity() * 4)
-            .sum()
+        self.k.iter().chain(self.v.iter()).map(|b| b.capacity() * 4).sum()
     }
 }
 
@@ -178,10 +169,7 @@ mod tests {
         c.write(0, &[10., 10., 11., 11., 12., 12., 13., 13.], &[0.; 8]);
         c.keep(&[0, 2, 3]).unwrap();
         assert_eq!(c.len(), 5);
-        assert_eq!(
-            c.layer(0).0,
-            &[1., 1., 2., 2., 10., 10., 12., 12., 13., 13.]
-        );
+        assert_eq!(c.layer(0).0, &[1., 1., 2., 2., 10., 10., 12., 12., 13., 13.]);
         assert!(c.keep(&[0]).is_err(), "nothing pending");
         c.begin(2).unwrap();
         assert!(c.keep(&[1, 0]).is_err());

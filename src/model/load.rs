@@ -79,9 +79,7 @@ impl GgufReader<'_> {
 
     fn dense(&mut self, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
         let q = self.qtensor(name, dims)?;
-        Ok(q.dequantize(&self.device)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        Ok(q.dequantize(&self.device)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -162,10 +160,7 @@ fn load_gguf(path: &Path) -> Result<Model> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok(Model {
-        identity: format!(
-            "gguf:{name}:{len}:{n_tensors}:{}",
-            decoder.config.arch.name()
-        ),
+        identity: format!("gguf:{name}:{len}:{n_tensors}:{}", decoder.config.arch.name()),
         decoder,
         tokenizer,
         path: path.to_path_buf(),
@@ -211,10 +206,7 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
         if t.dims() != dims {
             return Err(Error::model(
                 dir,
-                format!(
-                    "tensor `{name}` has shape {:?}, expected {dims:?}",
-                    t.dims()
-                ),
+                format!("tensor `{name}` has shape {:?}, expected {dims:?}", t.dims()),
             ));
         }
         Ok(t.to_dtype(DType::F32)?)

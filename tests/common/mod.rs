@@ -43,7 +43,8 @@ pub fn shared_dir() -> PathBuf {
 /// The golden llama.cpp records of one model.
 pub fn golden(name: &str) -> Vec<serde_json::Value> {
     let path = shared_dir().join("golden").join(format!("{name}.jsonl"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("golden line is JSON"))
