@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=900, help="no new requests after this many seconds")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "treespec"))
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra `treespec serve` argument (repeatable), e.g. --server-arg=--spec-max-nodes=4")
     args = ap.parse_args()
 
     proc = None
@@ -143,6 +145,7 @@ def main():
         cmd = [
             args.bin, "serve", "-m", args.model, "--port", str(port), "--spec", args.spec,
             "--max-concurrent", str(args.max_concurrent), "--queue", str(args.queue),
+            *args.server_arg,
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=open(os.devnull, "w") if not os.environ.get("LOADTEST_LOG") else None)
@@ -193,10 +196,13 @@ def main():
         if line and not line.startswith("#") and " " in line:
             k, v = line.rsplit(" ", 1)
             m[k] = v
+    steps = float(m.get("treespec_spec_decode_num_drafts_total", 0))
+    generated = float(m.get("treespec_generation_tokens_total", 0))
     drafted = float(m.get("treespec_spec_decode_num_draft_tokens_total", 0))
     accepted = float(m.get("treespec_spec_decode_num_accepted_tokens_total", 0))
     report = {
         "spec": args.spec,
+        "server_args": args.server_arg,
         "max_concurrent": args.max_concurrent,
         "clients": args.clients,
         "requests": len(results),
@@ -209,6 +215,8 @@ def main():
         "ttft_p50_s": round(percentile(ttfts, 50), 3),
         "ttft_p99_s": round(percentile(ttfts, 99), 3),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
+        # Tokens emitted per verify step (1.0 = no gain from drafting).
+        "mean_accepted_tokens": round(generated / steps, 3) if steps else None,
         "server_peak_rss_mb": round(rss, 1) if rss else None,
     }
     print(json.dumps(report, indent=2))

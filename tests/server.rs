@@ -224,10 +224,7 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Opt
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size =
             usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
@@ -525,6 +522,8 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
     let state_arg = state.to_str().unwrap();
     let key = "sekrit";
     let args = [
+        "--queue",
+        "0",
         "--spec",
         "recycle",
         "--recycle-state",
@@ -563,7 +562,7 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
     // period), then the server saves the matrix and exits 0.
     let port = srv.port;
     let long = json!({
-        "prompt": TEXT_PROMPT, "max_tokens": 48, "ignore_eos": true,
+        "prompt": TEXT_PROMPT, "max_tokens": 96, "ignore_eos": true,
         "temperature": 0, "stream": true,
     })
     .to_string();
@@ -585,6 +584,16 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    // One worker, `--queue 0`: a second request meanwhile is turned away.
+    let r = http(
+        srv.port,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", &auth)],
+        Some(&body),
+    );
+    r.assert_error(429);
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
     let srv_log = srv.log.clone();
     let status = srv.terminate();
     assert!(status.success(), "exit status {status:?}");
@@ -592,7 +601,7 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
     assert!(!text.is_empty());
     let fin = &chunks[chunks.len() - 1];
     assert_eq!(fin["choices"][0]["finish_reason"], "length", "{fin}");
-    assert_eq!(fin["timings"]["predicted_n"], 48);
+    assert_eq!(fin["timings"]["predicted_n"], 96);
     assert!(state.exists(), "SIGTERM did not save {}", state.display());
     // The save is logged with its row count; the in-flight stream added rows.
     let saved: u64 = {

@@ -146,14 +146,12 @@ impl SpecArgs {
 pub fn auto_budget(
     model: &Model,
     spec: &treespec::engine::spec::SpecConfig,
-) -> Result<Option<std::sync::Arc<std::sync::Mutex<treespec::engine::budget::BudgetController>>>> {
-    if !spec.auto_budget() {
-        return Ok(None);
-    }
-    let curve = treespec::engine::budget::cost_curve(model, &registry::treespec_home())?;
-    Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(
-        treespec::engine::budget::BudgetController::new(&curve, spec.max_draft),
-    ))))
+) -> Result<Option<treespec::engine::budget::SharedBudget>> {
+    Ok(treespec::engine::budget::controller_for(
+        model,
+        spec,
+        &registry::treespec_home(),
+    )?)
 }
 
 pub fn init_logging(verbose: u8) {

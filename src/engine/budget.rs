@@ -222,6 +222,25 @@ impl BudgetController {
     }
 }
 
+/// A controller shared by every request of a process (CLI run, server).
+pub type SharedBudget = std::sync::Arc<std::sync::Mutex<BudgetController>>;
+
+/// The `--tree auto` controller for `model`, if `spec` asks for one; the
+/// c(N) curve comes from (or is measured into) the cache under `home`.
+pub fn controller_for(
+    model: &Model,
+    spec: &super::spec::SpecConfig,
+    home: &Path,
+) -> Result<Option<SharedBudget>> {
+    if !spec.auto_budget() {
+        return Ok(None);
+    }
+    let curve = cost_curve(model, home)?;
+    Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(
+        BudgetController::new(&curve, spec.max_draft),
+    ))))
+}
+
 /// c(n) from the measured points, linear between them (and beyond the last).
 fn interpolate(curve: &[CostPoint], n: usize) -> f64 {
     let n = n as f64;

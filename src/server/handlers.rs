@@ -254,6 +254,12 @@ async fn run_generation(
         stop_strings: p.stop.clone(),
         ignore_eos: p.ignore_eos,
         max_draft: if speculate { max_nodes } else { 0 },
+        // An explicit per-request budget overrides `--tree auto`.
+        auto_budget: if speculate && p.speculative.max_nodes.is_none() {
+            engine.auto_budget.clone()
+        } else {
+            None
+        },
         ..Default::default()
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -324,7 +330,7 @@ async fn whole(
 ) -> Result<Response, ApiError> {
     loop {
         match rx.recv().await {
-            Some(Event::Text { .. }) => {}
+            Some(Event::Text(_)) => {}
             Some(Event::Done(done)) => {
                 return match *done {
                     Ok(g) => Ok(Json(full_body(&reply, &g)).into_response()),
@@ -358,8 +364,8 @@ fn stream(
                 _ = tx.closed() => return,
             };
             let (out, finished) = match ev {
-                Some(Event::Text { text, .. }) if text.is_empty() => continue,
-                Some(Event::Text { text, .. }) => {
+                Some(Event::Text(text)) if text.is_empty() => continue,
+                Some(Event::Text(text)) => {
                     let delta = match reply.kind {
                         Kind::Chat => json!({ "content": text }),
                         Kind::Completion => json!(text),

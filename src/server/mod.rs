@@ -103,7 +103,10 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
             .name("treespec-load".into())
             .spawn(move || {
                 let c = &state.config;
-                let started = load().and_then(|m| {
+                // A panic while loading must still end the server with an error.
+                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
+                    .unwrap_or_else(|_| Err("the model loader panicked".into()));
+                let started = loaded.and_then(|m| {
                     Engine::start(
                         m,
                         c.spec.clone(),
@@ -168,11 +171,13 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
     // remaining streams and lets the connections close.
     let engine = state.engine.get().cloned();
     let mut server = server;
-    if tokio::time::timeout(config.grace, &mut server)
-        .await
-        .is_err()
-    {
-        tracing::warn!(target: "treespec::server", "grace period over: cancelling in-flight requests");
+    // A second signal cuts the grace period short.
+    let cut_short = tokio::select! {
+        done = tokio::time::timeout(config.grace, &mut server) => done.is_err(),
+        _ = shutdown_signal() => true,
+    };
+    if cut_short {
+        tracing::warn!(target: "treespec::server", "cancelling in-flight requests");
         if let Some(e) = &engine {
             e.cancel_all.store(true, Ordering::SeqCst);
         }

@@ -7,6 +7,10 @@
 //! mutex, locked per propose/observe call rather than per request, so
 //! concurrent requests interleave and every request's verified tokens teach
 //! the matrix the others read (the hot start carries across requests).
+//! Drafting never decides what is emitted (the verifier does), so sharing
+//! cannot change any output; its one cost is prompt lookup's n-gram index,
+//! which belongs to one sequence and is rebuilt when another request's
+//! step comes in between (only with `max_concurrent` > 1).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -27,9 +31,9 @@ use crate::model::Model;
 
 /// What a worker tells the request's handler.
 pub enum Event {
-    /// Text that became final; `tokens` counts the tokens it came with (0 for
-    /// the detokenizer's tail at the end).
-    Text { text: String, tokens: usize },
+    /// Text that became final (possibly empty: a stop string's prefix is
+    /// held back until it is known not to be one).
+    Text(String),
     /// Boxed: a Generation is large next to the per-token events.
     Done(Box<std::result::Result<Generation, ApiError>>),
 }
@@ -59,6 +63,8 @@ pub struct Engine {
     /// Recycle-matrix rows loaded from `--recycle-state` at start.
     pub rows_loaded: usize,
     drafter: Option<Arc<Mutex<SpecDrafter>>>,
+    /// `--tree auto`: the per-step budget controller, shared by all requests.
+    pub auto_budget: Option<crate::engine::budget::SharedBudget>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     counts: Arc<Counts>,
@@ -70,6 +76,8 @@ pub struct Engine {
 pub struct Counts {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
+    /// Accepted and not yet answered: what the queue bound applies to.
+    pub admitted: AtomicUsize,
 }
 
 impl Engine {
@@ -89,6 +97,11 @@ impl Engine {
             rows_loaded = d.recycler_mut().map_or(0, |r| r.rows_written());
         }
         let drafter = drafter.map(|d| Arc::new(Mutex::new(d)));
+        let auto_budget = crate::engine::budget::controller_for(
+            &model,
+            &spec,
+            &crate::registry::treespec_home(),
+        )?;
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let counts = Arc::new(Counts::default());
@@ -114,6 +127,7 @@ impl Engine {
             workers.push(h);
         }
         Ok(Engine {
+            auto_budget,
             model,
             spec,
             context,
@@ -147,19 +161,23 @@ impl Engine {
         })
     }
 
-    /// Queues a job, or refuses it when `queue_cap` requests already wait.
+    /// Queues a job, or refuses it when every worker is busy and
+    /// `queue_cap` requests already wait.
     pub fn submit(&self, job: Job) -> std::result::Result<(), Rejected> {
         let jobs = lock(&self.jobs);
         let Some(tx) = jobs.as_ref() else {
             return Err(Rejected::ShuttingDown);
         };
-        let waiting = self.counts.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.queue_cap {
-            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Rejected::QueueFull(waiting));
+        let c = &self.counts;
+        let admitted = c.admitted.fetch_add(1, Ordering::SeqCst);
+        if admitted >= self.max_concurrent + self.queue_cap {
+            c.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(Rejected::QueueFull(self.waiting()));
         }
+        c.waiting.fetch_add(1, Ordering::SeqCst);
         if tx.send(job).is_err() {
-            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+            c.waiting.fetch_sub(1, Ordering::SeqCst);
+            c.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(Rejected::ShuttingDown);
         }
         Ok(())
@@ -210,6 +228,7 @@ impl Worker {
             // Not running any more before the client hears it is done, so a
             // client's next look at the gauges is consistent.
             self.counts.running.fetch_sub(1, Ordering::SeqCst);
+            self.counts.admitted.fetch_sub(1, Ordering::SeqCst);
             let _ = job.events.send(Event::Done(Box::new(done)));
         }
     }
@@ -239,12 +258,7 @@ impl Worker {
             if job.cancel.load(Ordering::Relaxed) || cancel_all.load(Ordering::Relaxed) {
                 return false;
             }
-            job.events
-                .send(Event::Text {
-                    text: ev.text.to_string(),
-                    tokens: usize::from(real),
-                })
-                .is_ok()
+            job.events.send(Event::Text(ev.text.to_string())).is_ok()
         };
         let mut shared = match (&self.drafter, job.speculate) {
             (Some(d), true) => Some(SharedDrafter::new(d)),
