@@ -17,6 +17,9 @@ pub struct TreeMask {
     n: usize,
     words: usize,
     bits: Vec<u64>,
+    /// Depth of each new token below the cache end (root = 0): its position
+    /// in the sequence relative to the first new slot.
+    depth: Vec<usize>,
 }
 
 impl TreeMask {
@@ -26,15 +29,22 @@ impl TreeMask {
         let n = parents.len();
         let words = n.div_ceil(64).max(1);
         let mut bits = vec![0u64; n * words];
+        let mut depth = vec![0usize; n];
         for i in 0..n {
             if let Some(p) = parents[i] {
                 debug_assert!(p < i);
                 let (lo, hi) = bits.split_at_mut(i * words);
                 hi[..words].copy_from_slice(&lo[p * words..(p + 1) * words]);
+                depth[i] = depth[p] + 1;
             }
             bits[i * words + i / 64] |= 1 << (i % 64);
         }
-        TreeMask { n, words, bits }
+        TreeMask {
+            n,
+            words,
+            bits,
+            depth,
+        }
     }
 
     #[inline]
@@ -76,18 +86,20 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Softmax of one row whose first `ctx` entries are the committed prefix.
+/// Softmax of one row: the first `ctx` entries are the committed prefix, entry
+/// `ctx + j` is new token j, which sits at sequence position `ctx + depth[j]`.
 ///
 /// Determinism matters more than speed here: a token's result must not
-/// depend on which other draft nodes share the forward (tree forward ==
+/// depend on which other draft nodes share the forward, nor on whether its
+/// ancestors are cached or new in the same forward (tree forward ==
 /// sequential forward bit for bit, see tests/tree_forward.rs), because int8
 /// activation rounding downstream turns a 1-ulp difference into visible logit
-/// changes. So masked entries are exactly 0, the prefix (laid out the same in
-/// every forward) is summed in 16 fixed lanes, and the new tokens' entries —
-/// whose positions differ between tree and chain layouts — are added one by
-/// one in order, skipping masked zeros.
+/// changes. So masked entries are exactly 0, and the sum runs in 16 lanes
+/// chosen by *sequence position* (position % 16), each lane adding its
+/// entries in position order: a cached ancestor and the same token as a new
+/// tree node land in the same lane at the same point.
 #[inline(always)]
-fn softmax_in_place(s: &mut [f32], ctx: usize) {
+fn softmax_in_place(s: &mut [f32], ctx: usize, depth: &[usize]) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for x in s.iter_mut() {
         *x = if *x == f32::NEG_INFINITY {
@@ -103,12 +115,15 @@ fn softmax_in_place(s: &mut [f32], ctx: usize) {
             lanes[l] += c[l];
         }
     }
-    let mut sum: f32 = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    for &x in &s[ctx..] {
+    for (p, &x) in (ctx - ctx % 16..ctx).zip(chunks.remainder()) {
+        lanes[p % 16] += x;
+    }
+    for (j, &x) in s[ctx..].iter().enumerate() {
         if x != 0.0 {
-            sum += x;
+            lanes[(ctx + depth[j]) % 16] += x;
         }
     }
+    let sum: f32 = lanes.iter().sum();
     let inv = 1.0 / sum;
     for x in s.iter_mut() {
         *x *= inv;
@@ -288,7 +303,7 @@ fn attend(b: &Block, g: usize, i0: usize) {
         }
     }
     for r in 0..rows {
-        softmax_in_place(&mut scores[r * span..(r + 1) * span], ctx);
+        softmax_in_place(&mut scores[r * span..(r + 1) * span], ctx, &mask.depth);
     }
     let mut acc = vec![0f32; rows * d];
     for j in 0..span {
