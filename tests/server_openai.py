@@ -19,7 +19,10 @@ import urllib.request
 import openai
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("TREESPEC_BIN", os.path.join(ROOT, "target", "debug", "treespec"))
+BIN = os.environ.get(
+    "TREESPEC_BIN",
+    os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "debug", "treespec"),
+)
 MODEL = os.environ.get("TREESPEC_TEST_MODEL", "smollm2-135m")
 N = 24
 
