@@ -81,7 +81,6 @@ fn check(name: &str) {
 }
 
 fn check_at(name: &str, model: &Model, prompt: &[u32]) {
-    let model = model;
     let mut cache = model.decoder.new_cache(256);
     let body = &prompt[..prompt.len() - 1];
     let pos: Vec<usize> = (0..body.len()).collect();
@@ -106,7 +105,7 @@ fn check_at(name: &str, model: &Model, prompt: &[u32]) {
         let path = tree.path_to(leaf);
         let toks: Vec<u32> = path.iter().map(|&i| tree.tokens[i]).collect();
         let mut c = cache.clone();
-        let seq = sequential(&model, &mut c, &toks);
+        let seq = sequential(model, &mut c, &toks);
         for (node, want) in path.iter().zip(&seq) {
             let got = logits.row(*node);
             let d = max_abs_diff(got, want);
@@ -137,10 +136,10 @@ fn check_at(name: &str, model: &Model, prompt: &[u32]) {
     assert_eq!(tree_cache.len(), cache.len() + path.len());
     let toks: Vec<u32> = path.iter().map(|&i| tree.tokens[i]).collect();
     let mut plain = cache.clone();
-    sequential(&model, &mut plain, &toks);
+    sequential(model, &mut plain, &toks);
     let next = 1234u32;
-    let a = sequential(&model, &mut tree_cache, &[next]);
-    let b = sequential(&model, &mut plain, &[next]);
+    let a = sequential(model, &mut tree_cache, &[next]);
+    let b = sequential(model, &mut plain, &[next]);
     let d = max_abs_diff(&a[0], &b[0]);
     println!("{name}: after keep, next-step max |logit diff| = {d:e}");
     assert_eq!(d, 0.0, "{name}: after keep the next step differs by {d}");

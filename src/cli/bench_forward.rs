@@ -92,7 +92,7 @@ pub fn forward_curve(
 
 pub fn run(a: ForwardArgs) -> Result<()> {
     let model = a.model.load()?;
-    let threads = rayon::current_num_threads();
+    let threads = treespec::kernels::threads();
     let curve = forward_curve(&model, a.ctx, &a.n, a.reps.max(1))?;
 
     // Plain decode: 64 greedy tokens after a short prompt, EOS ignored.

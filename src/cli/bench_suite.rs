@@ -434,7 +434,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             machine: MachineInfo {
                 cpu: cpu_model(),
                 cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-                threads: rayon::current_num_threads(),
+                threads: treespec::kernels::threads(),
                 isa: treespec::kernels::isa().into(),
                 os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
             },

@@ -85,11 +85,9 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         if let Some(t) = self.threads {
-            // SAFETY-free: only fails if a pool already exists, which is fine.
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(t.max(1))
-                .build_global();
-            std::env::set_var("TREESPEC_THREADS", t.to_string());
+            // The kernels' pool (matmul and attention: all the parallel work)
+            // reads this when it starts, which is after this point.
+            std::env::set_var("TREESPEC_THREADS", t.max(1).to_string());
         }
         let path: PathBuf = registry::resolve_model(&self.model, &registry::treespec_home(), true)
             .with_context(|| format!("model `{}`", self.model))?;
