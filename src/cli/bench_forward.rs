@@ -47,37 +47,6 @@ pub struct ForwardReport {
     pub bandwidth_floor_ms: f64,
 }
 
-/// Read bandwidth with every pool thread summing its share of a 1 GiB buffer
-/// (larger than any cache), best of 5 passes.
-fn read_bandwidth_gb_s() -> f64 {
-    let n = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..n as u64).collect();
-    let threads = treespec::kernels::threads().max(1);
-    let chunk = n.div_ceil(threads);
-    let sink = std::sync::atomic::AtomicU64::new(0);
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let t = std::time::Instant::now();
-        treespec::kernels::parallel_for(threads, 1, &|r: std::ops::Range<usize>| {
-            for c in r {
-                let part = &buf[(c * chunk).min(n)..((c + 1) * chunk).min(n)];
-                // 8 independent lanes: the loop is then load-bound, not add-bound.
-                let mut lanes = [0u64; 8];
-                for c in part.chunks_exact(8) {
-                    for l in 0..8 {
-                        lanes[l] = lanes[l].wrapping_add(c[l]);
-                    }
-                }
-                let s = lanes.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-                sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
-    best
-}
-
 /// Measures c(N) for each N in `ns` on `model` after `ctx` cached tokens.
 pub fn forward_curve(
     model: &Model,
@@ -106,7 +75,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         ..Default::default()
     };
     let g = engine::generate(&model, &mut session, None, &prompt, &opts, &mut |_| true)?;
-    let bw = read_bandwidth_gb_s();
+    let bw = treespec::kernels::read_bandwidth_gb_s(1 << 30, 7);
     let weight_bytes = std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0);
     let report = ForwardReport {
         read_bandwidth_gb_s: bw,

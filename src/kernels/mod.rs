@@ -26,10 +26,12 @@ mod buf;
 mod isa;
 mod layout;
 mod pool;
+mod probe;
 mod scalar;
 mod unaligned;
 
 pub use isa::{isa, Isa};
+pub use probe::read_bandwidth_gb_s;
 
 use crate::{Error, Result};
 use act::QAct;

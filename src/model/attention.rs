@@ -9,6 +9,10 @@
 //! share a kv head are processed together so every key/value row loaded from
 //! the cache is used by the whole group (GQA).
 
+use super::kv_cache::{LayerKv, KEY_TILE};
+#[cfg(target_arch = "x86_64")]
+use super::lanes::{Avx2, Avx512};
+use super::lanes::{F32x16, Scalar, LANES};
 use crate::kernels::parallel_for;
 
 /// Which of the N new tokens each new token may see: bit `j` of row `i` is set
@@ -61,33 +65,10 @@ impl TreeMask {
     }
 }
 
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // 16 independent lanes so the compiler vectorises without reassociating.
-    let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 16..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 /// Softmax of one row: the first `ctx` entries are the committed prefix, entry
 /// `ctx + j` is new token j, which sits at sequence position `ctx + depth[j]`.
+/// The row's length is rounded up to whole tiles: lanes past `len` are
+/// ignored.
 ///
 /// Determinism matters more than speed here: a token's result must not
 /// depend on which other draft nodes share the forward, nor on whether its
@@ -99,56 +80,46 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// entries in position order: a cached ancestor and the same token as a new
 /// tree node land in the same lane at the same point.
 #[inline(always)]
-fn softmax_in_place(s: &mut [f32], ctx: usize, depth: &[usize]) {
-    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for x in s.iter_mut() {
-        *x = if *x == f32::NEG_INFINITY {
-            0.0
-        } else {
-            fast_exp(*x - max)
-        };
+unsafe fn softmax_in_place<V: F32x16>(s: &mut [f32], len: usize, ctx: usize, depth: &[usize]) {
+    let full = len / LANES;
+    let mut max = f32::NEG_INFINITY;
+    for &x in &s[full * LANES..len] {
+        max = max.max(x);
     }
-    let mut lanes = [0f32; 16];
-    let mut chunks = s[..ctx].chunks_exact(16);
-    for c in &mut chunks {
-        for l in 0..16 {
-            lanes[l] += c[l];
-        }
+    let mut m = V::splat(max);
+    for t in 0..full {
+        m = m.max(V::load(s.as_ptr().add(t * LANES)));
     }
-    for (p, &x) in (ctx - ctx % 16..ctx).zip(chunks.remainder()) {
-        lanes[p % 16] += x;
+    let mut lanes = [0f32; LANES];
+    m.store(lanes.as_mut_ptr());
+    let max = lanes.iter().copied().fold(max, f32::max);
+    let neg_max = V::splat(-max);
+    for t in 0..s.len() / LANES {
+        let p = s.as_mut_ptr().add(t * LANES);
+        V::load(p).add(neg_max).exp().store(p);
     }
-    for (j, &x) in s[ctx..].iter().enumerate() {
+    // Lanes by position: whole tiles of the prefix, then its tail, then the
+    // new tokens at their depths.
+    let prefix_tiles = ctx / LANES;
+    let mut sum = V::zero();
+    for t in 0..prefix_tiles {
+        sum = sum.add(V::load(s.as_ptr().add(t * LANES)));
+    }
+    sum.store(lanes.as_mut_ptr());
+    for p in prefix_tiles * LANES..ctx {
+        lanes[p % LANES] += s[p];
+    }
+    for (j, &x) in s[ctx..len].iter().enumerate() {
         if x != 0.0 {
-            lanes[(ctx + depth[j]) % 16] += x;
+            lanes[(ctx + depth[j]) % LANES] += x;
         }
     }
-    let sum: f32 = lanes.iter().sum();
-    let inv = 1.0 / sum;
-    for x in s.iter_mut() {
-        *x *= inv;
+    let total: f32 = lanes.iter().sum();
+    let inv = V::splat(1.0 / total);
+    for t in 0..s.len() / LANES {
+        let p = s.as_mut_ptr().add(t * LANES);
+        V::load(p).mul(inv).store(p);
     }
-}
-
-/// e^x for x <= 0 (softmax after subtracting the max), vectorisable: x = n ln2 + r
-/// with r in [-ln2/2, ln2/2] (Cody–Waite split of ln 2 so r stays exact),
-/// e^r by its Taylor polynomial to degree 7, 2^n through the exponent bits.
-/// Relative error < 5e-7 against libm's ~1 ulp; libm's `expf` is a call per
-/// element, which made the softmax a visible share of decode time.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
 pub struct AttentionShape {
@@ -157,14 +128,18 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// `q`: `[N][n_heads][head_dim]` (rotated). `k`, `v`: the layer's cache,
-/// `[ctx + N][n_kv_heads][head_dim]`, the last N rows being the new tokens.
-/// Returns `[N][n_heads][head_dim]`.
+/// Query rows scored against one key tile at once (registers held: this many
+/// 16-lane accumulators).
+const QK_ROWS: usize = 8;
+/// Query rows accumulated over one stretch of values at once.
+const PV_ROWS: usize = 8;
+
+/// `q`: `[N][n_heads][head_dim]` (rotated). `kv`: the layer's cache, whose
+/// last N positions are the new tokens. Returns `[N][n_heads][head_dim]`.
 pub fn tree_attention(
     shape: &AttentionShape,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: &LayerKv,
     mask: &TreeMask,
 ) -> Vec<f32> {
     let AttentionShape {
@@ -173,73 +148,76 @@ pub fn tree_attention(
         head_dim: d,
     } = *shape;
     let n = mask.len();
-    let kv_row = n_kv_heads * d;
-    let total = k.len() / kv_row;
-    let ctx = total - n;
+    let ctx = kv.len() - n;
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
 
-    // A task = one kv head and a block of query tokens (all heads of the group).
-    let block = if n >= 8 { 4 } else { n.max(1) };
+    // A task = one kv head and a run of query rows, a row being one (new
+    // token, query head of the group) pair: every key/value loaded from the
+    // cache serves all rows of the task (GQA and the tree's tokens alike).
+    // Runs are cut so that both pool threads get work even for one token.
+    let rows_per_head = n * group;
+    let want_tasks = 2 * crate::kernels::threads();
+    let mut run = QK_ROWS.max(PV_ROWS) * 4;
+    while run > 1 && n_kv_heads * rows_per_head.div_ceil(run) < want_tasks {
+        run /= 2;
+    }
+    let run = run.max(1);
     let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
-        .flat_map(|g| (0..n).step_by(block).map(move |i0| (g, i0)))
+        .flat_map(|g| (0..rows_per_head).step_by(run).map(move |r0| (g, r0)))
         .collect();
 
     let mut out = vec![0f32; n * n_heads * d];
     let b = Block {
         q,
-        k,
-        v,
+        kv,
         mask,
-        n,
         n_heads,
         d,
-        kv_row,
         ctx,
         group,
-        block,
-        scale,
+        run,
+        rows_per_head,
+        scale: 1.0 / (d as f32).sqrt(),
         out: OutPtr(out.as_mut_ptr()),
     };
     let level = simd_level();
-    let run = |range: std::ops::Range<usize>| {
-        for &(g, i0) in &tasks[range] {
+    let work = |range: std::ops::Range<usize>| {
+        for &(g, r0) in &tasks[range] {
             // SAFETY: the wrappers only enable features `simd_level` found.
             unsafe {
                 match level {
                     #[cfg(target_arch = "x86_64")]
-                    2 => attend_avx512(&b, g, i0),
+                    2 => attend_avx512(&b, g, r0),
                     #[cfg(target_arch = "x86_64")]
-                    1 => attend_avx2(&b, g, i0),
-                    _ => attend(&b, g, i0),
+                    1 => attend_avx2(&b, g, r0),
+                    _ => attend::<Scalar>(&b, g, r0),
                 }
             }
         }
     };
-    parallel_for(tasks.len(), 1, &run);
+    parallel_for(tasks.len(), 1, &work);
     out
 }
 
 /// What every task reads (and the output rows it writes, disjoint per task).
 struct Block<'a> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    kv: &'a LayerKv<'a>,
     mask: &'a TreeMask,
-    n: usize,
     n_heads: usize,
     d: usize,
-    kv_row: usize,
     ctx: usize,
     group: usize,
-    block: usize,
+    run: usize,
+    rows_per_head: usize,
     scale: f32,
     out: OutPtr,
 }
 
 /// 2 = AVX-512F, 1 = AVX2 + FMA, 0 = baseline. The crate is built for plain
 /// x86-64, so the task body is compiled once per level and picked at run
-/// time, as the matmul kernels are.
+/// time, as the matmul kernels are. All levels run the same arithmetic
+/// (separate multiply and add, never fused), so they agree bit for bit.
 fn simd_level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -260,70 +238,203 @@ fn simd_level() -> u8 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_avx512(b: &Block, g: usize, i0: usize) {
-    attend(b, g, i0)
+unsafe fn attend_avx512(b: &Block, g: usize, r0: usize) {
+    attend::<Avx512>(b, g, r0)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(b: &Block, g: usize, i0: usize) {
-    attend(b, g, i0)
+unsafe fn attend_avx2(b: &Block, g: usize, r0: usize) {
+    attend::<Avx2>(b, g, r0)
 }
 
-/// Queries `i0..i0 + block`, every head of kv group `g`.
+/// Rows `r0..r0 + run` of kv head `g` (row r = token `r / group`, query head
+/// `g * group + r % group`).
 #[inline(always)]
-fn attend(b: &Block, g: usize, i0: usize) {
-    let (q, k, v, mask) = (b.q, b.k, b.v, b.mask);
-    let (n_heads, d, kv_row, ctx, group, scale) =
-        (b.n_heads, b.d, b.kv_row, b.ctx, b.group, b.scale);
-    let i1 = (i0 + b.block).min(b.n);
-    let rows = (i1 - i0) * group;
-    let span = ctx + i1; // tokens past ctx + i1 are never visible to these queries
-    let mut scores = vec![0f32; rows * span];
-    let qrow = |r: usize| {
-        let (i, h) = (i0 + r / group, g * group + r % group);
-        &q[(i * n_heads + h) * d..(i * n_heads + h + 1) * d]
-    };
-    // Scores: every key row is loaded once for all `rows` queries; the
-    // committed prefix is visible to all, only new tokens need the mask.
-    for j in 0..ctx {
-        let key = &k[j * kv_row + g * d..j * kv_row + (g + 1) * d];
-        for r in 0..rows {
-            scores[r * span + j] = dot(qrow(r), key) * scale;
-        }
+unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
+    let (d, ctx, group) = (b.d, b.ctx, b.group);
+    let r1 = (r0 + b.run).min(b.rows_per_head);
+    let rows = r1 - r0;
+    let last_token = (r1 - 1) / group;
+    // Positions past ctx + last_token are never visible to these rows.
+    let span = ctx + last_token + 1;
+    let stride = span.div_ceil(KEY_TILE) * KEY_TILE;
+    let head_of = |r: usize| (r / group, g * group + r % group);
+
+    let mut qs = vec![0f32; rows * d];
+    for r in 0..rows {
+        let (i, h) = head_of(r0 + r);
+        qs[r * d..(r + 1) * d].copy_from_slice(&b.q[(i * b.n_heads + h) * d..][..d]);
     }
-    for j in ctx..span {
-        let key = &k[j * kv_row + g * d..j * kv_row + (g + 1) * d];
-        for r in 0..rows {
-            scores[r * span + j] = if mask.sees(i0 + r / group, j - ctx) {
-                dot(qrow(r), key) * scale
-            } else {
-                f32::NEG_INFINITY
-            };
+
+    // Scores for every tile of keys up to `span` (lanes past it are ignored).
+    let keys = &b.kv.keys(g)[..stride * d];
+    let mut scores = vec![0f32; rows * stride];
+    let mut r = 0;
+    while r < rows {
+        let take = (rows - r).min(QK_ROWS);
+        let (q, s) = (
+            &qs[r * d..(r + take) * d],
+            &mut scores[r * stride..(r + take) * stride],
+        );
+        match take {
+            8 => qk::<V, 8>(q, keys, d, stride, b.scale, s),
+            7 => qk::<V, 7>(q, keys, d, stride, b.scale, s),
+            6 => qk::<V, 6>(q, keys, d, stride, b.scale, s),
+            5 => qk::<V, 5>(q, keys, d, stride, b.scale, s),
+            4 => qk::<V, 4>(q, keys, d, stride, b.scale, s),
+            3 => qk::<V, 3>(q, keys, d, stride, b.scale, s),
+            2 => qk::<V, 2>(q, keys, d, stride, b.scale, s),
+            _ => qk::<V, 1>(q, keys, d, stride, b.scale, s),
         }
+        r += take;
+    }
+    // Mask: the committed prefix is visible to all; among the new tokens
+    // only a row's ancestors and itself.
+    for r in 0..rows {
+        let (i, _) = head_of(r0 + r);
+        let row = &mut scores[r * stride..(r + 1) * stride];
+        for j in 0..=last_token {
+            if !b.mask.sees(i, j) {
+                row[ctx + j] = f32::NEG_INFINITY;
+            }
+        }
+        softmax_in_place::<V>(row, span, ctx, &b.mask.depth);
+    }
+
+    // out = P V. The committed prefix in one pass with no masking; the new
+    // tokens after it, adding only what the row sees. Either way each output
+    // lane adds p * v in position order, exactly as when the same ancestors
+    // were committed (tree forward == sequential forward).
+    let values = b.kv.values(g);
+    let mut acc = vec![0f32; rows * d];
+    let mut r = 0;
+    while r < rows {
+        let take = (rows - r).min(PV_ROWS);
+        let (s, a) = (
+            &scores[r * stride..(r + take) * stride],
+            &mut acc[r * d..(r + take) * d],
+        );
+        match take {
+            8 => pv::<V, 8>(s, stride, &values[..ctx * d], d, a),
+            7 => pv::<V, 7>(s, stride, &values[..ctx * d], d, a),
+            6 => pv::<V, 6>(s, stride, &values[..ctx * d], d, a),
+            5 => pv::<V, 5>(s, stride, &values[..ctx * d], d, a),
+            4 => pv::<V, 4>(s, stride, &values[..ctx * d], d, a),
+            3 => pv::<V, 3>(s, stride, &values[..ctx * d], d, a),
+            2 => pv::<V, 2>(s, stride, &values[..ctx * d], d, a),
+            _ => pv::<V, 1>(s, stride, &values[..ctx * d], d, a),
+        }
+        r += take;
     }
     for r in 0..rows {
-        softmax_in_place(&mut scores[r * span..(r + 1) * span], ctx, &mask.depth);
+        let (i, h) = head_of(r0 + r);
+        let a = &mut acc[r * d..(r + 1) * d];
+        for j in 0..=last_token {
+            if b.mask.sees(i, j) {
+                let p = scores[r * stride + ctx + j];
+                let val = &values[(ctx + j) * d..(ctx + j + 1) * d];
+                for (y, &x) in a.iter_mut().zip(val) {
+                    *y += p * x;
+                }
+            }
+        }
+        let dst = (i * b.n_heads + h) * d;
+        // SAFETY: each (token, head) row belongs to exactly one task, so
+        // tasks write disjoint ranges of `out`, which outlives them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(a.as_ptr(), b.out.0.add(dst), d);
+        }
     }
-    let mut acc = vec![0f32; rows * d];
-    for j in 0..span {
-        let val = &v[j * kv_row + g * d..j * kv_row + (g + 1) * d];
-        for r in 0..rows {
-            let p = scores[r * span + j];
-            if p != 0.0 {
-                axpy(&mut acc[r * d..(r + 1) * d], p, val);
+}
+
+/// `s[r][t*16 + l] = scale * Σ_c q[r][c] · key(t*16 + l)[c]`, one tile of 16
+/// positions at a time for R rows: each lane is a plain multiply-then-add
+/// chain over c, so a key's score does not depend on its lane or on what
+/// else is in the tile.
+#[inline(always)]
+unsafe fn qk<V: F32x16, const R: usize>(
+    q: &[f32],
+    keys: &[f32],
+    d: usize,
+    stride: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    debug_assert!(q.len() >= R * d && s.len() >= (R - 1) * stride + keys.len() / d);
+    let scale = V::splat(scale);
+    for (t, tile) in keys.chunks_exact(d * KEY_TILE).enumerate() {
+        let mut acc = [V::zero(); R];
+        for c in 0..d {
+            // The cache streams from memory (the weights evicted it): ask
+            // for the next tile's line while this one is used.
+            prefetch(tile.as_ptr().wrapping_add((d + c) * KEY_TILE));
+            let k = V::load(tile.as_ptr().add(c * KEY_TILE));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = a.add(V::splat(*q.get_unchecked(r * d + c)).mul(k));
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            a.mul(scale)
+                .store(s.as_mut_ptr().add(r * stride + t * KEY_TILE));
+        }
+    }
+}
+
+/// `acc[r] += Σ_j p[r][j] · values[j]` over every value row given, in
+/// position order, 16 output dimensions at a time held in registers.
+#[inline(always)]
+unsafe fn pv<V: F32x16, const R: usize>(
+    p: &[f32],
+    stride: usize,
+    values: &[f32],
+    d: usize,
+    acc: &mut [f32],
+) {
+    let rows = values.len() / d;
+    debug_assert!(p.len() >= (R - 1) * stride + rows && acc.len() >= R * d);
+    let mut c0 = 0;
+    while c0 + LANES <= d {
+        let mut a = [V::zero(); R];
+        for (r, a) in a.iter_mut().enumerate() {
+            *a = V::load(acc.as_ptr().add(r * d + c0));
+        }
+        for j in 0..rows {
+            prefetch(values.as_ptr().wrapping_add((j + 8) * d + c0));
+            let v = V::load(values.as_ptr().add(j * d + c0));
+            for (r, a) in a.iter_mut().enumerate() {
+                *a = a.add(V::splat(*p.get_unchecked(r * stride + j)).mul(v));
+            }
+        }
+        for (r, a) in a.iter().enumerate() {
+            a.store(acc.as_mut_ptr().add(r * d + c0));
+        }
+        c0 += LANES;
+    }
+    // head_dim not a multiple of 16: the rest, same arithmetic.
+    if c0 < d {
+        for j in 0..rows {
+            for r in 0..R {
+                let x = p[r * stride + j];
+                for c in c0..d {
+                    acc[r * d + c] += x * values[j * d + c];
+                }
             }
         }
     }
-    for r in 0..rows {
-        let (i, h) = (i0 + r / group, g * group + r % group);
-        let dst = (i * n_heads + h) * d;
-        // SAFETY: each (query, head) row belongs to exactly one task, so
-        // tasks write disjoint ranges of `out`, which outlives them.
-        unsafe {
-            std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), b.out.0.add(dst), d);
-        }
+}
+
+/// A hint to fetch the line at `p` (never faults, so `p` may run past the end).
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch instructions do not access memory architecturally.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 struct OutPtr(*mut f32);
@@ -333,18 +444,6 @@ unsafe impl Sync for OutPtr {}
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst = 0f32;
-        for i in 0..=87_000 {
-            let x = -(i as f32) / 1000.0;
-            let (a, b) = (fast_exp(x), x.exp());
-            worst = worst.max(((a - b) / b).abs());
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(fast_exp(0.0), 1.0);
-    }
 
     #[test]
     fn mask_follows_ancestors() {
@@ -363,45 +462,60 @@ mod tests {
 
     #[test]
     fn attention_matches_naive() {
+        // head_dim 24: one 16-wide pass plus the odd rest; ctx 37 crosses
+        // key tiles; GQA group of 3.
+        let (heads, kv_heads, d) = (6, 2, 24);
         let shape = AttentionShape {
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: d,
         };
-        let (ctx, n) = (5, 3);
-        let parents = [None, Some(0), Some(0)];
+        let (ctx, n) = (37, 5);
+        let parents = [None, Some(0), Some(0), Some(1), Some(2)];
         let f = |i: usize| ((i * 7919 % 101) as f32 / 50.0) - 1.0;
-        let q: Vec<f32> = (0..n * 4 * 8).map(f).collect();
-        let k: Vec<f32> = (0..(ctx + n) * 2 * 8).map(|i| f(i + 3)).collect();
-        let v: Vec<f32> = (0..(ctx + n) * 2 * 8).map(|i| f(i + 11)).collect();
+        let q: Vec<f32> = (0..n * heads * d).map(f).collect();
+        let row = kv_heads * d;
+        let kv_of =
+            |p: usize, o: usize| -> Vec<f32> { (0..row).map(|c| f(p * row + c + o)).collect() };
+        let mut cache = crate::model::KvCache::new(1, kv_heads, d, 64);
+        cache.begin(ctx).unwrap();
+        let (pk, pv): (Vec<f32>, Vec<f32>) = (
+            (0..ctx).flat_map(|p| kv_of(p, 3)).collect(),
+            (0..ctx).flat_map(|p| kv_of(p, 11)).collect(),
+        );
+        cache.write(0, &pk, &pv);
+        cache.keep_all();
+        cache.begin(n).unwrap();
+        let (nk, nv): (Vec<f32>, Vec<f32>) = (
+            (ctx..ctx + n).flat_map(|p| kv_of(p, 3)).collect(),
+            (ctx..ctx + n).flat_map(|p| kv_of(p, 11)).collect(),
+        );
+        cache.write(0, &nk, &nv);
         let mask = TreeMask::from_parents(&parents);
-        let out = tree_attention(&shape, &q, &k, &v, &mask);
+        let out = tree_attention(&shape, &q, &cache.layer(0), &mask);
         for i in 0..n {
-            for h in 0..4 {
-                let g = h / 2;
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
                 let vis: Vec<usize> = (0..ctx + n)
                     .filter(|&j| j < ctx || mask.sees(i, j - ctx))
                     .collect();
-                let qrow = &q[(i * 4 + h) * 8..(i * 4 + h + 1) * 8];
+                let qrow = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
                 let s: Vec<f32> = vis
                     .iter()
                     .map(|&j| {
-                        qrow.iter()
-                            .zip(&k[(j * 2 + g) * 8..(j * 2 + g + 1) * 8])
-                            .map(|(a, b)| a * b)
-                            .sum::<f32>()
-                            / (8f32).sqrt()
+                        let key = cache.entry(0, g, j).0;
+                        qrow.iter().zip(&key).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt()
                     })
                     .collect();
                 let m = s.iter().copied().fold(f32::MIN, f32::max);
                 let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
-                for c in 0..8 {
+                for c in 0..d {
                     let want: f32 = vis
                         .iter()
                         .zip(&s)
-                        .map(|(&j, x)| (x - m).exp() / z * v[(j * 2 + g) * 8 + c])
+                        .map(|(&j, x)| (x - m).exp() / z * cache.entry(0, g, j).1[c])
                         .sum();
-                    let got = out[(i * 4 + h) * 8 + c];
+                    let got = out[(i * heads + h) * d + c];
                     assert!((want - got).abs() < 1e-5, "{want} vs {got}");
                 }
             }

@@ -180,8 +180,7 @@ impl Decoder {
             self.rope.apply(&mut q, c.n_heads, positions);
             self.rope.apply(&mut k, c.n_kv_heads, positions);
             cache.write(l, &k, &v);
-            let (keys, values) = cache.layer(l);
-            let attn = tree_attention(&shape, &q, keys, values, &mask);
+            let attn = tree_attention(&shape, &q, &cache.layer(l), &mask);
             add(&mut x, &layer.wo.forward(&attn, n));
 
             rms_norm(&x, &layer.ffn_norm, eps, &mut normed);

@@ -1,36 +1,87 @@
 //! The KV cache as an explicit object (not hidden inside layers), so the
 //! engine can score a draft tree and then keep only the accepted path.
 //!
-//! Layout per layer: `[position][kv_head][head_dim]` f32, growing with the
-//! sequence. A forward appends its N new entries after the `len()` committed
-//! ones as *pending*; `keep(indices)` then moves the listed pending entries
-//! to sit contiguously after the committed prefix and drops the rest. The
-//! committed prefix is never copied.
+//! Layout, per layer and per kv head (so one head's history is contiguous
+//! for the attention that streams it):
+//! - keys in tiles of [`KEY_TILE`] positions, each tile `[head_dim][KEY_TILE]`
+//!   (transposed): the attention scores 16 positions at once with the
+//!   positions in SIMD lanes, so every score is one plain multiply-add chain
+//!   over `head_dim` — no horizontal reduction per key, and the same
+//!   arithmetic for a key whether it is cached or new in this forward;
+//! - values `[position][head_dim]`.
+//!
+//! A forward appends its N new entries after the `len()` committed ones as
+//! *pending*; `keep(indices)` then moves the listed pending entries to sit
+//! contiguously after the committed prefix and drops the rest. The committed
+//! prefix is never copied.
 
 use crate::error::{Error, Result};
 
+/// Positions per key tile (= f32 lanes of a 512-bit register).
+pub const KEY_TILE: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    n_layers: usize,
-    /// Floats per position per layer: kv_heads * head_dim.
-    row: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
     capacity: usize,
+    /// `[layer * n_kv_heads + head]`: key tiles (see the module docs).
     k: Vec<Vec<f32>>,
+    /// `[layer * n_kv_heads + head]`: `[position][head_dim]`.
     v: Vec<Vec<f32>>,
     committed: usize,
     pending: usize,
 }
 
+/// One layer's keys and values for the committed + pending positions.
+pub struct LayerKv<'a> {
+    keys: &'a [Vec<f32>],
+    values: &'a [Vec<f32>],
+    len: usize,
+    head_dim: usize,
+}
+
+impl<'a> LayerKv<'a> {
+    /// Positions visible to the forward (committed + pending).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Head `g`'s key tiles covering every position (the last tile may hold
+    /// stale lanes past `len()`).
+    pub fn keys(&self, g: usize) -> &'a [f32] {
+        &self.keys[g][..self.len.div_ceil(KEY_TILE) * KEY_TILE * self.head_dim]
+    }
+
+    /// Head `g`'s values, `[len()][head_dim]`.
+    pub fn values(&self, g: usize) -> &'a [f32] {
+        &self.values[g][..self.len * self.head_dim]
+    }
+}
+
+/// llama.cpp's default cache type is f16, and matching its rounding keeps our
+/// greedy output on its path (measured on the golden records: without it
+/// SmolLM2 left llama.cpp's path at a 0.09 top-2 margin). Storage stays f32
+/// so the attention loops need no conversion.
+#[inline]
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
 impl KvCache {
     /// A cache for up to `capacity` positions. Memory is reserved lazily
-    /// (the vectors grow with the sequence).
+    /// (the buffers grow with the sequence).
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
         KvCache {
-            n_layers,
-            row: n_kv_heads * head_dim,
+            n_kv_heads,
+            head_dim,
             capacity,
-            k: vec![Vec::new(); n_layers],
-            v: vec![Vec::new(); n_layers],
+            k: vec![Vec::new(); n_layers * n_kv_heads],
+            v: vec![Vec::new(); n_layers * n_kv_heads],
             committed: 0,
             pending: 0,
         }
@@ -54,6 +105,12 @@ impl KvCache {
         self.capacity
     }
 
+    /// Index of position `p`, dimension `c` in a head's key tiles.
+    #[inline]
+    fn key_at(&self, p: usize, c: usize) -> usize {
+        ((p / KEY_TILE) * self.head_dim + c) * KEY_TILE + p % KEY_TILE
+    }
+
     /// Starts a forward of `n` new entries: drops any earlier pending ones and
     /// makes room. Fails when the context is full.
     pub(crate) fn begin(&mut self, n: usize) -> Result<()> {
@@ -65,36 +122,58 @@ impl KvCache {
                 reserve: 0,
             });
         }
-        let floats = need * self.row;
-        for l in 0..self.n_layers {
-            self.k[l].resize(floats, 0.0);
-            self.v[l].resize(floats, 0.0);
+        let key_floats = need.div_ceil(KEY_TILE) * KEY_TILE * self.head_dim;
+        let value_floats = need * self.head_dim;
+        for buf in &mut self.k {
+            if buf.len() < key_floats {
+                buf.resize(key_floats, 0.0);
+            }
+        }
+        for buf in &mut self.v {
+            buf.resize(value_floats, 0.0);
         }
         self.pending = n;
         Ok(())
     }
 
-    /// Writes pending entries of one layer: `k`, `v` hold `pending()` rows.
-    /// Values are rounded to f16 precision: llama.cpp's default cache type is
-    /// f16, and matching its rounding keeps our greedy output on its path
-    /// (measured on the golden records: without it SmolLM2 left llama.cpp's
-    /// path at a 0.09 top-2 margin). Storage stays f32 so the attention
-    /// loops need no conversion.
+    /// Writes pending entries of one layer: `k`, `v` hold `pending()` rows of
+    /// `[n_kv_heads][head_dim]`, stored rounded to f16 precision.
     pub(crate) fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let start = self.committed * self.row;
-        let end = start + self.pending * self.row;
-        for (d, s) in self.k[layer][start..end].iter_mut().zip(k) {
-            *d = half::f16::from_f32(*s).to_f32();
-        }
-        for (d, s) in self.v[layer][start..end].iter_mut().zip(v) {
-            *d = half::f16::from_f32(*s).to_f32();
+        let (h, d) = (self.n_kv_heads, self.head_dim);
+        for i in 0..self.pending {
+            let p = self.committed + i;
+            for g in 0..h {
+                let src = (i * h + g) * d;
+                let key_base = self.key_at(p, 0);
+                let keys = &mut self.k[layer * h + g];
+                for c in 0..d {
+                    keys[key_base + c * KEY_TILE] = f16_round(k[src + c]);
+                }
+                let values = &mut self.v[layer * h + g][p * d..(p + 1) * d];
+                for (dst, &s) in values.iter_mut().zip(&v[src..src + d]) {
+                    *dst = f16_round(s);
+                }
+            }
         }
     }
 
     /// Keys and values of one layer for committed + pending positions.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        let end = (self.committed + self.pending) * self.row;
-        (&self.k[layer][..end], &self.v[layer][..end])
+    pub(crate) fn layer(&self, layer: usize) -> LayerKv<'_> {
+        let h = self.n_kv_heads;
+        LayerKv {
+            keys: &self.k[layer * h..(layer + 1) * h],
+            values: &self.v[layer * h..(layer + 1) * h],
+            len: self.committed + self.pending,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// Key and value of `(layer, head, position)` (for tests and debugging).
+    pub fn entry(&self, layer: usize, head: usize, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.head_dim;
+        let buf = layer * self.n_kv_heads + head;
+        let key = (0..d).map(|c| self.k[buf][self.key_at(pos, c)]).collect();
+        (key, self.v[buf][pos * d..(pos + 1) * d].to_vec())
     }
 
     /// Commits the pending entries listed in `indices` (ascending indices into
@@ -114,24 +193,26 @@ impl KvCache {
                 )));
             }
         }
-        let row = self.row;
+        let d = self.head_dim;
         let base = self.committed;
         for (dst, &src) in indices.iter().enumerate() {
-            if dst != src {
-                // src > dst, so a forward copy never overwrites an entry still to move.
-                for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-                    buf.copy_within(
-                        (base + src) * row..(base + src + 1) * row,
-                        (base + dst) * row,
-                    );
+            if dst == src {
+                continue;
+            }
+            // src > dst, so a forward copy never overwrites an entry still to move.
+            let (from, to) = (base + src, base + dst);
+            let (kf, kt) = (self.key_at(from, 0), self.key_at(to, 0));
+            for keys in &mut self.k {
+                for c in 0..d {
+                    keys[kt + c * KEY_TILE] = keys[kf + c * KEY_TILE];
                 }
+            }
+            for values in &mut self.v {
+                values.copy_within(from * d..(from + 1) * d, to * d);
             }
         }
         self.committed += indices.len();
         self.pending = 0;
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            buf.truncate(self.committed * row);
-        }
         Ok(())
     }
 
@@ -145,9 +226,6 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.committed = self.committed.min(len);
         self.pending = 0;
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            buf.truncate(self.committed * self.row);
-        }
     }
 
     pub fn clear(&mut self) {
@@ -170,24 +248,38 @@ mod tests {
 
     #[test]
     fn keep_compacts_the_accepted_entries() {
-        let mut c = KvCache::new(1, 1, 2, 16);
-        c.begin(2).unwrap();
-        c.write(0, &[1., 1., 2., 2.], &[1., 1., 2., 2.]);
+        let mut c = KvCache::new(1, 2, 2, 40);
+        // Two heads: head 0 holds (x, x), head 1 holds (-x, -x).
+        let rows = |xs: &[f32]| -> Vec<f32> { xs.iter().flat_map(|&x| [x, x, -x, -x]).collect() };
+        c.begin(14).unwrap();
+        let first: Vec<f32> = (1..=14).map(|x| x as f32).collect();
+        c.write(0, &rows(&first), &rows(&first));
         c.keep_all();
-        c.begin(4).unwrap();
-        c.write(0, &[10., 10., 11., 11., 12., 12., 13., 13.], &[0.; 8]);
-        c.keep(&[0, 2, 3]).unwrap();
-        assert_eq!(c.len(), 5);
-        assert_eq!(
-            c.layer(0).0,
-            &[1., 1., 2., 2., 10., 10., 12., 12., 13., 13.]
-        );
+        c.begin(6).unwrap();
+        let tree = [20., 21., 22., 23., 24., 25.];
+        c.write(0, &rows(&tree), &rows(&tree));
+        // Kept entries cross the 16-position tile boundary.
+        c.keep(&[0, 2, 3, 5]).unwrap();
+        assert_eq!(c.len(), 18);
+        let seen: Vec<f32> = (0..18).map(|p| c.entry(0, 0, p).0[1]).collect();
+        let mut want = first.clone();
+        want.extend([20., 22., 23., 25.]);
+        assert_eq!(seen, want);
+        for (p, w) in want.iter().enumerate() {
+            let (k, v) = c.entry(0, 1, p);
+            assert_eq!(k, vec![-w; 2]);
+            assert_eq!(v, vec![-w; 2]);
+        }
+        let l = c.layer(0);
+        assert_eq!(l.len(), 18);
+        assert_eq!(l.keys(0).len(), 32 * 2);
+        assert_eq!(&l.values(1)[34..36], &[-25., -25.]);
         assert!(c.keep(&[0]).is_err(), "nothing pending");
         c.begin(2).unwrap();
         assert!(c.keep(&[1, 0]).is_err());
         assert!(c.keep(&[2]).is_err());
         c.truncate(3);
         assert_eq!(c.len(), 3);
-        assert!(c.begin(14).is_err(), "over capacity");
+        assert!(c.begin(38).is_err(), "over capacity");
     }
 }
