@@ -4,7 +4,7 @@
 //! memory-bandwidth drift hits both alike; medians are printed.
 //!
 //! `cargo bench --bench matmul` (env: `BENCH_N=1,8`, `BENCH_MODEL=1.5b`,
-//! `BENCH_SHAPES=0,4` indices, `BENCH_NO_CANDLE=1`, `BENCH_LOAD=1` to time
+//! `BENCH_SHAPES=0,4` indices, `BENCH_NO_CANDLE=1`, `BENCH_COPIES=1`, `BENCH_LOAD=1` to time
 //! repacking every tensor of the 1.5B model; `TREESPEC_ISA`,
 //! `TREESPEC_THREADS` as usual).
 
@@ -109,7 +109,11 @@ fn main() {
         let q = weights(out, inp, dtype);
         // Enough copies to overflow the 32 MB L3, as a forward pass does:
         // each rep uses the next copy.
-        let copies = (96usize << 20).div_ceil(q.storage_size_in_bytes()).min(64);
+        // (`BENCH_COPIES=1` keeps one copy: the weights then stay in cache
+        // and the figures show the kernels' compute limit.)
+        let copies = env_list("BENCH_COPIES")
+            .and_then(|c| c.first().copied())
+            .unwrap_or((96usize << 20).div_ceil(q.storage_size_in_bytes()).min(64));
         let ours: Vec<QMatrix> = (0..copies)
             .map(|_| QMatrix::from_qtensor(&q).unwrap())
             .collect();

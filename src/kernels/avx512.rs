@@ -72,13 +72,15 @@ unsafe fn f16x16(rec: *const u8, i: usize) -> __m512 {
     _mm512_cvtph_ps(at::<__m256i, _>(rec, i))
 }
 
+const DOT_SPLIT_BELOW: usize = 8;
+
 /// Σ over 8 chunks of `vpdpbusd` for one activation row whose 32 values are
 /// i32 elements `8 r..8 r + 8` of `a`, on top of `init`. Two chains when
 /// the group is small, so the latency of one chain does not bound the loop.
 #[inline(always)]
 unsafe fn dot8<const G: usize>(init: __m512i, w: &[__m512i; 8], a: *const i8, r: usize) -> __m512i {
     let x = |c: usize| _mm512_set1_epi32(at::<i32, _>(a, 8 * r + c));
-    if G < 4 {
+    if G < DOT_SPLIT_BELOW {
         let mut s0 = init;
         let mut s1 = _mm512_setzero_si512();
         for c in 0..4 {
