@@ -28,7 +28,7 @@ mod layout;
 mod pool;
 mod probe;
 mod scalar;
-mod unaligned;
+pub(crate) mod unaligned;
 
 pub use isa::{isa, Isa};
 pub use probe::read_bandwidth_gb_s;

@@ -19,7 +19,6 @@ const SPAN: usize = 1 << 24;
 ///
 /// # Safety
 /// `base + i × size_of::<T>()` must be valid for reading a `T`.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 pub(crate) unsafe fn load_at<T: Copy>(base: *const u8, i: usize) -> T {
     (*(base as *const [Unaligned<T>; SPAN]))[i].0
@@ -29,7 +28,6 @@ pub(crate) unsafe fn load_at<T: Copy>(base: *const u8, i: usize) -> T {
 ///
 /// # Safety
 /// `base + i × size_of::<T>()` must be valid for writing a `T`.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 pub(crate) unsafe fn store_at<T: Copy>(base: *mut u8, i: usize, v: T) {
     (*(base as *mut [Unaligned<T>; SPAN]))[i].0 = v;

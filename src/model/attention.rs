@@ -14,6 +14,7 @@ use super::kv_cache::{LayerKv, KEY_TILE};
 use super::lanes::{Avx2, Avx512};
 use super::lanes::{F32x16, Scalar, LANES};
 use crate::kernels::parallel_for;
+use crate::kernels::unaligned::load_at;
 
 /// Which of the N new tokens each new token may see: bit `j` of row `i` is set
 /// when `j` is `i` or one of its ancestors. Rows are `words` u64 long.
@@ -133,6 +134,10 @@ pub struct AttentionShape {
 const QK_ROWS: usize = 8;
 /// Query rows accumulated over one stretch of values at once.
 const PV_ROWS: usize = 8;
+/// Key tiles per block of positions (64 positions: 16 KB of keys or values
+/// at head_dim 64, well inside L1) that every row of a task uses before the
+/// next block is read.
+const BLOCK_TILES: usize = 4;
 
 /// `q`: `[N][n_heads][head_dim]` (rotated). `kv`: the layer's cache, whose
 /// last N positions are the new tokens. Returns `[N][n_heads][head_dim]`.
@@ -157,7 +162,7 @@ pub fn tree_attention(
     // Runs are cut so that both pool threads get work even for one token.
     let rows_per_head = n * group;
     let want_tasks = 2 * crate::kernels::threads();
-    let mut run = QK_ROWS.max(PV_ROWS) * 4;
+    let mut run = QK_ROWS.max(PV_ROWS) * 8;
     while run > 1 && n_kv_heads * rows_per_head.div_ceil(run) < want_tasks {
         run /= 2;
     }
@@ -217,7 +222,7 @@ struct Block<'a> {
 /// 2 = AVX-512F, 1 = AVX2 + FMA, 0 = baseline. The crate is built for plain
 /// x86-64, so the task body is compiled once per level and picked at run
 /// time, as the matmul kernels are. All levels run the same arithmetic
-/// (separate multiply and add, never fused), so they agree bit for bit.
+/// (multiply-adds fused everywhere), so they agree bit for bit.
 fn simd_level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -270,24 +275,30 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
     // Scores for every tile of keys up to `span` (lanes past it are ignored).
     let keys = &b.kv.keys(g)[..stride * d];
     let mut scores = vec![0f32; rows * stride];
-    let mut r = 0;
-    while r < rows {
-        let take = (rows - r).min(QK_ROWS);
-        let (q, s) = (
-            &qs[r * d..(r + take) * d],
-            &mut scores[r * stride..(r + take) * stride],
-        );
-        match take {
-            8 => qk::<V, 8>(q, keys, d, stride, b.scale, s),
-            7 => qk::<V, 7>(q, keys, d, stride, b.scale, s),
-            6 => qk::<V, 6>(q, keys, d, stride, b.scale, s),
-            5 => qk::<V, 5>(q, keys, d, stride, b.scale, s),
-            4 => qk::<V, 4>(q, keys, d, stride, b.scale, s),
-            3 => qk::<V, 3>(q, keys, d, stride, b.scale, s),
-            2 => qk::<V, 2>(q, keys, d, stride, b.scale, s),
-            _ => qk::<V, 1>(q, keys, d, stride, b.scale, s),
+    // Blocks of positions outer, rows inner: a block of keys is read from
+    // memory once and then serves every row of the task from L1.
+    let tiles = stride / KEY_TILE;
+    for t0 in (0..tiles).step_by(BLOCK_TILES) {
+        let t1 = (t0 + BLOCK_TILES).min(tiles);
+        let kb = &keys[t0 * KEY_TILE * d..t1 * KEY_TILE * d];
+        let mut r = 0;
+        while r < rows {
+            let take = (rows - r).min(QK_ROWS);
+            let q = &qs[r * d..(r + take) * d];
+            let s =
+                &mut scores[r * stride + t0 * KEY_TILE..(r + take - 1) * stride + t1 * KEY_TILE];
+            match take {
+                8 => qk::<V, 8>(q, kb, d, stride, b.scale, s),
+                7 => qk::<V, 7>(q, kb, d, stride, b.scale, s),
+                6 => qk::<V, 6>(q, kb, d, stride, b.scale, s),
+                5 => qk::<V, 5>(q, kb, d, stride, b.scale, s),
+                4 => qk::<V, 4>(q, kb, d, stride, b.scale, s),
+                3 => qk::<V, 3>(q, kb, d, stride, b.scale, s),
+                2 => qk::<V, 2>(q, kb, d, stride, b.scale, s),
+                _ => qk::<V, 1>(q, kb, d, stride, b.scale, s),
+            }
+            r += take;
         }
-        r += take;
     }
     // Mask: the committed prefix is visible to all; among the new tokens
     // only a row's ancestors and itself.
@@ -308,24 +319,27 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
     // were committed (tree forward == sequential forward).
     let values = b.kv.values(g);
     let mut acc = vec![0f32; rows * d];
-    let mut r = 0;
-    while r < rows {
-        let take = (rows - r).min(PV_ROWS);
-        let (s, a) = (
-            &scores[r * stride..(r + take) * stride],
-            &mut acc[r * d..(r + take) * d],
-        );
-        match take {
-            8 => pv::<V, 8>(s, stride, &values[..ctx * d], d, a),
-            7 => pv::<V, 7>(s, stride, &values[..ctx * d], d, a),
-            6 => pv::<V, 6>(s, stride, &values[..ctx * d], d, a),
-            5 => pv::<V, 5>(s, stride, &values[..ctx * d], d, a),
-            4 => pv::<V, 4>(s, stride, &values[..ctx * d], d, a),
-            3 => pv::<V, 3>(s, stride, &values[..ctx * d], d, a),
-            2 => pv::<V, 2>(s, stride, &values[..ctx * d], d, a),
-            _ => pv::<V, 1>(s, stride, &values[..ctx * d], d, a),
+    let block = BLOCK_TILES * KEY_TILE;
+    for j0 in (0..ctx).step_by(block) {
+        let j1 = (j0 + block).min(ctx);
+        let vb = &values[j0 * d..j1 * d];
+        let mut r = 0;
+        while r < rows {
+            let take = (rows - r).min(PV_ROWS);
+            let s = &scores[r * stride + j0..(r + take - 1) * stride + j1];
+            let a = &mut acc[r * d..(r + take) * d];
+            match take {
+                8 => pv::<V, 8>(s, stride, vb, d, a),
+                7 => pv::<V, 7>(s, stride, vb, d, a),
+                6 => pv::<V, 6>(s, stride, vb, d, a),
+                5 => pv::<V, 5>(s, stride, vb, d, a),
+                4 => pv::<V, 4>(s, stride, vb, d, a),
+                3 => pv::<V, 3>(s, stride, vb, d, a),
+                2 => pv::<V, 2>(s, stride, vb, d, a),
+                _ => pv::<V, 1>(s, stride, vb, d, a),
+            }
+            r += take;
         }
-        r += take;
     }
     for r in 0..rows {
         let (i, h) = head_of(r0 + r);
@@ -335,7 +349,7 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
                 let p = scores[r * stride + ctx + j];
                 let val = &values[(ctx + j) * d..(ctx + j + 1) * d];
                 for (y, &x) in a.iter_mut().zip(val) {
-                    *y += p * x;
+                    *y = p.mul_add(x, *y);
                 }
             }
         }
@@ -348,8 +362,12 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
     }
 }
 
+// The two kernels below walk raw pointers with `wrapping_add` (every access
+// stays inside the slices by the debug_asserts' bounds): the tests build
+// with overflow and UB checks, which would otherwise sit in the inner loops.
+
 /// `s[r][t*16 + l] = scale * Σ_c q[r][c] · key(t*16 + l)[c]`, one tile of 16
-/// positions at a time for R rows: each lane is a plain multiply-then-add
+/// positions at a time for R rows: each lane is a plain fused multiply-add
 /// chain over c, so a key's score does not depend on its lane or on what
 /// else is in the tile.
 #[inline(always)]
@@ -361,23 +379,32 @@ unsafe fn qk<V: F32x16, const R: usize>(
     scale: f32,
     s: &mut [f32],
 ) {
-    debug_assert!(q.len() >= R * d && s.len() >= (R - 1) * stride + keys.len() / d);
+    let tiles = keys.len() / (d * KEY_TILE);
+    debug_assert!(q.len() >= R * d && s.len() >= (R - 1) * stride + tiles * KEY_TILE);
     let scale = V::splat(scale);
-    for (t, tile) in keys.chunks_exact(d * KEY_TILE).enumerate() {
+    // One base pointer and per-row offsets: a single null check for all.
+    let qbase = q.as_ptr() as *const u8;
+    let qoff: [usize; R] = std::array::from_fn(|r| r * d);
+    let mut kp = keys.as_ptr();
+    let mut sp = s.as_mut_ptr();
+    for _ in 0..tiles {
         let mut acc = [V::zero(); R];
         for c in 0..d {
             // The cache streams from memory (the weights evicted it): ask
             // for the next tile's line while this one is used.
-            prefetch(tile.as_ptr().wrapping_add((d + c) * KEY_TILE));
-            let k = V::load(tile.as_ptr().add(c * KEY_TILE));
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = a.add(V::splat(*q.get_unchecked(r * d + c)).mul(k));
+            prefetch(kp.wrapping_add(d * KEY_TILE));
+            let k = V::load(kp);
+            for (a, &o) in acc.iter_mut().zip(&qoff) {
+                *a = a.fma(V::splat(load_at::<f32>(qbase, o.wrapping_add(c))), k);
             }
+            kp = kp.wrapping_add(KEY_TILE);
         }
-        for (r, a) in acc.iter().enumerate() {
-            a.mul(scale)
-                .store(s.as_mut_ptr().add(r * stride + t * KEY_TILE));
+        let mut dst = sp;
+        for a in &acc {
+            a.mul(scale).store(dst);
+            dst = dst.wrapping_add(stride);
         }
+        sp = sp.wrapping_add(KEY_TILE);
     }
 }
 
@@ -393,21 +420,25 @@ unsafe fn pv<V: F32x16, const R: usize>(
 ) {
     let rows = values.len() / d;
     debug_assert!(p.len() >= (R - 1) * stride + rows && acc.len() >= R * d);
+    let pbase = p.as_ptr() as *const u8;
+    let poff: [usize; R] = std::array::from_fn(|r| r * stride);
     let mut c0 = 0;
     while c0 + LANES <= d {
         let mut a = [V::zero(); R];
         for (r, a) in a.iter_mut().enumerate() {
-            *a = V::load(acc.as_ptr().add(r * d + c0));
+            *a = V::load(acc.as_ptr().wrapping_add(r * d + c0));
         }
+        let mut vp = values.as_ptr().wrapping_add(c0);
         for j in 0..rows {
-            prefetch(values.as_ptr().wrapping_add((j + 8) * d + c0));
-            let v = V::load(values.as_ptr().add(j * d + c0));
-            for (r, a) in a.iter_mut().enumerate() {
-                *a = a.add(V::splat(*p.get_unchecked(r * stride + j)).mul(v));
+            prefetch(vp.wrapping_add(8 * d));
+            let v = V::load(vp);
+            for (a, &o) in a.iter_mut().zip(&poff) {
+                *a = a.fma(V::splat(load_at::<f32>(pbase, o.wrapping_add(j))), v);
             }
+            vp = vp.wrapping_add(d);
         }
         for (r, a) in a.iter().enumerate() {
-            a.store(acc.as_mut_ptr().add(r * d + c0));
+            a.store(acc.as_mut_ptr().wrapping_add(r * d + c0));
         }
         c0 += LANES;
     }
@@ -417,7 +448,7 @@ unsafe fn pv<V: F32x16, const R: usize>(
             for r in 0..R {
                 let x = p[r * stride + j];
                 for c in c0..d {
-                    acc[r * d + c] += x * values[j * d + c];
+                    acc[r * d + c] = x.mul_add(values[j * d + c], acc[r * d + c]);
                 }
             }
         }
