@@ -69,7 +69,15 @@ fn check_greedy(model_name: &str, prompts: &[(String, String)], new_tokens: usiz
         .collect();
     let (mut exact, mut ties, mut mismatches) = (0, Vec::new(), Vec::new());
     let mut mat: HashMap<&str, (usize, usize)> = HashMap::new();
+    let started = std::time::Instant::now();
     for (pi, (cat, text)) in prompts.iter().enumerate() {
+        if pi > 0 && pi % 40 == 0 {
+            eprintln!(
+                "  {pi}/{} prompts, {exact} exact so far, {:.0} s",
+                prompts.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
         let prompt = chat_prompt(&model, text);
         let plain_opts = GenerateOptions {
             max_new_tokens: new_tokens,

@@ -65,17 +65,13 @@ fn random_tree(root: u32, n: usize, vocab: u32, seed: u64) -> DraftTree {
 
 fn check(name: &str) {
     let model = Model::load(&common::model_path(name)).unwrap();
-    let base = model
-        .tokenizer
-        .encode(
-            "The quick brown fox jumps over the lazy dog. Then the dog chased the fox \
-             around the old barn until both of them were too tired to run any further.",
-            false,
-        )
-        .unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. Then the dog chased the fox \
+                around the old barn until both of them were too tired to run any further. ";
+    let base = model.tokenizer.encode(&text.repeat(4), false).unwrap();
     // Several cache lengths, so tree nodes and their cached twins fall on
-    // both sides of the attention's 16-position lane boundaries.
-    for cut in [11, 16, 23, 30] {
+    // both sides of the attention's 16-position lane boundaries and of its
+    // 64-position blocks.
+    for cut in [11, 16, 23, 30, 62, 75] {
         check_at(name, &model, &base[..cut.min(base.len())]);
     }
 }
