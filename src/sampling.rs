@@ -102,7 +102,7 @@ pub fn top_k_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 pub fn top_k_probs(logits: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
     let top = top_k_logits(logits, k);
     let max = top.first().map(|t| t.1).unwrap_or(0.0);
-    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+    let sum = crate::model::lanes::sum_exp(logits, max);
     let ids = top.iter().map(|t| t.0).collect();
     let probs = top.iter().map(|t| (t.1 - max).exp() / sum).collect();
     (ids, probs)
@@ -117,7 +117,7 @@ pub fn top2_margin(logits: &[f32]) -> f32 {
         return 1.0;
     }
     let max = top[0].1;
-    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+    let sum = crate::model::lanes::sum_exp(logits, max);
     (1.0 - (top[1].1 - max).exp()) / sum
 }
 

@@ -5,7 +5,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod kv_cache;
-mod lanes;
+pub(crate) mod lanes;
 pub mod linear;
 pub mod load;
 pub mod ops;
