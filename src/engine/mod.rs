@@ -300,7 +300,10 @@ pub fn generate(
 
         if let Some(d) = drafter.as_deref_mut() {
             let k = d.wants_topk();
-            if k > 0 && tree.len() > 1 {
+            // Root-only steps too: the update rule covers the root, and a
+            // recycler whose matrix is still empty (no prompt seeding)
+            // proposes only the root until it has learnt something.
+            if k > 0 {
                 let td = Instant::now();
                 // Two passes over the vocabulary per node: spread over the pool.
                 let topk: Vec<std::sync::Mutex<NodeTopK>> =
