@@ -92,6 +92,8 @@ fn main() {
             ("down 4864->896", 4864, 896, GgmlDType::Q6K),
             ("down 4864->896", 4864, 896, GgmlDType::Q4K),
             ("lm_head 896->151936", 896, 151936, GgmlDType::Q8_0),
+            ("gate+up 896->9728", 896, 9728, GgmlDType::Q5_0),
+            ("q+k+v 896->1152", 896, 1152, GgmlDType::Q5_0),
         ]
     };
     let pick = env_list("BENCH_SHAPES");

@@ -312,3 +312,71 @@ fn concurrent_callers_get_the_same_results() {
         assert_eq!(h.join().unwrap(), want);
     }
 }
+
+/// Stacked matrices (Q|K|V, gate|up in one call) give exactly the parts'
+/// bits, on every path; parts that cannot be stacked come back unchanged.
+#[test]
+fn stacking_gives_the_parts_bits() {
+    let shapes = [
+        (GgmlDType::Q5_0, [64usize, 16, 21], 96usize),
+        (GgmlDType::Q4K, [32, 48, 16], 256),
+        (GgmlDType::F32, [5, 3, 7], 40),
+    ];
+    for (dtype, outs, inp) in shapes {
+        let parts: Vec<QTensor> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| quantized(dtype, o, inp, 40 + i as u64))
+            .collect();
+        let mats = || -> Vec<QMatrix> {
+            parts
+                .iter()
+                .map(|q| QMatrix::from_qtensor(q).unwrap())
+                .collect()
+        };
+        let stacked = QMatrix::stack(mats()).expect("same format stacks");
+        let total: usize = outs.iter().sum();
+        assert_eq!(stacked.out_features(), total);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for n in [1usize, 3, 17] {
+            let x = random(&mut rng, n * inp);
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                let mut y = vec![0f32; n * total];
+                stacked.matmul_with(isa, &x, n, &mut y);
+                let mut col = 0;
+                for (m, &o) in mats().iter().zip(&outs) {
+                    let mut yp = vec![0f32; n * o];
+                    m.matmul_with(isa, &x, n, &mut yp);
+                    for r in 0..n {
+                        let got = &y[r * total + col..r * total + col + o];
+                        let want = &yp[r * o..(r + 1) * o];
+                        assert!(
+                            got.iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{dtype:?} {isa:?} n={n} part at column {col} differs"
+                        );
+                    }
+                    col += o;
+                }
+            }
+        }
+    }
+    // A part that does not fill whole 16-row tiles may only come last.
+    let ragged = vec![
+        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 20, 64, 1)).unwrap(),
+        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 2)).unwrap(),
+    ];
+    assert_eq!(QMatrix::stack(ragged).err().map(|v| v.len()), Some(2));
+    // Different formats or input widths do not stack.
+    let mixed = vec![
+        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 1)).unwrap(),
+        QMatrix::from_qtensor(&quantized(GgmlDType::Q4_0, 16, 64, 2)).unwrap(),
+    ];
+    assert!(QMatrix::stack(mixed).is_err());
+    let widths = vec![
+        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 1)).unwrap(),
+        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 96, 2)).unwrap(),
+    ];
+    assert!(QMatrix::stack(widths).is_err());
+}

@@ -28,6 +28,9 @@ pub struct ForwardArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Also print where each forward's time goes, stage by stage.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub use treespec::engine::budget::CostPoint as CurvePoint;
@@ -112,8 +115,42 @@ pub fn run(a: ForwardArgs) -> Result<()> {
             report.bandwidth_floor_ms / p.ms
         );
     }
+    if a.profile {
+        print_profile(&model, a.ctx, &a.n, a.reps.max(1))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     }
+    Ok(())
+}
+
+/// Per N, the mean ms each decoder stage takes in one forward (a separate
+/// pass: timing every stage adds a little overhead of its own).
+fn print_profile(model: &Model, ctx: usize, ns: &[usize], reps: usize) -> Result<()> {
+    use treespec::model::profile::Stage;
+    println!("\nms per forward by stage (mean of {reps})");
+    print!("{:<16}", "stage");
+    for n in ns {
+        print!(" {:>8}", format!("N={n}"));
+    }
+    println!();
+    let mut cols = Vec::new();
+    for &n in ns {
+        cols.push(treespec::engine::budget::profile_forward(
+            model, ctx, n, reps,
+        )?);
+    }
+    for (i, s) in Stage::ALL.iter().enumerate() {
+        print!("{:<16}", s.name());
+        for c in &cols {
+            print!(" {:>8.2}", c[i]);
+        }
+        println!();
+    }
+    print!("{:<16}", "total");
+    for c in &cols {
+        print!(" {:>8.2}", c.iter().sum::<f64>());
+    }
+    println!();
     Ok(())
 }

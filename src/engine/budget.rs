@@ -44,6 +44,25 @@ pub fn measure_curve(
     ns: &[usize],
     reps: usize,
 ) -> Result<Vec<CostPoint>> {
+    measure(model, ctx, ns, reps, false)
+}
+
+/// [`measure_curve`] for one N with the stage profile
+/// ([`crate::model::profile`]) collecting over the timed forwards only;
+/// returns the mean ms per stage.
+pub fn profile_forward(model: &Model, ctx: usize, n: usize, reps: usize) -> Result<[f64; 8]> {
+    measure(model, ctx, &[n], reps, true)?;
+    let reps = reps.max(1) as f64;
+    Ok(crate::model::profile::totals_ms().map(|t| t / reps))
+}
+
+fn measure(
+    model: &Model,
+    ctx: usize,
+    ns: &[usize],
+    reps: usize,
+    profile: bool,
+) -> Result<Vec<CostPoint>> {
     let dec = &model.decoder;
     let vocab = dec.config.vocab_size as u32;
     let maxn = ns.iter().copied().max().unwrap_or(1);
@@ -64,15 +83,25 @@ pub fn measure_curve(
         for (k, &n) in ns.iter().enumerate() {
             let pos: Vec<usize> = (ctx..ctx + n).collect();
             let par: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
+            if profile && rep == 1 {
+                crate::model::profile::enable(true);
+            }
             let t = Instant::now();
-            dec.forward(&mut cache, &toks[ctx..ctx + n], &pos, &par, LogitRows::All)?;
+            let out = dec.forward(&mut cache, &toks[ctx..ctx + n], &pos, &par, LogitRows::All);
             let ms = t.elapsed().as_secs_f64() * 1e3;
             cache.truncate(ctx);
+            if let Err(e) = out {
+                crate::model::profile::enable(false);
+                return Err(e);
+            }
             if rep > 0 {
                 // rep 0 warms caches and page tables
                 times[k].push(ms);
             }
         }
+    }
+    if profile {
+        crate::model::profile::enable(false);
     }
     Ok(ns
         .iter()

@@ -246,6 +246,74 @@ impl QMatrix {
         })
     }
 
+    /// Stacks matrices with the same input width into one `[Σ out, in]`
+    /// matrix (rows of the first, then the second, …), so projections of the
+    /// same input run as one call: one activation quantization, one pass
+    /// over the pool. Possible when all share a format (and, for the tiled
+    /// layout, every part but the last fills whole 16-row tiles); otherwise
+    /// the parts come back unchanged. The stacked matrix computes exactly
+    /// the bits the parts do.
+    pub fn stack(parts: Vec<QMatrix>) -> std::result::Result<QMatrix, Vec<QMatrix>> {
+        let Some(first) = parts.first() else {
+            return Err(parts);
+        };
+        let (dtype, inp) = (first.dtype, first.inp);
+        let last = parts.len() - 1;
+        let compatible = parts.iter().enumerate().all(|(i, m)| {
+            m.dtype == dtype
+                && m.inp == inp
+                && match (&m.repr, &first.repr) {
+                    (Repr::Tiled(t), Repr::Tiled(f)) => {
+                        t.fmt == f.fmt && (i == last || m.out % TILE == 0)
+                    }
+                    (Repr::Dense(_), Repr::Dense(_)) => true,
+                    _ => false,
+                }
+        });
+        if !compatible || parts.len() < 2 {
+            return Err(parts);
+        }
+        let out: usize = parts.iter().map(|m| m.out).sum();
+        let repr = match &first.repr {
+            Repr::Tiled(f) => {
+                let (fmt, blocks) = (f.fmt, f.blocks);
+                let tile_bytes = blocks * fmt.rec_bytes();
+                let mut buf = AlignedBuf::zeroed(out.div_ceil(TILE) * tile_bytes);
+                let mut at = 0;
+                for m in &parts {
+                    if let Repr::Tiled(t) = &m.repr {
+                        let bytes = m.out.div_ceil(TILE) * tile_bytes;
+                        buf.as_mut_slice()[at..at + bytes]
+                            .copy_from_slice(&t.buf.as_slice()[..bytes]);
+                        at += bytes;
+                    }
+                }
+                Repr::Tiled(Tiles {
+                    fmt,
+                    out,
+                    blocks,
+                    buf,
+                })
+            }
+            Repr::Dense(_) => Repr::Dense(
+                parts
+                    .iter()
+                    .flat_map(|m| match &m.repr {
+                        Repr::Dense(w) => w.as_slice(),
+                        Repr::Tiled(_) => &[],
+                    })
+                    .copied()
+                    .collect(),
+            ),
+        };
+        Ok(QMatrix {
+            dtype,
+            out,
+            inp,
+            repr,
+        })
+    }
+
     pub fn out_features(&self) -> usize {
         self.out
     }

@@ -9,20 +9,74 @@
 use super::attention::{tree_attention, AttentionShape, TreeMask};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::{Linear, Projections};
 use super::ops::{add, rms_norm, silu_mul, Rope};
+use super::profile::{Clock, Stage};
 use crate::error::{Error, Result};
+
+/// Activation buffers reused from one layer and one forward to the next
+/// (per thread): a fresh allocation per projection cost page faults and
+/// zeroing that grew with N.
+#[derive(Default)]
+struct Work {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    part: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+thread_local! {
+    static WORK: std::cell::RefCell<Work> = std::cell::RefCell::default();
+}
 
 pub struct Layer {
     pub attn_norm: Vec<f32>,
-    pub wq: Linear,
-    pub wk: Linear,
-    pub wv: Linear,
+    /// Q, K, V projections of the normed input (stacked when they share a
+    /// format).
+    pub qkv: Projections,
     pub wo: Linear,
     pub ffn_norm: Vec<f32>,
-    pub w_gate: Linear,
-    pub w_up: Linear,
+    /// Gate and up projections (stacked when they share a format).
+    pub gate_up: Projections,
     pub w_down: Linear,
+}
+
+impl Layer {
+    pub fn new(
+        attn_norm: Vec<f32>,
+        [wq, wk, wv]: [Linear; 3],
+        wo: Linear,
+        ffn_norm: Vec<f32>,
+        [w_gate, w_up]: [Linear; 2],
+        w_down: Linear,
+    ) -> Layer {
+        Layer {
+            attn_norm,
+            qkv: Projections::new(vec![wq, wk, wv]),
+            wo,
+            ffn_norm,
+            gate_up: Projections::new(vec![w_gate, w_up]),
+            w_down,
+        }
+    }
+}
+
+/// Copies column range `cols` of each `width`-wide row of `src` into `dst`
+/// (resized to `rows` rows of `cols.len()`).
+fn columns(src: &[f32], width: usize, cols: std::ops::Range<usize>, dst: &mut Vec<f32>) {
+    let rows = src.len() / width;
+    dst.resize(rows * cols.len(), 0.0);
+    for (d, s) in dst
+        .chunks_exact_mut(cols.len())
+        .zip(src.chunks_exact(width))
+    {
+        d.copy_from_slice(&s[cols.clone()]);
+    }
 }
 
 /// The token embedding table, quantized (GGUF) or dense (HF).
@@ -170,25 +224,51 @@ impl Decoder {
             head_dim: c.head_dim,
         };
         let eps = c.rms_eps as f32;
+        let mut clock = Clock::start();
         let mut x = self.embedding.lookup(tokens)?; // [N][hidden]
-        let mut normed = vec![0f32; x.len()];
-        for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
-            let mut q = layer.wq.forward(&normed, n);
-            let mut k = layer.wk.forward(&normed, n);
-            let v = layer.wv.forward(&normed, n);
-            self.rope.apply(&mut q, c.n_heads, positions);
-            self.rope.apply(&mut k, c.n_kv_heads, positions);
-            cache.write(l, &k, &v);
-            let attn = tree_attention(&shape, &q, &cache.layer(l), &mask);
-            add(&mut x, &layer.wo.forward(&attn, n));
+        WORK.with_borrow_mut(|w| {
+            w.normed.resize(x.len(), 0.0);
+            for (l, layer) in self.layers.iter().enumerate() {
+                rms_norm(&x, &layer.attn_norm, eps, &mut w.normed);
+                clock.lap(Stage::Elementwise);
+                layer
+                    .qkv
+                    .forward_into(&w.normed, n, &mut w.qkv, &mut w.part);
+                let [qd, kd, vd] = [0, 1, 2].map(|i| layer.qkv.widths()[i]);
+                let width = qd + kd + vd;
+                columns(&w.qkv, width, 0..qd, &mut w.q);
+                columns(&w.qkv, width, qd..qd + kd, &mut w.k);
+                columns(&w.qkv, width, qd + kd..width, &mut w.v);
+                clock.lap(Stage::Qkv);
+                self.rope.apply(&mut w.q, c.n_heads, positions);
+                self.rope.apply(&mut w.k, c.n_kv_heads, positions);
+                cache.write(l, &w.k, &w.v);
+                clock.lap(Stage::RopeCache);
+                let attn = tree_attention(&shape, &w.q, &cache.layer(l), &mask);
+                clock.lap(Stage::Attention);
+                layer.wo.forward_into(&attn, n, &mut w.out);
+                clock.lap(Stage::AttnOut);
+                add(&mut x, &w.out);
 
-            rms_norm(&x, &layer.ffn_norm, eps, &mut normed);
-            let mut gate = layer.w_gate.forward(&normed, n);
-            let up = layer.w_up.forward(&normed, n);
-            silu_mul(&mut gate, &up);
-            add(&mut x, &layer.w_down.forward(&gate, n));
-        }
+                rms_norm(&x, &layer.ffn_norm, eps, &mut w.normed);
+                clock.lap(Stage::Elementwise);
+                layer
+                    .gate_up
+                    .forward_into(&w.normed, n, &mut w.up, &mut w.part);
+                clock.lap(Stage::GateUp);
+                let f = layer.gate_up.widths()[0];
+                for row in w.up.chunks_exact_mut(2 * f) {
+                    let (gate, up) = row.split_at_mut(f);
+                    silu_mul(gate, up);
+                }
+                columns(&w.up, 2 * f, 0..f, &mut w.gate);
+                clock.lap(Stage::Elementwise);
+                layer.w_down.forward_into(&w.gate, n, &mut w.out);
+                clock.lap(Stage::Down);
+                add(&mut x, &w.out);
+            }
+        });
+        clock.lap(Stage::Elementwise);
 
         let hidden = c.hidden;
         let rows = match want {
@@ -205,6 +285,7 @@ impl Decoder {
         } else {
             Vec::new()
         };
+        clock.lap(Stage::LmHead);
         Ok(Logits { data, rows, vocab })
     }
 }

@@ -30,6 +30,8 @@ pub trait F32x16: Copy {
     unsafe fn store(self, p: *mut f32);
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
+    /// IEEE division (correctly rounded on every level).
+    unsafe fn div(self, o: Self) -> Self;
     unsafe fn max(self, o: Self) -> Self;
     /// `self + a * b` with one rounding (fused multiply-add).
     unsafe fn fma(self, a: Self, b: Self) -> Self;
@@ -49,7 +51,8 @@ const EXP_POLY: [f32; 7] = [
     1.0,
 ];
 
-/// e^x for x <= 0 (softmax after subtracting the max; -inf gives 0):
+/// e^x (softmax after subtracting the max, SiLU; -inf gives 0, x is
+/// clamped to [-87, 88] so 2^n stays a normal float):
 /// x = n ln2 + r with r in [-ln2/2, ln2/2] (Cody–Waite split of ln 2 so r stays
 /// exact), e^r by its Taylor polynomial to degree 7, 2^n through the exponent
 /// bits. Relative error < 5e-7 against libm's ~1 ulp; libm's `expf` is a
@@ -59,7 +62,7 @@ pub fn exp_lane(x: f32) -> f32 {
     if x == f32::NEG_INFINITY {
         return 0.0;
     }
-    let x = x.max(-87.0);
+    let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = EXP_POLY[0];
@@ -112,6 +115,59 @@ unsafe fn sum_exp_with<V: F32x16>(xs: &[f32], max: f32) -> f32 {
     lanes.iter().sum::<f32>() + rest.iter().map(|&x| exp_lane(x - max)).sum::<f32>()
 }
 
+/// `gate = silu(gate) · up = gate / (1 + e^-gate) · up`, in place, 16
+/// lanes at a time on the best instruction set (every level gives the same
+/// bits). A per-element libm `expf` made this a tenth of a 16-token forward.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "silu_mul: gate and up differ in length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn run(g: &mut [f32], u: &[f32]) {
+                silu_mul_with::<Avx512>(g, u)
+            }
+            // SAFETY: AVX-512F is present.
+            return unsafe { run(gate, up) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run(g: &mut [f32], u: &[f32]) {
+                silu_mul_with::<Avx2>(g, u)
+            }
+            // SAFETY: AVX2 and FMA are present.
+            return unsafe { run(gate, up) };
+        }
+    }
+    // SAFETY: the scalar lanes need no CPU feature.
+    unsafe { silu_mul_with::<Scalar>(gate, up) }
+}
+
+#[inline(always)]
+unsafe fn silu_mul_with<V: F32x16>(gate: &mut [f32], up: &[f32]) {
+    let one = V::splat(1.0);
+    let zero = V::zero();
+    let n = gate.len() / LANES * LANES;
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    while i < n {
+        let x = V::load(g.wrapping_add(i));
+        let e = zero.fma(x, V::splat(-1.0)).exp();
+        x.div(one.add(e))
+            .mul(V::load(u.wrapping_add(i)))
+            .store(g.wrapping_add(i));
+        i += LANES;
+    }
+    for (x, &v) in gate[n..].iter_mut().zip(&up[n..]) {
+        *x = *x / (1.0 + exp_lane(-*x)) * v;
+    }
+}
+
 /// The portable reference.
 #[derive(Clone, Copy)]
 pub struct Scalar([f32; LANES]);
@@ -142,6 +198,10 @@ impl F32x16 for Scalar {
         Scalar(std::array::from_fn(|l| self.0[l] * o.0[l]))
     }
     #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        Scalar(std::array::from_fn(|l| self.0[l] / o.0[l]))
+    }
+    #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
         Scalar(std::array::from_fn(|l| self.0[l].max(o.0[l])))
     }
@@ -170,7 +230,10 @@ mod x86 {
     #[inline(always)]
     unsafe fn exp8(x: __m256) -> __m256 {
         let neg_inf = _mm256_cmp_ps::<_CMP_EQ_OQ>(x, _mm256_set1_ps(f32::NEG_INFINITY));
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -221,6 +284,10 @@ mod x86 {
             Avx2(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
         }
         #[inline(always)]
+        unsafe fn div(self, o: Self) -> Self {
+            Avx2(_mm256_div_ps(self.0, o.0), _mm256_div_ps(self.1, o.1))
+        }
+        #[inline(always)]
         unsafe fn max(self, o: Self) -> Self {
             Avx2(_mm256_max_ps(self.0, o.0), _mm256_max_ps(self.1, o.1))
         }
@@ -267,6 +334,10 @@ mod x86 {
             Avx512(_mm512_mul_ps(self.0, o.0))
         }
         #[inline(always)]
+        unsafe fn div(self, o: Self) -> Self {
+            Avx512(_mm512_div_ps(self.0, o.0))
+        }
+        #[inline(always)]
         unsafe fn max(self, o: Self) -> Self {
             Avx512(_mm512_max_ps(self.0, o.0))
         }
@@ -278,7 +349,10 @@ mod x86 {
         unsafe fn exp(self) -> Self {
             let x = self.0;
             let neg_inf = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, _mm512_set1_ps(f32::NEG_INFINITY));
-            let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+            let x = _mm512_min_ps(
+                _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+                _mm512_set1_ps(88.0),
+            );
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
             );
@@ -330,6 +404,38 @@ mod tests {
         assert_eq!(exp_lane(f32::NEG_INFINITY), 0.0);
     }
 
+    #[test]
+    fn silu_mul_matches_reference_on_every_level() {
+        // Both signs, large magnitudes (e^-x overflows past 88), a tail
+        // that is not a multiple of 16.
+        let gate: Vec<f32> = (0..16 * 40 + 7)
+            .map(|i| ((i * 7919 % 20_011) as f32 - 10_005.0) / 50.0)
+            .collect();
+        let up: Vec<f32> = (0..gate.len())
+            .map(|i| 1.0 + (i % 13) as f32 / 7.0)
+            .collect();
+        let mut got = gate.clone();
+        silu_mul(&mut got, &up);
+        let mut scalar = gate.clone();
+        unsafe { silu_mul_with::<Scalar>(&mut scalar, &up) };
+        for i in 0..gate.len() {
+            let (g, u) = (gate[i] as f64, up[i] as f64);
+            let want = g / (1.0 + (-g).exp()) * u;
+            // Past -88 e^-x is clamped at e^88: silu is ~1e-36 instead of ~0.
+            let tol = 2e-6 * want.abs() + 1e-30;
+            assert!(
+                (got[i] as f64 - want).abs() <= tol,
+                "silu({g}) * {u}: {} vs {want}",
+                got[i]
+            );
+            assert_eq!(
+                got[i].to_bits(),
+                scalar[i].to_bits(),
+                "level differs at {i}"
+            );
+        }
+    }
+
     /// Every level gives the scalar reference's bits.
     #[test]
     #[cfg(target_arch = "x86_64")]
@@ -347,6 +453,7 @@ mod tests {
                 let x = V::load(c.as_ptr());
                 let y = x
                     .exp()
+                    .add(x.mul(V::splat(-1.0)).exp().div(V::splat(3.0)))
                     .mul(V::splat(1.5))
                     .add(acc.max(x))
                     .fma(x, V::splat(0.3));

@@ -131,17 +131,21 @@ fn load_gguf(path: &Path) -> Result<Model> {
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
-        layers.push(Layer {
-            attn_norm: g.dense(&format!("{p}.attn_norm.weight"), &[hd])?,
-            wq: g.linear(&format!("{p}.attn_q"), hd, hd, c.qkv_bias)?,
-            wk: g.linear(&format!("{p}.attn_k"), kv, hd, c.qkv_bias)?,
-            wv: g.linear(&format!("{p}.attn_v"), kv, hd, c.qkv_bias)?,
-            wo: g.linear(&format!("{p}.attn_output"), hd, hd, false)?,
-            ffn_norm: g.dense(&format!("{p}.ffn_norm.weight"), &[hd])?,
-            w_gate: g.linear(&format!("{p}.ffn_gate"), c.ffn_dim, hd, false)?,
-            w_up: g.linear(&format!("{p}.ffn_up"), c.ffn_dim, hd, false)?,
-            w_down: g.linear(&format!("{p}.ffn_down"), hd, c.ffn_dim, false)?,
-        });
+        layers.push(Layer::new(
+            g.dense(&format!("{p}.attn_norm.weight"), &[hd])?,
+            [
+                g.linear(&format!("{p}.attn_q"), hd, hd, c.qkv_bias)?,
+                g.linear(&format!("{p}.attn_k"), kv, hd, c.qkv_bias)?,
+                g.linear(&format!("{p}.attn_v"), kv, hd, c.qkv_bias)?,
+            ],
+            g.linear(&format!("{p}.attn_output"), hd, hd, false)?,
+            g.dense(&format!("{p}.ffn_norm.weight"), &[hd])?,
+            [
+                g.linear(&format!("{p}.ffn_gate"), c.ffn_dim, hd, false)?,
+                g.linear(&format!("{p}.ffn_up"), c.ffn_dim, hd, false)?,
+            ],
+            g.linear(&format!("{p}.ffn_down"), hd, c.ffn_dim, false)?,
+        ));
     }
     let output_norm = g.dense("output_norm.weight", &[hd])?;
     // Tied embeddings: a file without `output.weight` reuses the token table.
@@ -242,17 +246,14 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
         let w_gate = lin("mlp.gate_proj", c.ffn_dim, hd, false)?;
         let w_up = lin("mlp.up_proj", c.ffn_dim, hd, false)?;
         let w_down = lin("mlp.down_proj", hd, c.ffn_dim, false)?;
-        layers.push(Layer {
-            attn_norm: vec(get(&format!("{p}.input_layernorm.weight"), &[hd])?)?,
-            ffn_norm: vec(get(&format!("{p}.post_attention_layernorm.weight"), &[hd])?)?,
-            wq,
-            wk,
-            wv,
+        layers.push(Layer::new(
+            vec(get(&format!("{p}.input_layernorm.weight"), &[hd])?)?,
+            [wq, wk, wv],
             wo,
-            w_gate,
-            w_up,
+            vec(get(&format!("{p}.post_attention_layernorm.weight"), &[hd])?)?,
+            [w_gate, w_up],
             w_down,
-        });
+        ));
     }
     let output_norm = vec(get("model.norm.weight", &[hd])?)?;
     let lm_head = if tied || !has_lm_head {

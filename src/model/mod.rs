@@ -9,6 +9,7 @@ pub(crate) mod lanes;
 pub mod linear;
 pub mod load;
 pub mod ops;
+pub mod profile;
 
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Decoder, LogitRows, Logits};

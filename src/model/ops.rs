@@ -5,10 +5,19 @@
 //! cost more than the op (measured: 25 ms → see the kernel issue's note).
 
 /// `out[r] = x[r] / rms(x[r]) * w` for each row of width `w.len()`.
+/// The sum of squares runs in 16 independent partial sums (a single running
+/// sum is one dependent add per element: 0.8 ms of a 16-token forward).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let mut part = [0f32; 16];
+        let (chunks, rest) = xr.as_chunks::<16>();
+        for c in chunks {
+            for (p, v) in part.iter_mut().zip(c) {
+                *p += v * v;
+            }
+        }
+        let ss = (part.iter().sum::<f32>() + rest.iter().map(|v| v * v).sum::<f32>()) / d as f32;
         let scale = 1.0 / (ss + eps).sqrt();
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;
@@ -73,11 +82,9 @@ impl Rope {
     }
 }
 
-/// `gate = silu(gate) * up`, in place.
+/// `gate = silu(gate) * up`, in place (vectorised: see `lanes`).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    super::lanes::silu_mul(gate, up)
 }
 
 /// `x += y`.
