@@ -32,5 +32,7 @@ pub(crate) unsafe fn load_at<T: Copy>(base: *const u8, i: usize) -> T {
 /// `base + i × size_of::<T>()` must be valid for writing a `T`.
 #[inline(always)]
 pub(crate) unsafe fn store_at<T: Copy>(base: *mut u8, i: usize, v: T) {
-    (*(base as *mut [Unaligned<T>; SPAN])).get_unchecked_mut(i).0 = v;
+    (*(base as *mut [Unaligned<T>; SPAN]))
+        .get_unchecked_mut(i)
+        .0 = v;
 }

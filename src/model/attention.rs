@@ -219,7 +219,7 @@ struct Block<'a> {
     out: OutPtr,
 }
 
-/// 2 = AVX-512F, 1 = AVX2 + FMA, 0 = baseline. The crate is built for plain
+/// 2 = AVX-512F, 1 = AVX2 + FMA + F16C, 0 = baseline. The crate is built for plain
 /// x86-64, so the task body is compiled once per level and picked at run
 /// time, as the matmul kernels are. All levels run the same arithmetic
 /// (multiply-adds fused everywhere), so they agree bit for bit.
@@ -233,6 +233,7 @@ fn simd_level() -> u8 {
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return 1;
             }
@@ -242,13 +243,13 @@ fn simd_level() -> u8 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn attend_avx512(b: &Block, g: usize, r0: usize) {
     attend::<Avx512>(b, g, r0)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(b: &Block, g: usize, r0: usize) {
     attend::<Avx2>(b, g, r0)
 }
@@ -349,7 +350,7 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
                 let p = scores[r * stride + ctx + j];
                 let val = &values[(ctx + j) * d..(ctx + j + 1) * d];
                 for (y, &x) in a.iter_mut().zip(val) {
-                    *y = p.mul_add(x, *y);
+                    *y = p.mul_add(half::f16::from_bits(x).to_f32(), *y);
                 }
             }
         }
@@ -373,7 +374,7 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
 #[inline(always)]
 unsafe fn qk<V: F32x16, const R: usize>(
     q: &[f32],
-    keys: &[f32],
+    keys: &[u16],
     d: usize,
     stride: usize,
     scale: f32,
@@ -393,7 +394,7 @@ unsafe fn qk<V: F32x16, const R: usize>(
             // The cache streams from memory (the weights evicted it): ask
             // for the next tile's line while this one is used.
             prefetch(kp.wrapping_add(d * KEY_TILE));
-            let k = V::load(kp);
+            let k = V::load_f16(kp);
             for (a, &o) in acc.iter_mut().zip(&qoff) {
                 *a = a.fma(V::splat(load_at::<f32>(qbase, o.wrapping_add(c))), k);
             }
@@ -414,7 +415,7 @@ unsafe fn qk<V: F32x16, const R: usize>(
 unsafe fn pv<V: F32x16, const R: usize>(
     p: &[f32],
     stride: usize,
-    values: &[f32],
+    values: &[u16],
     d: usize,
     acc: &mut [f32],
 ) {
@@ -431,7 +432,7 @@ unsafe fn pv<V: F32x16, const R: usize>(
         let mut vp = values.as_ptr().wrapping_add(c0);
         for j in 0..rows {
             prefetch(vp.wrapping_add(8 * d));
-            let v = V::load(vp);
+            let v = V::load_f16(vp);
             for (a, &o) in a.iter_mut().zip(&poff) {
                 *a = a.fma(V::splat(load_at::<f32>(pbase, o.wrapping_add(j))), v);
             }
@@ -448,7 +449,8 @@ unsafe fn pv<V: F32x16, const R: usize>(
             for r in 0..R {
                 let x = p[r * stride + j];
                 for c in c0..d {
-                    acc[r * d + c] = x.mul_add(values[j * d + c], acc[r * d + c]);
+                    let v = half::f16::from_bits(values[j * d + c]).to_f32();
+                    acc[r * d + c] = x.mul_add(v, acc[r * d + c]);
                 }
             }
         }
@@ -457,7 +459,7 @@ unsafe fn pv<V: F32x16, const R: usize>(
 
 /// A hint to fetch the line at `p` (never faults, so `p` may run past the end).
 #[inline(always)]
-fn prefetch(p: *const f32) {
+fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch instructions do not access memory architecturally.
     unsafe {

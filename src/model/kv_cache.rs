@@ -10,6 +10,11 @@
 //!   arithmetic for a key whether it is cached or new in this forward;
 //! - values `[position][head_dim]`.
 //!
+//! Entries are stored as f16 (llama.cpp's default cache type, see
+//! [`to_f16`]): the attention converts on load, which is exact, and reads
+//! half the bytes — at long context the cache, not the weights, is what a
+//! forward streams.
+//!
 //! A forward appends its N new entries after the `len()` committed ones as
 //! *pending*; `keep(indices)` then moves the listed pending entries to sit
 //! contiguously after the committed prefix and drops the rest. The committed
@@ -25,18 +30,18 @@ pub struct KvCache {
     n_kv_heads: usize,
     head_dim: usize,
     capacity: usize,
-    /// `[layer * n_kv_heads + head]`: key tiles (see the module docs).
-    k: Vec<Vec<f32>>,
-    /// `[layer * n_kv_heads + head]`: `[position][head_dim]`.
-    v: Vec<Vec<f32>>,
+    /// `[layer * n_kv_heads + head]`: key tiles (see the module docs), f16 bits.
+    k: Vec<Vec<u16>>,
+    /// `[layer * n_kv_heads + head]`: `[position][head_dim]`, f16 bits.
+    v: Vec<Vec<u16>>,
     committed: usize,
     pending: usize,
 }
 
 /// One layer's keys and values for the committed + pending positions.
 pub struct LayerKv<'a> {
-    keys: &'a [Vec<f32>],
-    values: &'a [Vec<f32>],
+    keys: &'a [Vec<u16>],
+    values: &'a [Vec<u16>],
     len: usize,
     head_dim: usize,
 }
@@ -52,24 +57,28 @@ impl<'a> LayerKv<'a> {
     }
 
     /// Head `g`'s key tiles covering every position (the last tile may hold
-    /// stale lanes past `len()`).
-    pub fn keys(&self, g: usize) -> &'a [f32] {
+    /// stale lanes past `len()`), as f16 bits.
+    pub fn keys(&self, g: usize) -> &'a [u16] {
         &self.keys[g][..self.len.div_ceil(KEY_TILE) * KEY_TILE * self.head_dim]
     }
 
-    /// Head `g`'s values, `[len()][head_dim]`.
-    pub fn values(&self, g: usize) -> &'a [f32] {
+    /// Head `g`'s values, `[len()][head_dim]`, as f16 bits.
+    pub fn values(&self, g: usize) -> &'a [u16] {
         &self.values[g][..self.len * self.head_dim]
     }
 }
 
 /// llama.cpp's default cache type is f16, and matching its rounding keeps our
-/// greedy output on its path (measured on the golden records: without it
-/// SmolLM2 left llama.cpp's path at a 0.09 top-2 margin). Storage stays f32
-/// so the attention loops need no conversion.
+/// greedy output on its path (measured on the golden records: with f32
+/// entries SmolLM2 left llama.cpp's path at a 0.09 top-2 margin).
 #[inline]
-fn f16_round(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
+fn to_f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+#[inline]
+fn from_f16(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
 }
 
 impl KvCache {
@@ -126,11 +135,11 @@ impl KvCache {
         let value_floats = need * self.head_dim;
         for buf in &mut self.k {
             if buf.len() < key_floats {
-                buf.resize(key_floats, 0.0);
+                buf.resize(key_floats, 0);
             }
         }
         for buf in &mut self.v {
-            buf.resize(value_floats, 0.0);
+            buf.resize(value_floats, 0);
         }
         self.pending = n;
         Ok(())
@@ -147,11 +156,11 @@ impl KvCache {
                 let key_base = self.key_at(p, 0);
                 let keys = &mut self.k[layer * h + g];
                 for c in 0..d {
-                    keys[key_base + c * KEY_TILE] = f16_round(k[src + c]);
+                    keys[key_base + c * KEY_TILE] = to_f16(k[src + c]);
                 }
                 let values = &mut self.v[layer * h + g][p * d..(p + 1) * d];
                 for (dst, &s) in values.iter_mut().zip(&v[src..src + d]) {
-                    *dst = f16_round(s);
+                    *dst = to_f16(s);
                 }
             }
         }
@@ -172,8 +181,14 @@ impl KvCache {
     pub fn entry(&self, layer: usize, head: usize, pos: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.head_dim;
         let buf = layer * self.n_kv_heads + head;
-        let key = (0..d).map(|c| self.k[buf][self.key_at(pos, c)]).collect();
-        (key, self.v[buf][pos * d..(pos + 1) * d].to_vec())
+        let key = (0..d)
+            .map(|c| from_f16(self.k[buf][self.key_at(pos, c)]))
+            .collect();
+        let value = self.v[buf][pos * d..(pos + 1) * d]
+            .iter()
+            .map(|&b| from_f16(b))
+            .collect();
+        (key, value)
     }
 
     /// Commits the pending entries listed in `indices` (ascending indices into
@@ -237,7 +252,7 @@ impl KvCache {
         self.k
             .iter()
             .chain(self.v.iter())
-            .map(|b| b.capacity() * 4)
+            .map(|b| b.capacity() * 2)
             .sum()
     }
 }
@@ -273,7 +288,8 @@ mod tests {
         let l = c.layer(0);
         assert_eq!(l.len(), 18);
         assert_eq!(l.keys(0).len(), 32 * 2);
-        assert_eq!(&l.values(1)[34..36], &[-25., -25.]);
+        let v: Vec<f32> = l.values(1)[34..36].iter().map(|&b| from_f16(b)).collect();
+        assert_eq!(v, [-25., -25.]);
         assert!(c.keep(&[0]).is_err(), "nothing pending");
         c.begin(2).unwrap();
         assert!(c.keep(&[1, 0]).is_err());

@@ -27,6 +27,8 @@ pub trait F32x16: Copy {
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
+    /// 16 f16 values (as bits) widened to f32 (exact on every level).
+    unsafe fn load_f16(p: *const u16) -> Self;
     unsafe fn store(self, p: *mut f32);
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
@@ -186,6 +188,11 @@ impl F32x16 for Scalar {
         Scalar(load_at::<[f32; LANES]>(p as *const u8, 0))
     }
     #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self {
+        let b = load_at::<[u16; LANES]>(p as *const u8, 0);
+        Scalar(b.map(|x| half::f16::from_bits(x).to_f32()))
+    }
+    #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
         store_at::<[f32; LANES]>(p as *mut u8, 0, self.0)
     }
@@ -271,6 +278,13 @@ mod x86 {
             )
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            Avx2(
+                _mm256_cvtph_ps(load_at::<__m128i>(p as *const u8, 0)),
+                _mm256_cvtph_ps(load_at::<__m128i>(p as *const u8, 1)),
+            )
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             store_at::<__m256>(p as *mut u8, 0, self.0);
             store_at::<__m256>(p as *mut u8, 1, self.1);
@@ -320,6 +334,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             Avx512(load_at::<__m512>(p as *const u8, 0))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            Avx512(_mm512_cvtph_ps(load_at::<__m256i>(p as *const u8, 0)))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
