@@ -311,9 +311,24 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 let a = |c: usize| _mm512_set1_epi32(at::<i32, _>(qs, 64 * g + 8 * gr + c));
                 let mut s0 = _mm512_set1_epi32(at::<i32, _>(bias, 16 * g + 2 * gr));
                 let mut s1 = _mm512_set1_epi32(at::<i32, _>(bias, 16 * g + 2 * gr + 1));
-                for c in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, wv[c], a(c));
-                    s1 = _mm512_dpbusd_epi32(s1, wv[c + 4], a(c + 4));
+                if G < DOT_SPLIT_BELOW / 2 {
+                    // Few rows: four short chains instead of two long ones
+                    // (the loop is bound by `vpdpbusd` latency, not issue).
+                    let mut t0 = _mm512_setzero_si512();
+                    let mut t1 = _mm512_setzero_si512();
+                    for c in [0, 2] {
+                        s0 = _mm512_dpbusd_epi32(s0, wv[c], a(c));
+                        t0 = _mm512_dpbusd_epi32(t0, wv[c + 1], a(c + 1));
+                        s1 = _mm512_dpbusd_epi32(s1, wv[c + 4], a(c + 4));
+                        t1 = _mm512_dpbusd_epi32(t1, wv[c + 5], a(c + 5));
+                    }
+                    s0 = _mm512_add_epi32(s0, t0);
+                    s1 = _mm512_add_epi32(s1, t1);
+                } else {
+                    for c in 0..4 {
+                        s0 = _mm512_dpbusd_epi32(s0, wv[c], a(c));
+                        s1 = _mm512_dpbusd_epi32(s1, wv[c + 4], a(c + 4));
+                    }
                 }
                 let t = _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0), _mm512_mullo_epi32(s1, sc1));
                 isum[g] = _mm512_add_epi32(isum[g], t);
