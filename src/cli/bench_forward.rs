@@ -31,6 +31,10 @@ pub struct ForwardArgs {
     /// Also print where each forward's time goes, stage by stage.
     #[arg(long)]
     pub profile: bool,
+    /// Peer figures to print beside ours (llama.cpp's section of a file
+    /// laid out like the shared peers.md); skipped if the file is missing.
+    #[arg(long, default_value = "../shared/peers.md")]
+    pub peers: std::path::PathBuf,
 }
 
 pub use treespec::engine::budget::CostPoint as CurvePoint;
@@ -48,6 +52,8 @@ pub struct ForwardReport {
     pub weight_bytes: u64,
     /// weight_bytes / bandwidth: no forward can be faster than this.
     pub bandwidth_floor_ms: f64,
+    /// llama.cpp's figures for this model from `--peers`, if any.
+    pub llama_cpp: Option<treespec::bench::peers::PeerForward>,
 }
 
 /// Measures c(N) for each N in `ns` on `model` after `ctx` cached tokens.
@@ -80,7 +86,17 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let g = engine::generate(&model, &mut session, None, &prompt, &opts, &mut |_| true)?;
     let bw = treespec::kernels::read_bandwidth_gb_s(1 << 30, 7);
     let weight_bytes = std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0);
+    let model_name = model
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| a.model.model.clone());
+    let llama_cpp = std::fs::read_to_string(&a.peers)
+        .ok()
+        .map(|t| treespec::bench::peers::llama_cpp_forward(&t, &model_name))
+        .filter(|p| !p.is_empty());
     let report = ForwardReport {
+        llama_cpp,
         read_bandwidth_gb_s: bw,
         weight_bytes,
         bandwidth_floor_ms: weight_bytes as f64 / (bw * 1e9) * 1e3,
@@ -95,7 +111,17 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         "model {}  threads {}  isa {}",
         report.model, report.threads, report.isa
     );
-    println!("plain decode: {:.1} tok/s", report.decode_tok_s);
+    let peer = report.llama_cpp.as_ref();
+    match peer.and_then(|p| p.decode_tok_s) {
+        Some(t) => println!(
+            "plain decode: {:.1} tok/s (llama.cpp {:.1} tok/s in {}: {:.2}x)",
+            report.decode_tok_s,
+            t,
+            a.peers.display(),
+            report.decode_tok_s / t
+        ),
+        None => println!("plain decode: {:.1} tok/s", report.decode_tok_s),
+    }
     println!(
         "read bandwidth {:.1} GB/s; streaming {:.0} MB of weights takes >= {:.2} ms",
         report.read_bandwidth_gb_s,
@@ -103,16 +129,24 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         report.bandwidth_floor_ms
     );
     println!(
-        "{:>5} {:>10} {:>10} {:>12}",
-        "N", "ms", "c(N)/c(1)", "floor/c(N)"
+        "{:>5} {:>10} {:>10} {:>12} {:>14} {:>16}",
+        "N", "ms", "c(N)/c(1)", "floor/c(N)", "llama.cpp ms", "llama.cpp c/c1"
     );
+    let peer_c1 = peer.and_then(|p| p.ms(1));
     for p in &report.curve {
+        let (pm, pr) = match (peer.and_then(|q| q.ms(p.n)), peer_c1) {
+            (Some(m), Some(m1)) => (format!("{m:.1}"), format!("{:.2}", m / m1)),
+            (Some(m), None) => (format!("{m:.1}"), "-".into()),
+            _ => ("-".into(), "-".into()),
+        };
         println!(
-            "{:>5} {:>10.2} {:>10.2} {:>12.2}",
+            "{:>5} {:>10.2} {:>10.2} {:>12.2} {:>14} {:>16}",
             p.n,
             p.ms,
             p.ms / c1,
-            report.bandwidth_floor_ms / p.ms
+            report.bandwidth_floor_ms / p.ms,
+            pm,
+            pr
         );
     }
     if a.profile {
