@@ -393,7 +393,7 @@ unsafe fn qk<V: F32x16, const R: usize>(
         for c in 0..d {
             // The cache streams from memory (the weights evicted it): ask
             // for the next tile's line while this one is used.
-            prefetch(kp.wrapping_add(d * KEY_TILE));
+            prefetch(kp.wrapping_add(KEY_PREFETCH_TILES * d * KEY_TILE));
             let k = V::load_f16(kp);
             for (a, &o) in acc.iter_mut().zip(&qoff) {
                 *a = a.fma(V::splat(load_at::<f32>(qbase, o.wrapping_add(c))), k);
@@ -431,7 +431,7 @@ unsafe fn pv<V: F32x16, const R: usize>(
         }
         let mut vp = values.as_ptr().wrapping_add(c0);
         for j in 0..rows {
-            prefetch(vp.wrapping_add(8 * d));
+            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d));
             let v = V::load_f16(vp);
             for (a, &o) in a.iter_mut().zip(&poff) {
                 *a = a.fma(V::splat(load_at::<f32>(pbase, o.wrapping_add(j))), v);
@@ -456,6 +456,13 @@ unsafe fn pv<V: F32x16, const R: usize>(
         }
     }
 }
+
+/// How far ahead the cache is prefetched. It streams from DRAM (the weights
+/// evicted it), and a line must be asked for ~100 ns (a few hundred cycles of
+/// multiply-adds) before it is used; one tile or a few rows ahead left the
+/// loops waiting on memory.
+const KEY_PREFETCH_TILES: usize = 4;
+const VALUE_PREFETCH_ROWS: usize = 48;
 
 /// A hint to fetch the line at `p` (never faults, so `p` may run past the end).
 #[inline(always)]
