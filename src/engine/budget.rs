@@ -130,10 +130,30 @@ fn curve_path(home: &Path, identity: &str) -> PathBuf {
     home.join("curves").join(format!("{safe}.json"))
 }
 
+/// Bump when the kernels or the forward change speed: cached curves from
+/// an older build would mislead the controller (measured: curves cached by
+/// an earlier build, one taken while the machine was busy, had c(1) two to
+/// three times too high and c(9)/c(1) 2.5 instead of ~1.8).
+const FORWARD_REVISION: u32 = 3;
+
+/// What a cached curve is valid for: the model, the thread count, the
+/// kernel path, this build (version, forward revision, optimised or not).
+fn curve_key(model: &Model) -> String {
+    format!(
+        "{}_{}t_{}_v{}r{}{}",
+        model.identity,
+        crate::kernels::threads(),
+        crate::kernels::isa(),
+        env!("CARGO_PKG_VERSION"),
+        FORWARD_REVISION,
+        if cfg!(debug_assertions) { "_dev" } else { "" }
+    )
+}
+
 /// The c(N) curve of this model on this machine: from the cache in `home`,
 /// or measured now (a few seconds) and cached.
 pub fn cost_curve(model: &Model, home: &Path) -> Result<Vec<CostPoint>> {
-    let path = curve_path(home, &model.identity);
+    let path = curve_path(home, &curve_key(model));
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(c) = serde_json::from_str::<Vec<CostPoint>>(&text) {
             if c.len() == CANDIDATE_BUDGETS.len() {
@@ -143,7 +163,7 @@ pub fn cost_curve(model: &Model, home: &Path) -> Result<Vec<CostPoint>> {
     }
     let ns: Vec<usize> = CANDIDATE_BUDGETS.iter().map(|b| b + 1).collect();
     tracing::info!("measuring the verify cost curve c(N) for --tree auto");
-    let curve = measure_curve(model, 256, &ns, 3)?;
+    let curve = measure_curve(model, 256, &ns, 5)?;
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
         let tmp = path.with_extension("json.tmp");
