@@ -605,3 +605,80 @@ fn end_to_end_on_smollm2() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench forward` end to end: the documented JSON object on the last line,
+/// llama.cpp's figures read from the shared peers file, and the per-stage
+/// profile table.
+#[test]
+fn bench_forward_reports_curve_peers_and_profile() {
+    common::model_path("smollm2-135m");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_treespec"))
+        .args([
+            "bench",
+            "forward",
+            "-m",
+            "smollm2-135m",
+            "--n",
+            "1,2",
+            "--reps",
+            "1",
+            "--ctx",
+            "32",
+            "--profile",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "model",
+        "threads",
+        "isa",
+        "decode_tok_s",
+        "curve",
+        "read_bandwidth_gb_s",
+    ] {
+        assert!(!v[key].is_null(), "missing {key}: {last}");
+    }
+    let curve = v["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 2);
+    assert_eq!(curve[1]["n"], 2);
+    assert!(curve[0]["ms"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    if std::path::Path::new("../shared/peers.md").exists() {
+        let peer = &v["llama_cpp"];
+        assert!(peer["decode_tok_s"].as_f64().is_some(), "{last}");
+        assert_eq!(peer["curve"][0]["n"], 1);
+        assert!(stdout.contains("llama.cpp"));
+    }
+    // The profile: one row per stage, a column per N, stage times > 0 where
+    // work happens.
+    let row = |name: &str| -> Vec<f64> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in\n{stdout}"));
+        line[name.len()..]
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    for stage in [
+        "q,k,v proj",
+        "attention",
+        "gate,up proj",
+        "down proj",
+        "lm head",
+    ] {
+        let r = row(stage);
+        assert_eq!(r.len(), 2, "{stage}: {r:?}");
+        assert!(r.iter().all(|&ms| ms > 0.0), "{stage}: {r:?}");
+    }
+}

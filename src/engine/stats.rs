@@ -82,7 +82,11 @@ pub struct GenStats {
 
 impl GenStats {
     pub fn finish(&mut self) {
-        self.prefill_tok_s = rate(self.prefilled_tokens, self.prefill_ms);
+        // The last prompt token is counted as prefilled (llama.cpp's
+        // `prompt_n` does the same) but runs as the first decode step's root,
+        // outside `prefill_ms`: a one-token prompt has no prefill rate (it
+        // showed a million tokens per second).
+        self.prefill_tok_s = rate(self.prefilled_tokens.saturating_sub(1), self.prefill_ms);
         self.decode_tok_s = rate(self.generated_tokens, self.decode_ms);
     }
 }

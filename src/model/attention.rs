@@ -345,12 +345,30 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
     for r in 0..rows {
         let (i, h) = head_of(r0 + r);
         let a = &mut acc[r * d..(r + 1) * d];
+        // 16 output dimensions at a time held in a register over all the
+        // visible new tokens (a prefill chunk has hundreds), same per-lane
+        // order as the scalar tail below.
+        let srow = &scores[r * stride + ctx..];
+        let mut c0 = 0;
+        while c0 + LANES <= d {
+            let ap = a.as_mut_ptr().wrapping_add(c0);
+            let mut acc = V::load(ap);
+            let mut vp = values.as_ptr().wrapping_add(ctx * d + c0);
+            for (j, &p) in srow[..=last_token].iter().enumerate() {
+                if b.mask.sees(i, j) {
+                    acc = acc.fma(V::splat(p), V::load_f16(vp));
+                }
+                vp = vp.wrapping_add(d);
+            }
+            acc.store(ap);
+            c0 += LANES;
+        }
         for j in 0..=last_token {
-            if b.mask.sees(i, j) {
-                let p = scores[r * stride + ctx + j];
-                let val = &values[(ctx + j) * d..(ctx + j + 1) * d];
-                for (y, &x) in a.iter_mut().zip(val) {
-                    *y = p.mul_add(half::f16::from_bits(x).to_f32(), *y);
+            if c0 < d && b.mask.sees(i, j) {
+                let p = srow[j];
+                for c in c0..d {
+                    let x = half::f16::from_bits(values[(ctx + j) * d + c]).to_f32();
+                    a[c] = p.mul_add(x, a[c]);
                 }
             }
         }

@@ -321,3 +321,41 @@ impl Decoder {
         Ok(Logits { data, rows, vocab })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pooled SwiGLU computes exactly what one `silu_mul` per row does,
+    /// across span boundaries and a ragged last span.
+    #[test]
+    fn swiglu_matches_rowwise_silu() {
+        let (rows, f) = (3, 2 * 4096 + 100);
+        let gate_up: Vec<f32> = (0..rows * 2 * f)
+            .map(|i| ((i * 7919 % 2003) as f32 - 1000.0) / 150.0)
+            .collect();
+        let mut out = vec![f32::NAN; 5];
+        swiglu(&gate_up, f, &mut out);
+        assert_eq!(out.len(), rows * f);
+        for r in 0..rows {
+            let row = &gate_up[r * 2 * f..(r + 1) * 2 * f];
+            let mut want = row[..f].to_vec();
+            silu_mul(&mut want, &row[f..]);
+            let got = &out[r * f..(r + 1) * f];
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r} differs"
+            );
+        }
+    }
+
+    #[test]
+    fn columns_cuts_rows() {
+        let src: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let mut dst = Vec::new();
+        columns(&src, 4, 1..3, &mut dst);
+        assert_eq!(dst, vec![1., 2., 5., 6., 9., 10.]);
+    }
+}
