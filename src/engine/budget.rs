@@ -91,7 +91,9 @@ fn measure(
             let ms = t.elapsed().as_secs_f64() * 1e3;
             cache.truncate(ctx);
             if let Err(e) = out {
-                crate::model::profile::enable(false);
+                if profile {
+                    crate::model::profile::enable(false);
+                }
                 return Err(e);
             }
             if rep > 0 {

@@ -192,11 +192,22 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
-/// `y` shared by the threads of one call; each writes its own columns.
+/// An output buffer shared by the pool's threads during one call, each
+/// writing its own disjoint part (matmul columns, attention rows, SwiGLU
+/// spans); the buffer outlives the call.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes while the owner waits for the call.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Element `i` (a method, so closures capture the wrapper, not the bare
+    /// pointer).
+    pub(crate) fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
 
 impl QMatrix {
     /// Repacks a GGUF weight of shape `[out, in]`.
@@ -388,15 +399,12 @@ impl QMatrix {
     fn tiled(&self, isa: Isa, m: &Tiles, act: &QAct, y: &mut [f32]) {
         let ntiles = self.out.div_ceil(TILE);
         let yp = OutPtr(y.as_mut_ptr());
-        let run = move |tiles: std::ops::Range<usize>| {
-            let yp = yp;
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512::run(m, act, tiles, yp.0) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::run(m, act, tiles, yp.0) },
-                _ => scalar::run(m, act, tiles, yp.0),
-            }
+        let run = move |tiles: std::ops::Range<usize>| match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::run(m, act, tiles, yp.at(0)) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::run(m, act, tiles, yp.at(0)) },
+            _ => scalar::run(m, act, tiles, yp.at(0)),
         };
         pool::global().run(ntiles, self.chunk(act.n, ntiles), &run);
     }
@@ -405,13 +413,12 @@ impl QMatrix {
         let (inp, out) = (self.inp, self.out);
         let yp = OutPtr(y.as_mut_ptr());
         let run = move |rows: std::ops::Range<usize>| {
-            let yp = yp;
             for j in rows {
                 let wr = &w[j * inp..][..inp];
                 for i in 0..n {
                     let v = dot_f32(wr, &x[i * inp..][..inp]);
                     // SAFETY: threads write disjoint columns of `n × out`.
-                    unsafe { *yp.0.add(i * out + j) = v };
+                    unsafe { *yp.at(i * out + j) = v };
                 }
             }
         };

@@ -13,8 +13,8 @@ use super::kv_cache::{LayerKv, KEY_TILE};
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512};
 use super::lanes::{F32x16, Scalar, LANES};
-use crate::kernels::parallel_for;
 use crate::kernels::unaligned::load_at;
+use crate::kernels::{parallel_for, OutPtr};
 
 /// Which of the N new tokens each new token may see: bit `j` of row `i` is set
 /// when `j` is `i` or one of its ancestors. Rows are `words` u64 long.
@@ -376,7 +376,7 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
         // SAFETY: each (token, head) row belongs to exactly one task, so
         // tasks write disjoint ranges of `out`, which outlives them.
         unsafe {
-            std::ptr::copy_nonoverlapping(a.as_ptr(), b.out.0.add(dst), d);
+            std::ptr::copy_nonoverlapping(a.as_ptr(), b.out.at(dst), d);
         }
     }
 }
@@ -494,10 +494,6 @@ fn prefetch<T>(p: *const T) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
-
-struct OutPtr(*mut f32);
-// SAFETY: used only to write disjoint ranges from pool workers (see above).
-unsafe impl Sync for OutPtr {}
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ use super::linear::{Linear, Projections};
 use super::ops::{add, rms_norm, silu_mul, Rope};
 use super::profile::{Clock, Stage};
 use crate::error::{Error, Result};
+use crate::kernels::OutPtr;
 
 /// Activation buffers reused from one layer and one forward to the next
 /// (per thread): a fresh allocation per projection cost page faults and
@@ -26,8 +27,8 @@ struct Work {
     k: Vec<f32>,
     v: Vec<f32>,
     out: Vec<f32>,
+    gate_up: Vec<f32>,
     gate: Vec<f32>,
-    up: Vec<f32>,
 }
 
 thread_local! {
@@ -89,17 +90,6 @@ fn swiglu(gate_up: &[f32], f: usize, out: &mut Vec<f32>) {
         }
     };
     crate::kernels::parallel_for(rows * spans, 1, &work);
-}
-
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint spans from pool workers (`swiglu`).
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// (A method, so closures capture the wrapper, not the bare pointer.)
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 /// Copies column range `cols` of each `width`-wide row of `src` into `dst`
@@ -290,10 +280,10 @@ impl Decoder {
                 clock.lap(Stage::Elementwise);
                 layer
                     .gate_up
-                    .forward_into(&w.normed, n, &mut w.up, &mut w.part);
+                    .forward_into(&w.normed, n, &mut w.gate_up, &mut w.part);
                 clock.lap(Stage::GateUp);
                 let f = layer.gate_up.widths()[0];
-                swiglu(&w.up, f, &mut w.gate);
+                swiglu(&w.gate_up, f, &mut w.gate);
                 clock.lap(Stage::Elementwise);
                 layer.w_down.forward_into(&w.gate, n, &mut w.out);
                 clock.lap(Stage::Down);
