@@ -4,14 +4,16 @@
 //! memory-bandwidth drift hits both alike; medians are printed.
 //!
 //! `cargo bench --bench matmul` (env: `BENCH_N=1,8`, `BENCH_MODEL=1.5b`,
-//! `BENCH_SHAPES=0,4` indices, `BENCH_NO_CANDLE=1`, `BENCH_COPIES=1`, `BENCH_LOAD=1` to time
+//! `BENCH_SHAPES=0,4` indices, `BENCH_NO_CANDLE=1`, `BENCH_VS=avx512` to
+//! compare with another kernel path instead of candle, `BENCH_MIN=1` for
+//! minima instead of medians, `BENCH_COPIES=1`, `BENCH_LOAD=1` to time
 //! repacking every tensor of the 1.5B model; `TREESPEC_ISA`,
 //! `TREESPEC_THREADS` as usual).
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::time::{Duration, Instant};
-use treespec::kernels::{isa, QMatrix};
+use treespec::kernels::{isa, Isa, QMatrix};
 
 fn env_list(key: &str) -> Option<Vec<usize>> {
     std::env::var(key)
@@ -19,9 +21,15 @@ fn env_list(key: &str) -> Option<Vec<usize>> {
         .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
 }
 
+/// The median, or with `BENCH_MIN=1` the minimum (the uncontended speed on
+/// a machine shared with noisy neighbours).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    if std::env::var_os("BENCH_MIN").is_some() {
+        v[0]
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Pseudo-random weights with row-varying scale (no RNG dependency needed).
@@ -99,7 +107,16 @@ fn main() {
     let pick = env_list("BENCH_SHAPES");
     let ns = env_list("BENCH_N").unwrap_or(vec![1, 2, 4, 8, 16, 32, 64]);
     let with_candle = std::env::var_os("BENCH_NO_CANDLE").is_none();
-    println!("isa={} (candle: QMatMul on CPU)", isa());
+    // `BENCH_VS=avx512` (a kernel path): compare against that path instead
+    // of candle, interleaved rep by rep like candle would be.
+    let vs = std::env::var("BENCH_VS")
+        .ok()
+        .and_then(|v| Isa::available().into_iter().find(|i| i.name() == v));
+    let with_candle = with_candle && vs.is_none();
+    match vs {
+        Some(v) => println!("isa={} (second column: {})", isa(), v.name()),
+        None => println!("isa={} (candle: QMatMul on CPU)", isa()),
+    }
     println!(
         "{:<22} {:>5} {:>3} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7}",
         "shape", "dtype", "N", "ours ms", "GMAC/s", "c(N)/c1", "candle ms", "GMAC/s", "speedup"
@@ -119,7 +136,7 @@ fn main() {
         let ours: Vec<QMatrix> = (0..copies)
             .map(|_| QMatrix::from_qtensor(&q).unwrap())
             .collect();
-        let theirs: Vec<QMatMul> = (0..copies)
+        let theirs: Vec<QMatMul> = (0..if with_candle { copies } else { 0 })
             .map(|_| {
                 let data = q.data().unwrap().to_vec();
                 let st = QStorage::from_data(data.into(), &Device::Cpu, dtype).unwrap();
@@ -146,7 +163,11 @@ fn main() {
                 let t = Instant::now();
                 ours[rep % copies].matmul(&x, n, &mut y);
                 a.push(t.elapsed().as_secs_f64());
-                if with_candle {
+                if let Some(isa) = vs {
+                    let t = Instant::now();
+                    ours[(rep + copies / 2) % copies].matmul_with(isa, &x, n, &mut y);
+                    b.push(t.elapsed().as_secs_f64());
+                } else if with_candle {
                     let t = Instant::now();
                     let r = theirs[rep % copies].forward(&xt).unwrap();
                     b.push(t.elapsed().as_secs_f64());
@@ -156,7 +177,7 @@ fn main() {
             let macs = (n * inp * out) as f64;
             let ta = median(&mut a);
             let ours_1 = *ours_1.get_or_insert(ta);
-            let (tb, gb) = if with_candle {
+            let (tb, gb) = if with_candle || vs.is_some() {
                 let tb = median(&mut b);
                 (tb * 1e3, macs / tb / 1e9)
             } else {
