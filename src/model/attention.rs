@@ -132,8 +132,9 @@ pub struct AttentionShape {
 /// Query rows scored against one key tile at once (registers held: this many
 /// 16-lane accumulators).
 const QK_ROWS: usize = 8;
-/// Query rows accumulated over one stretch of values at once.
-const PV_ROWS: usize = 8;
+/// Query rows accumulated over one stretch of values at once (64 output
+/// dimensions each: 16 accumulators).
+const PV_ROWS: usize = 4;
 /// Key tiles per block of positions (64 positions: 16 KB of keys or values
 /// at head_dim 64, well inside L1) that every row of a task uses before the
 /// next block is read.
@@ -267,10 +268,21 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
     let stride = span.div_ceil(KEY_TILE) * KEY_TILE;
     let head_of = |r: usize| (r / group, g * group + r % group);
 
+    // Queries by groups of QK_ROWS rows, each group laid out `[c][row]`:
+    // the score kernel then broadcasts a group's values for dimension c from
+    // one pointer at constant offsets (per-row offsets ran out of registers
+    // and were reloaded from the stack beside every multiply-add).
     let mut qs = vec![0f32; rows * d];
     for r in 0..rows {
         let (i, h) = head_of(r0 + r);
-        qs[r * d..(r + 1) * d].copy_from_slice(&b.q[(i * b.n_heads + h) * d..][..d]);
+        let (g0, take) = (
+            r / QK_ROWS * QK_ROWS,
+            QK_ROWS.min(rows - r / QK_ROWS * QK_ROWS),
+        );
+        let q = &b.q[(i * b.n_heads + h) * d..][..d];
+        for (c, &x) in q.iter().enumerate() {
+            qs[g0 * d + c * take + (r - g0)] = x;
+        }
     }
 
     // Scores for every tile of keys up to `span` (lanes past it are ignored).
@@ -330,10 +342,6 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
             let s = &scores[r * stride + j0..(r + take - 1) * stride + j1];
             let a = &mut acc[r * d..(r + take) * d];
             match take {
-                8 => pv::<V, 8>(s, stride, vb, d, a),
-                7 => pv::<V, 7>(s, stride, vb, d, a),
-                6 => pv::<V, 6>(s, stride, vb, d, a),
-                5 => pv::<V, 5>(s, stride, vb, d, a),
                 4 => pv::<V, 4>(s, stride, vb, d, a),
                 3 => pv::<V, 3>(s, stride, vb, d, a),
                 2 => pv::<V, 2>(s, stride, vb, d, a),
@@ -401,22 +409,22 @@ unsafe fn qk<V: F32x16, const R: usize>(
     let tiles = keys.len() / (d * KEY_TILE);
     debug_assert!(q.len() >= R * d && s.len() >= (R - 1) * stride + tiles * KEY_TILE);
     let scale = V::splat(scale);
-    // One base pointer and per-row offsets: a single null check for all.
-    let qbase = q.as_ptr() as *const u8;
-    let qoff: [usize; R] = std::array::from_fn(|r| r * d);
     let mut kp = keys.as_ptr();
     let mut sp = s.as_mut_ptr();
     for _ in 0..tiles {
         let mut acc = [V::zero(); R];
-        for c in 0..d {
+        // `q` is `[c][R]`: dimension c of every row at constant offsets.
+        let mut qp = q.as_ptr() as *const u8;
+        for _ in 0..d {
             // The cache streams from memory (the weights evicted it): ask
             // for the next tile's line while this one is used.
             prefetch(kp.wrapping_add(KEY_PREFETCH_TILES * d * KEY_TILE));
             let k = V::load_f16(kp);
-            for (a, &o) in acc.iter_mut().zip(&qoff) {
-                *a = a.fma(V::splat(load_at::<f32>(qbase, o.wrapping_add(c))), k);
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = a.fma(V::splat(load_at::<f32>(qp, r)), k);
             }
             kp = kp.wrapping_add(KEY_TILE);
+            qp = qp.wrapping_add(R * 4);
         }
         let mut dst = sp;
         for a in &acc {
@@ -428,7 +436,10 @@ unsafe fn qk<V: F32x16, const R: usize>(
 }
 
 /// `acc[r] += Σ_j p[r][j] · values[j]` over every value row given, in
-/// position order, 16 output dimensions at a time held in registers.
+/// position order: 64 output dimensions at a time (R × 4 accumulators, each
+/// value row loaded once for all R rows), then 16 at a time, then the rest.
+/// Each output lane is one multiply-add chain in position order whatever
+/// the grouping.
 #[inline(always)]
 unsafe fn pv<V: F32x16, const R: usize>(
     p: &[f32],
@@ -441,11 +452,39 @@ unsafe fn pv<V: F32x16, const R: usize>(
     debug_assert!(p.len() >= (R - 1) * stride + rows && acc.len() >= R * d);
     let pbase = p.as_ptr() as *const u8;
     let poff: [usize; R] = std::array::from_fn(|r| r * stride);
+    let ap = acc.as_mut_ptr();
     let mut c0 = 0;
+    while c0 + 4 * LANES <= d {
+        let mut a = [[V::zero(); 4]; R];
+        for (r, ar) in a.iter_mut().enumerate() {
+            for (l, x) in ar.iter_mut().enumerate() {
+                *x = V::load(ap.wrapping_add(r * d + c0 + l * LANES));
+            }
+        }
+        let mut vp = values.as_ptr().wrapping_add(c0);
+        for j in 0..rows {
+            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d));
+            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d + 2 * LANES));
+            let v: [V; 4] = std::array::from_fn(|l| V::load_f16(vp.wrapping_add(l * LANES)));
+            for (ar, &o) in a.iter_mut().zip(&poff) {
+                let x = V::splat(load_at::<f32>(pbase, o.wrapping_add(j)));
+                for (acc, &v) in ar.iter_mut().zip(&v) {
+                    *acc = acc.fma(x, v);
+                }
+            }
+            vp = vp.wrapping_add(d);
+        }
+        for (r, ar) in a.iter().enumerate() {
+            for (l, x) in ar.iter().enumerate() {
+                x.store(ap.wrapping_add(r * d + c0 + l * LANES));
+            }
+        }
+        c0 += 4 * LANES;
+    }
     while c0 + LANES <= d {
         let mut a = [V::zero(); R];
         for (r, a) in a.iter_mut().enumerate() {
-            *a = V::load(acc.as_ptr().wrapping_add(r * d + c0));
+            *a = V::load(ap.wrapping_add(r * d + c0));
         }
         let mut vp = values.as_ptr().wrapping_add(c0);
         for j in 0..rows {
@@ -457,7 +496,7 @@ unsafe fn pv<V: F32x16, const R: usize>(
             vp = vp.wrapping_add(d);
         }
         for (r, a) in a.iter().enumerate() {
-            a.store(acc.as_mut_ptr().wrapping_add(r * d + c0));
+            a.store(ap.wrapping_add(r * d + c0));
         }
         c0 += LANES;
     }
@@ -516,9 +555,14 @@ mod tests {
 
     #[test]
     fn attention_matches_naive() {
-        // head_dim 24: one 16-wide pass plus the odd rest; ctx 37 crosses
-        // key tiles; GQA group of 3.
-        let (heads, kv_heads, d) = (6, 2, 24);
+        // head_dim 24: one 16-wide pass plus the odd rest; 88: a 64-wide
+        // pass, a 16-wide one and the rest. ctx 37 crosses key tiles; GQA
+        // group of 3 (15 query rows per kv head: row groups of 8 and 7).
+        check_against_naive(6, 2, 24);
+        check_against_naive(6, 2, 88);
+    }
+
+    fn check_against_naive(heads: usize, kv_heads: usize, d: usize) {
         let shape = AttentionShape {
             n_heads: heads,
             n_kv_heads: kv_heads,
