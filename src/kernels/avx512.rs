@@ -72,15 +72,24 @@ unsafe fn f16x16(rec: *const u8, i: usize) -> __m512 {
     _mm512_cvtph_ps(at::<__m256i, _>(rec, i))
 }
 
-const DOT_SPLIT_BELOW: usize = 8;
+/// Groups of up to this many rows split each row's 8 `vpdpbusd` into two
+/// chains. Measured on the matmul benchmark within one process (cost of N = 8
+/// over N = 7, 32-value formats): one chain 1.01–1.45, two chains 0.96–1.14;
+/// from 9 rows on, the rows' own chains keep the unit busy and one chain per
+/// row is faster (Q8_0 LM head at N = 16: 1.13–1.20 × N = 8, against
+/// 1.59–1.76 split).
+const DOT_SPLIT_ROWS_32: usize = 8;
+/// The K-quants' sub-block loop has more independent work: there one chain
+/// at 8 rows measured the same as two, and the split stays below 8.
+const DOT_SPLIT_ROWS_K: usize = 7;
 
 /// Σ over 8 chunks of `vpdpbusd` for one activation row whose 32 values are
 /// i32 elements `8 r..8 r + 8` of `a`, on top of `init`. Two chains when
-/// the group is small, so the latency of one chain does not bound the loop.
+/// `split` (few rows), so the latency of one chain does not bound the loop.
 #[inline(always)]
-unsafe fn dot8<const G: usize>(init: __m512i, w: &[__m512i; 8], a: *const i8, r: usize) -> __m512i {
+unsafe fn dot8(init: __m512i, w: &[__m512i; 8], a: *const i8, r: usize, split: bool) -> __m512i {
     let x = |c: usize| _mm512_set1_epi32(at::<i32, _>(a, 8 * r + c));
-    if G < DOT_SPLIT_BELOW {
+    if split {
         let mut s0 = init;
         let mut s1 = _mm512_setzero_si512();
         for c in 0..4 {
@@ -213,7 +222,7 @@ unsafe fn k32<B: Blk32, const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
             } else {
                 _mm512_set1_epi32(at::<i32, _>(bias, g))
             };
-            let s = dot8::<G>(init, &wv, qs, g);
+            let s = dot8(init, &wv, qs, g, G <= DOT_SPLIT_ROWS_32);
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(at::<f32, _>(d, g)));
             acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[g]);
             if has_min {
@@ -246,7 +255,13 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
             let sc = _mm512_cvtepu8_epi32(at::<__m128i, _>(rec, off::Q4K_SC / 16 + j));
             for_g!(G, |g| {
                 // Row g's sub-block j: i32 elements 64 g + 8 j ..
-                let s = dot8::<G>(_mm512_setzero_si512(), &wv, qs, 8 * g + j);
+                let s = dot8(
+                    _mm512_setzero_si512(),
+                    &wv,
+                    qs,
+                    8 * g + j,
+                    G <= DOT_SPLIT_ROWS_K,
+                );
                 isum[g] = _mm512_add_epi32(isum[g], _mm512_mullo_epi32(s, sc));
             });
         }
@@ -311,7 +326,7 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 let a = |c: usize| _mm512_set1_epi32(at::<i32, _>(qs, 64 * g + 8 * gr + c));
                 let mut s0 = _mm512_set1_epi32(at::<i32, _>(bias, 16 * g + 2 * gr));
                 let mut s1 = _mm512_set1_epi32(at::<i32, _>(bias, 16 * g + 2 * gr + 1));
-                if G < DOT_SPLIT_BELOW / 2 {
+                if G < 4 {
                     // Few rows: four short chains instead of two long ones
                     // (the loop is bound by `vpdpbusd` latency, not issue).
                     let mut t0 = _mm512_setzero_si512();
