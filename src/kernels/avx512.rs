@@ -82,6 +82,8 @@ const DOT_SPLIT_ROWS_32: usize = 8;
 /// The K-quants' sub-block loop has more independent work: there one chain
 /// at 8 rows measured the same as two, and the split stays below 8.
 const DOT_SPLIT_ROWS_K: usize = 7;
+/// Q6_K with fewer rows than this runs four chains of two per 32 values.
+const Q6K_FOUR_CHAINS_BELOW: usize = 4;
 
 /// Σ over 8 chunks of `vpdpbusd` for one activation row whose 32 values are
 /// i32 elements `8 r..8 r + 8` of `a`, on top of `init`. Two chains when
@@ -326,7 +328,7 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 let a = |c: usize| _mm512_set1_epi32(at::<i32, _>(qs, 64 * g + 8 * gr + c));
                 let mut s0 = _mm512_set1_epi32(at::<i32, _>(bias, 16 * g + 2 * gr));
                 let mut s1 = _mm512_set1_epi32(at::<i32, _>(bias, 16 * g + 2 * gr + 1));
-                if G < 4 {
+                if G < Q6K_FOUR_CHAINS_BELOW {
                     // Few rows: four short chains instead of two long ones
                     // (the loop is bound by `vpdpbusd` latency, not issue).
                     let mut t0 = _mm512_setzero_si512();

@@ -275,10 +275,8 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
     let mut qs = vec![0f32; rows * d];
     for r in 0..rows {
         let (i, h) = head_of(r0 + r);
-        let (g0, take) = (
-            r / QK_ROWS * QK_ROWS,
-            QK_ROWS.min(rows - r / QK_ROWS * QK_ROWS),
-        );
+        let g0 = r - r % QK_ROWS;
+        let take = QK_ROWS.min(rows - g0);
         let q = &b.q[(i * b.n_heads + h) * d..][..d];
         for (c, &x) in q.iter().enumerate() {
             qs[g0 * d + c * take + (r - g0)] = x;
@@ -452,52 +450,13 @@ unsafe fn pv<V: F32x16, const R: usize>(
     debug_assert!(p.len() >= (R - 1) * stride + rows && acc.len() >= R * d);
     let pbase = p.as_ptr() as *const u8;
     let poff: [usize; R] = std::array::from_fn(|r| r * stride);
-    let ap = acc.as_mut_ptr();
     let mut c0 = 0;
     while c0 + 4 * LANES <= d {
-        let mut a = [[V::zero(); 4]; R];
-        for (r, ar) in a.iter_mut().enumerate() {
-            for (l, x) in ar.iter_mut().enumerate() {
-                *x = V::load(ap.wrapping_add(r * d + c0 + l * LANES));
-            }
-        }
-        let mut vp = values.as_ptr().wrapping_add(c0);
-        for j in 0..rows {
-            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d));
-            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d + 2 * LANES));
-            let v: [V; 4] = std::array::from_fn(|l| V::load_f16(vp.wrapping_add(l * LANES)));
-            for (ar, &o) in a.iter_mut().zip(&poff) {
-                let x = V::splat(load_at::<f32>(pbase, o.wrapping_add(j)));
-                for (acc, &v) in ar.iter_mut().zip(&v) {
-                    *acc = acc.fma(x, v);
-                }
-            }
-            vp = vp.wrapping_add(d);
-        }
-        for (r, ar) in a.iter().enumerate() {
-            for (l, x) in ar.iter().enumerate() {
-                x.store(ap.wrapping_add(r * d + c0 + l * LANES));
-            }
-        }
+        pv_slices::<V, R, 4>(pbase, &poff, values, rows, d, acc, c0);
         c0 += 4 * LANES;
     }
     while c0 + LANES <= d {
-        let mut a = [V::zero(); R];
-        for (r, a) in a.iter_mut().enumerate() {
-            *a = V::load(ap.wrapping_add(r * d + c0));
-        }
-        let mut vp = values.as_ptr().wrapping_add(c0);
-        for j in 0..rows {
-            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d));
-            let v = V::load_f16(vp);
-            for (a, &o) in a.iter_mut().zip(&poff) {
-                *a = a.fma(V::splat(load_at::<f32>(pbase, o.wrapping_add(j))), v);
-            }
-            vp = vp.wrapping_add(d);
-        }
-        for (r, a) in a.iter().enumerate() {
-            a.store(ap.wrapping_add(r * d + c0));
-        }
+        pv_slices::<V, R, 1>(pbase, &poff, values, rows, d, acc, c0);
         c0 += LANES;
     }
     // head_dim not a multiple of 16: the rest, same arithmetic.
@@ -510,6 +469,48 @@ unsafe fn pv<V: F32x16, const R: usize>(
                     acc[r * d + c] = x.mul_add(v, acc[r * d + c]);
                 }
             }
+        }
+    }
+}
+
+/// [`pv`] for the `W` 16-wide output slices from dimension `c0`: R × W
+/// accumulators, each value row's slices loaded once for all R rows.
+#[inline(always)]
+unsafe fn pv_slices<V: F32x16, const R: usize, const W: usize>(
+    pbase: *const u8,
+    poff: &[usize; R],
+    values: &[u16],
+    rows: usize,
+    d: usize,
+    acc: &mut [f32],
+    c0: usize,
+) {
+    debug_assert!(c0 + W * LANES <= d && acc.len() >= R * d);
+    let ap = acc.as_mut_ptr();
+    let mut a = [[V::zero(); W]; R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        for (l, x) in ar.iter_mut().enumerate() {
+            *x = V::load(ap.wrapping_add(r * d + c0 + l * LANES));
+        }
+    }
+    let mut vp = values.as_ptr().wrapping_add(c0);
+    for j in 0..rows {
+        // One prefetch per 64-byte line (32 f16 values).
+        for l in (0..W).step_by(2) {
+            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d + l * LANES));
+        }
+        let v: [V; W] = std::array::from_fn(|l| V::load_f16(vp.wrapping_add(l * LANES)));
+        for (ar, &o) in a.iter_mut().zip(poff) {
+            let x = V::splat(load_at::<f32>(pbase, o.wrapping_add(j)));
+            for (acc, &v) in ar.iter_mut().zip(&v) {
+                *acc = acc.fma(x, v);
+            }
+        }
+        vp = vp.wrapping_add(d);
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (l, x) in ar.iter().enumerate() {
+            x.store(ap.wrapping_add(r * d + c0 + l * LANES));
         }
     }
 }
