@@ -63,11 +63,12 @@ fn random_tree(root: u32, n: usize, vocab: u32, seed: u64) -> DraftTree {
     t
 }
 
+const TEXT: &str = "The quick brown fox jumps over the lazy dog. Then the dog chased the fox \
+                    around the old barn until both of them were too tired to run any further. ";
+
 fn check(name: &str) {
     let model = Model::load(&common::model_path(name)).unwrap();
-    let text = "The quick brown fox jumps over the lazy dog. Then the dog chased the fox \
-                around the old barn until both of them were too tired to run any further. ";
-    let base = model.tokenizer.encode(&text.repeat(4), false).unwrap();
+    let base = model.tokenizer.encode(&TEXT.repeat(4), false).unwrap();
     // Several cache lengths, so tree nodes and their cached twins fall on
     // both sides of the attention's 16-position lane boundaries and of its
     // 64-position blocks.
@@ -77,7 +78,7 @@ fn check(name: &str) {
 }
 
 fn check_at(name: &str, model: &Model, prompt: &[u32]) {
-    let mut cache = model.decoder.new_cache(256);
+    let mut cache = model.decoder.new_cache(prompt.len() + 64);
     let body = &prompt[..prompt.len() - 1];
     let pos: Vec<usize> = (0..body.len()).collect();
     let par: Vec<Option<usize>> = (0..body.len()).map(|i| i.checked_sub(1)).collect();
@@ -149,6 +150,19 @@ fn tree_forward_equals_sequential_smollm2() {
 #[test]
 fn tree_forward_equals_sequential_qwen() {
     check("qwen2.5-coder-0.5b");
+}
+
+/// Past the attention's 1024-position chunks: a tree whose nodes straddle
+/// a chunk boundary (cache 1020), and a cache of two whole chunks and more
+/// (split over threads by chunk, then merged).
+#[test]
+fn tree_forward_equals_sequential_long_context() {
+    let model = Model::load(&common::model_path("smollm2-135m")).unwrap();
+    let base = model.tokenizer.encode(&TEXT.repeat(70), false).unwrap();
+    assert!(base.len() > 2100);
+    for cut in [1021, 2100] {
+        check_at("smollm2-135m", &model, &base[..cut]);
+    }
 }
 
 /// The 1.5B (Q4_K/Q6_K): not pulled by CI, run by hand.

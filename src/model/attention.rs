@@ -5,9 +5,12 @@
 //! grows in place: materialising `[heads, N, ctx]` masks or copying the cache
 //! into a contiguous tensor every step would cost more than the attention.
 //!
-//! Work is split over (kv head, block of query rows); all query heads that
-//! share a kv head are processed together so every key/value row loaded from
-//! the cache is used by the whole group (GQA).
+//! All query heads that share a kv head are processed together, so every
+//! key/value row loaded from the cache is used by the whole group (GQA) and
+//! by all the tree's tokens. The softmax runs by fixed chunks of positions
+//! (see [`CHUNK`]): the committed prefix is split over threads chunk by
+//! chunk, then each row's last chunk and its ancestors among the new tokens
+//! are added and the chunks merged.
 
 use super::kv_cache::{LayerKv, KEY_TILE};
 #[cfg(target_arch = "x86_64")]
@@ -22,9 +25,6 @@ pub struct TreeMask {
     n: usize,
     words: usize,
     bits: Vec<u64>,
-    /// Depth of each new token below the cache end (root = 0): its position
-    /// in the sequence relative to the first new slot.
-    depth: Vec<usize>,
 }
 
 impl TreeMask {
@@ -34,22 +34,22 @@ impl TreeMask {
         let n = parents.len();
         let words = n.div_ceil(64).max(1);
         let mut bits = vec![0u64; n * words];
-        let mut depth = vec![0usize; n];
         for i in 0..n {
             if let Some(p) = parents[i] {
                 debug_assert!(p < i);
                 let (lo, hi) = bits.split_at_mut(i * words);
                 hi[..words].copy_from_slice(&lo[p * words..(p + 1) * words]);
-                depth[i] = depth[p] + 1;
             }
             bits[i * words + i / 64] |= 1 << (i % 64);
         }
-        TreeMask {
-            n,
-            words,
-            bits,
-            depth,
-        }
+        TreeMask { n, words, bits }
+    }
+
+    /// The new tokens `i` sees (its ancestors and itself) in slot order,
+    /// which is depth order: the one at index t sits at sequence position
+    /// `cache end + t`.
+    pub fn ancestors(&self, i: usize) -> Vec<usize> {
+        (0..=i).filter(|&j| self.sees(i, j)).collect()
     }
 
     #[inline]
@@ -66,68 +66,26 @@ impl TreeMask {
     }
 }
 
-/// Softmax of one row: the first `ctx` entries are the committed prefix, entry
-/// `ctx + j` is new token j, which sits at sequence position `ctx + depth[j]`.
-/// The row's length is rounded up to whole tiles: lanes past `len` are
-/// ignored.
+/// Positions per chunk, the unit of the softmax. Each (row, chunk) gets its
+/// own max, sum of exponentials and P·V partial, and a row's chunks are then
+/// merged in position order. Chunks are fixed by *sequence position*, not by
+/// what a forward happens to hold, and every partial is computed by the same
+/// arithmetic whichever task computes it, so a token's result does not
+/// depend on which other draft nodes share the forward, on whether its
+/// ancestors are cached or new, or on how the work was split (tree forward
+/// == sequential forward bit for bit, see tests/tree_forward.rs: int8
+/// activation rounding downstream turns a 1-ulp difference into visible
+/// logit changes). This is what lets one token's attention be split over
+/// threads by position (it has only `n_heads` query rows, over a couple of
+/// kv heads).
 ///
-/// Determinism matters more than speed here: a token's result must not
-/// depend on which other draft nodes share the forward, nor on whether its
-/// ancestors are cached or new in the same forward (tree forward ==
-/// sequential forward bit for bit, see tests/tree_forward.rs), because int8
-/// activation rounding downstream turns a 1-ulp difference into visible logit
-/// changes. So masked entries are exactly 0, and the sum runs in 16 lanes
-/// chosen by *sequence position* (position % 16), each lane adding its
-/// entries in position order: a cached ancestor and the same token as a new
-/// tree node land in the same lane at the same point.
-#[inline(always)]
-unsafe fn softmax_in_place<V: F32x16>(s: &mut [f32], len: usize, ctx: usize, depth: &[usize]) {
-    let full = len / LANES;
-    let mut max = f32::NEG_INFINITY;
-    for &x in &s[full * LANES..len] {
-        max = max.max(x);
-    }
-    let mut m = V::splat(max);
-    for t in 0..full {
-        m = m.max(V::load(s.as_ptr().add(t * LANES)));
-    }
-    let mut lanes = [0f32; LANES];
-    m.store(lanes.as_mut_ptr());
-    let max = lanes.iter().copied().fold(max, f32::max);
-    let neg_max = V::splat(-max);
-    for t in 0..s.len() / LANES {
-        let p = s.as_mut_ptr().add(t * LANES);
-        V::load(p).add(neg_max).exp().store(p);
-    }
-    // Lanes by position: whole tiles of the prefix, then its tail, then the
-    // new tokens at their depths.
-    let prefix_tiles = ctx / LANES;
-    let mut sum = V::zero();
-    for t in 0..prefix_tiles {
-        sum = sum.add(V::load(s.as_ptr().add(t * LANES)));
-    }
-    sum.store(lanes.as_mut_ptr());
-    for p in prefix_tiles * LANES..ctx {
-        lanes[p % LANES] += s[p];
-    }
-    for (j, &x) in s[ctx..len].iter().enumerate() {
-        if x != 0.0 {
-            lanes[(ctx + depth[j]) % LANES] += x;
-        }
-    }
-    let total: f32 = lanes.iter().sum();
-    let inv = V::splat(1.0 / total);
-    for t in 0..s.len() / LANES {
-        let p = s.as_mut_ptr().add(t * LANES);
-        V::load(p).mul(inv).store(p);
-    }
-}
-
-pub struct AttentionShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
+/// 1024: a chunk's keys and values (128 KB each at head_dim 64, in f16) stay
+/// in L2 while all of its rows use them, 8k of context still makes 7
+/// chunks per kv head for the pool to balance, and the per-(row, chunk)
+/// work (reductions, the partial, the merge) stays small: with 256-position
+/// chunks it made 4–64-token forwards at 8k ~8% slower than one pass per
+/// row (benches/attention.rs), with 1024 they are faster.
+const CHUNK: usize = 1024;
 
 /// Query rows scored against one key tile at once (registers held: this many
 /// 16-lane accumulators).
@@ -135,10 +93,20 @@ const QK_ROWS: usize = 8;
 /// Query rows accumulated over one stretch of values at once (64 output
 /// dimensions each: 16 accumulators).
 const PV_ROWS: usize = 4;
-/// Key tiles per block of positions (64 positions: 16 KB of keys or values
-/// at head_dim 64, well inside L1) that every row of a task uses before the
-/// next block is read.
+/// Key tiles per block of positions (64 positions: 8 KB of keys or values
+/// at head_dim 64) that every row of a task uses before the next block.
 const BLOCK_TILES: usize = 4;
+/// Longest run of rows one task takes (a multiple of `QK_ROWS`): bounds a
+/// task's score buffer (rows × CHUNK floats, 1 MB at 256 rows, L2-sized) and
+/// leaves the pool tasks to balance when a forward has many rows (a
+/// 512-token prefill chunk has thousands).
+const ROW_RUN: usize = 256;
+
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
 
 /// `q`: `[N][n_heads][head_dim]` (rotated). `kv`: the layer's cache, whose
 /// last N positions are the new tokens. Returns `[N][n_heads][head_dim]`.
@@ -156,68 +124,121 @@ pub fn tree_attention(
     let n = mask.len();
     let ctx = kv.len() - n;
     let group = n_heads / n_kv_heads;
-
-    // A task = one kv head and a run of query rows, a row being one (new
-    // token, query head of the group) pair: every key/value loaded from the
-    // cache serves all rows of the task (GQA and the tree's tokens alike).
-    // Runs are cut so that both pool threads get work even for one token.
     let rows_per_head = n * group;
-    let want_tasks = 2 * crate::kernels::threads();
-    let mut run = QK_ROWS.max(PV_ROWS) * 8;
-    while run > 1 && n_kv_heads * rows_per_head.div_ceil(run) < want_tasks {
-        run /= 2;
-    }
-    let run = run.max(1);
-    let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
-        .flat_map(|g| (0..rows_per_head).step_by(run).map(move |r0| (g, r0)))
-        .collect();
+    let full = ctx / CHUNK;
 
+    // A row is one (new token, query head of the group) pair: every key and
+    // value loaded from the cache serves all rows of a task (GQA and the
+    // tree's tokens alike). Queries are laid out once per call, per kv head
+    // in groups of QK_ROWS rows `[c][row]`: the score kernel then broadcasts
+    // a group's values for dimension c from one pointer at constant offsets.
+    let mut qs = vec![0f32; n_kv_heads * rows_per_head * d];
+    for g in 0..n_kv_heads {
+        let qg = &mut qs[g * rows_per_head * d..(g + 1) * rows_per_head * d];
+        for r in 0..rows_per_head {
+            let (i, h) = (r / group, g * group + r % group);
+            let g0 = r - r % QK_ROWS;
+            let take = QK_ROWS.min(rows_per_head - g0);
+            for (c, &x) in q[(i * n_heads + h) * d..][..d].iter().enumerate() {
+                qg[g0 * d + c * take + (r - g0)] = x;
+            }
+        }
+    }
+    let ancestors: Vec<Vec<usize>> = (0..n).map(|i| mask.ancestors(i)).collect();
     let mut out = vec![0f32; n * n_heads * d];
-    let b = Block {
-        q,
+    let mut prefix_parts = vec![0f32; n_kv_heads * rows_per_head * full * (PART_HEAD + d)];
+    let call = Call {
+        qs: &qs,
         kv,
-        mask,
+        ancestors: &ancestors,
         n_heads,
         d,
         ctx,
         group,
-        run,
         rows_per_head,
+        full,
         scale: 1.0 / (d as f32).sqrt(),
         out: OutPtr(out.as_mut_ptr()),
+        parts: OutPtr(prefix_parts.as_mut_ptr()),
     };
     let level = simd_level();
+
+    // The chunks wholly in the committed prefix, split over tasks by chunk
+    // (and by runs of rows when there are many): each chunk's keys and
+    // values are read once for all the rows of a task.
+    let runs = rows_per_head.div_ceil(ROW_RUN);
+    let units = n_kv_heads * full * runs;
+    let work = |range: std::ops::Range<usize>| {
+        for t in range {
+            let (g, k, run) = (t / (full * runs), t / runs % full, t % runs);
+            let r0 = run * ROW_RUN;
+            let r1 = (r0 + ROW_RUN).min(rows_per_head);
+            // SAFETY: the wrappers only enable features `simd_level` found;
+            // tasks write disjoint partials.
+            unsafe { dispatch(level, &call, Task::PrefixChunk { g, k, r0, r1 }) }
+        }
+    };
+    // Consecutive chunks go to the same thread in groups: the prefetches
+    // that run past a chunk's end then serve the next one (8 groups per
+    // thread leave the pool room to balance a slow core).
+    parallel_for(units, units.div_ceil(8 * crate::kernels::threads()), &work);
+
+    // Then runs of rows: the rest of each row's sequence (the chunk holding
+    // the cache end, and the new tokens) and the merge. Runs are cut so
+    // that both pool threads get work.
+    let want_tasks = 2 * crate::kernels::threads();
+    let mut run = 64;
+    while run > QK_ROWS && n_kv_heads * rows_per_head.div_ceil(run) < want_tasks {
+        run /= 2;
+    }
+    let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
+        .flat_map(|g| (0..rows_per_head).step_by(run).map(move |r0| (g, r0)))
+        .collect();
     let work = |range: std::ops::Range<usize>| {
         for &(g, r0) in &tasks[range] {
-            // SAFETY: the wrappers only enable features `simd_level` found.
-            unsafe {
-                match level {
-                    #[cfg(target_arch = "x86_64")]
-                    2 => attend_avx512(&b, g, r0),
-                    #[cfg(target_arch = "x86_64")]
-                    1 => attend_avx2(&b, g, r0),
-                    _ => attend::<Scalar>(&b, g, r0),
-                }
-            }
+            let r1 = (r0 + run).min(rows_per_head);
+            // SAFETY: as above; each (token, head) row belongs to one task.
+            unsafe { dispatch(level, &call, Task::Rows { g, r0, r1 }) }
         }
     };
     parallel_for(tasks.len(), 1, &work);
     out
 }
 
-/// What every task reads (and the output rows it writes, disjoint per task).
-struct Block<'a> {
-    q: &'a [f32],
+/// Floats of a partial before its `head_dim` P·V sums: the chunk's max
+/// score and its sum of exponentials.
+const PART_HEAD: usize = 2;
+
+/// What every task reads, and where tasks write (disjoint ranges).
+struct Call<'a> {
+    qs: &'a [f32],
     kv: &'a LayerKv<'a>,
-    mask: &'a TreeMask,
+    /// Per new token, [`TreeMask::ancestors`].
+    ancestors: &'a [Vec<usize>],
     n_heads: usize,
     d: usize,
     ctx: usize,
     group: usize,
-    run: usize,
     rows_per_head: usize,
+    /// Chunks wholly inside the committed prefix.
+    full: usize,
     scale: f32,
     out: OutPtr,
+    /// Partials of the `full` chunks: `[kv head][row][chunk][PART_HEAD + d]`.
+    parts: OutPtr,
+}
+
+#[derive(Clone, Copy)]
+enum Task {
+    /// Partials of prefix chunk `k` for rows `r0..r1` of kv head `g`.
+    PrefixChunk {
+        g: usize,
+        k: usize,
+        r0: usize,
+        r1: usize,
+    },
+    /// Rows `r0..r1` of kv head `g` from the last chunk to the output.
+    Rows { g: usize, r0: usize, r1: usize },
 }
 
 /// 2 = AVX-512F, 1 = AVX2 + FMA + F16C, 0 = baseline. The crate is built for plain
@@ -243,147 +264,532 @@ fn simd_level() -> u8 {
     })
 }
 
+/// # Safety
+/// `level` must be what [`simd_level`] returned.
+unsafe fn dispatch(level: u8, c: &Call, task: Task) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        2 => task_avx512(c, task),
+        #[cfg(target_arch = "x86_64")]
+        1 => task_avx2(c, task),
+        _ => run_task::<Scalar>(c, task),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn attend_avx512(b: &Block, g: usize, r0: usize) {
-    attend::<Avx512>(b, g, r0)
+unsafe fn task_avx512(c: &Call, task: Task) {
+    run_task::<Avx512>(c, task)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_avx2(b: &Block, g: usize, r0: usize) {
-    attend::<Avx2>(b, g, r0)
+unsafe fn task_avx2(c: &Call, task: Task) {
+    run_task::<Avx2>(c, task)
 }
 
-/// Rows `r0..r0 + run` of kv head `g` (row r = token `r / group`, query head
-/// `g * group + r % group`).
 #[inline(always)]
-unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
-    let (d, ctx, group) = (b.d, b.ctx, b.group);
-    let r1 = (r0 + b.run).min(b.rows_per_head);
-    let rows = r1 - r0;
-    let last_token = (r1 - 1) / group;
-    // Positions past ctx + last_token are never visible to these rows.
-    let span = ctx + last_token + 1;
-    let stride = span.div_ceil(KEY_TILE) * KEY_TILE;
-    let head_of = |r: usize| (r / group, g * group + r % group);
-
-    // Queries by groups of QK_ROWS rows, each group laid out `[c][row]`:
-    // the score kernel then broadcasts a group's values for dimension c from
-    // one pointer at constant offsets (per-row offsets ran out of registers
-    // and were reloaded from the stack beside every multiply-add).
-    let mut qs = vec![0f32; rows * d];
-    for r in 0..rows {
-        let (i, h) = head_of(r0 + r);
-        let g0 = r - r % QK_ROWS;
-        let take = QK_ROWS.min(rows - g0);
-        let q = &b.q[(i * b.n_heads + h) * d..][..d];
-        for (c, &x) in q.iter().enumerate() {
-            qs[g0 * d + c * take + (r - g0)] = x;
+unsafe fn run_task<V: F32x16>(c: &Call, task: Task) {
+    let row_stride = c.full * (PART_HEAD + c.d);
+    match task {
+        Task::PrefixChunk { g, k, r0, r1 } => {
+            let base = c
+                .parts
+                .at((g * c.rows_per_head + r0) * row_stride + k * (PART_HEAD + c.d));
+            prefix_chunk::<V>(c, g, r0, r1, k, base, row_stride);
+        }
+        Task::Rows { g, r0, r1 } => {
+            let prefix = c.parts.at((g * c.rows_per_head + r0) * row_stride);
+            rows_to_end::<V>(c, g, r0, r1, prefix, row_stride);
         }
     }
+}
 
-    // Scores for every tile of keys up to `span` (lanes past it are ignored).
-    let keys = &b.kv.keys(g)[..stride * d];
-    let mut scores = vec![0f32; rows * stride];
+/// Query rows `r0..r1` of kv head `g` (laid out by groups from row 0, so
+/// `r0` is a multiple of QK_ROWS) scored against the key tiles `keys`:
+/// `s[r][j]` for the tiles' positions, rows `stride` apart.
+#[inline(always)]
+unsafe fn score_rows<V: F32x16>(
+    c: &Call,
+    g: usize,
+    r0: usize,
+    r1: usize,
+    keys: &[u16],
+    stride: usize,
+    s: &mut [f32],
+) {
+    let d = c.d;
+    let q = &c.qs[g * c.rows_per_head * d..(g + 1) * c.rows_per_head * d];
+    let tiles = keys.len() / (KEY_TILE * d);
     // Blocks of positions outer, rows inner: a block of keys is read from
-    // memory once and then serves every row of the task from L1.
-    let tiles = stride / KEY_TILE;
+    // memory once and then serves every row of the task from L1, widened
+    // to f32 first when more than one group of rows will use it.
+    let widen = r1 - r0 > 2 * QK_ROWS;
+    let mut wide = take_scratch(
+        Scratch::Widened,
+        if widen { BLOCK_TILES * KEY_TILE * d } else { 0 },
+    );
     for t0 in (0..tiles).step_by(BLOCK_TILES) {
         let t1 = (t0 + BLOCK_TILES).min(tiles);
         let kb = &keys[t0 * KEY_TILE * d..t1 * KEY_TILE * d];
-        let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(QK_ROWS);
-            let q = &qs[r * d..(r + take) * d];
-            let s =
-                &mut scores[r * stride + t0 * KEY_TILE..(r + take - 1) * stride + t1 * KEY_TILE];
-            match take {
-                8 => qk::<V, 8>(q, kb, d, stride, b.scale, s),
-                7 => qk::<V, 7>(q, kb, d, stride, b.scale, s),
-                6 => qk::<V, 6>(q, kb, d, stride, b.scale, s),
-                5 => qk::<V, 5>(q, kb, d, stride, b.scale, s),
-                4 => qk::<V, 4>(q, kb, d, stride, b.scale, s),
-                3 => qk::<V, 3>(q, kb, d, stride, b.scale, s),
-                2 => qk::<V, 2>(q, kb, d, stride, b.scale, s),
-                _ => qk::<V, 1>(q, kb, d, stride, b.scale, s),
-            }
-            r += take;
+        let s = &mut s[t0 * KEY_TILE..];
+        if widen {
+            let kw = &mut wide[..kb.len()];
+            widen_block::<V>(kb, kw, KEY_PREFETCH_TILES * d * KEY_TILE);
+            score_groups::<V, f32>(q, r0, r1, kw, d, stride, c.scale, s);
+        } else {
+            score_groups::<V, u16>(q, r0, r1, kb, d, stride, c.scale, s);
         }
     }
-    // Mask: the committed prefix is visible to all; among the new tokens
-    // only a row's ancestors and itself.
-    for r in 0..rows {
-        let (i, _) = head_of(r0 + r);
-        let row = &mut scores[r * stride..(r + 1) * stride];
-        for j in 0..=last_token {
-            if !b.mask.sees(i, j) {
-                row[ctx + j] = f32::NEG_INFINITY;
-            }
+    put_scratch(Scratch::Widened, wide);
+}
+
+/// [`qk`] for rows `r0..r1` by groups of up to QK_ROWS.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn score_groups<V: F32x16, K: Widen>(
+    q: &[f32],
+    r0: usize,
+    r1: usize,
+    kb: &[K],
+    d: usize,
+    stride: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    let len = kb.len() / d;
+    let mut r = r0;
+    while r < r1 {
+        let take = (r1 - r).min(QK_ROWS);
+        let qg = &q[r * d..(r + take) * d];
+        let o = (r - r0) * stride;
+        let s = &mut s[o..o + (take - 1) * stride + len];
+        match take {
+            8 => qk::<V, 8, K>(qg, kb, d, stride, scale, s),
+            7 => qk::<V, 7, K>(qg, kb, d, stride, scale, s),
+            6 => qk::<V, 6, K>(qg, kb, d, stride, scale, s),
+            5 => qk::<V, 5, K>(qg, kb, d, stride, scale, s),
+            4 => qk::<V, 4, K>(qg, kb, d, stride, scale, s),
+            3 => qk::<V, 3, K>(qg, kb, d, stride, scale, s),
+            2 => qk::<V, 2, K>(qg, kb, d, stride, scale, s),
+            _ => qk::<V, 1, K>(qg, kb, d, stride, scale, s),
         }
-        softmax_in_place::<V>(row, span, ctx, &b.mask.depth);
+        r += take;
+    }
+}
+
+/// `acc[r] += Σ_j p[r][j] · values[j]` for `rows` rows (`p` rows `stride`
+/// apart), a block of positions at a time for all rows.
+#[inline(always)]
+unsafe fn weigh_values<V: F32x16>(
+    p: &[f32],
+    stride: usize,
+    rows: usize,
+    values: &[u16],
+    d: usize,
+    acc: &mut [f32],
+) {
+    let len = values.len() / d;
+    let block = BLOCK_TILES * KEY_TILE;
+    let widen = rows > PV_ROWS;
+    let mut wide = take_scratch(Scratch::Widened, if widen { block * d } else { 0 });
+    for j0 in (0..len).step_by(block) {
+        let j1 = (j0 + block).min(len);
+        let vb = &values[j0 * d..j1 * d];
+        let p = &p[j0..];
+        if widen {
+            let vw = &mut wide[..vb.len()];
+            widen_block::<V>(vb, vw, VALUE_PREFETCH_ROWS * d);
+            weigh_groups::<V, f32>(p, stride, rows, vw, d, acc);
+        } else {
+            weigh_groups::<V, u16>(p, stride, rows, vb, d, acc);
+        }
+    }
+    put_scratch(Scratch::Widened, wide);
+}
+
+/// [`pv`] for `rows` rows by groups of up to PV_ROWS.
+#[inline(always)]
+unsafe fn weigh_groups<V: F32x16, K: Widen>(
+    p: &[f32],
+    stride: usize,
+    rows: usize,
+    vb: &[K],
+    d: usize,
+    acc: &mut [f32],
+) {
+    let len = vb.len() / d;
+    let mut r = 0;
+    while r < rows {
+        let take = (rows - r).min(PV_ROWS);
+        let s = &p[r * stride..(r + take - 1) * stride + len];
+        let a = &mut acc[r * d..(r + take) * d];
+        match take {
+            4 => pv::<V, 4, K>(s, stride, vb, d, a),
+            3 => pv::<V, 3, K>(s, stride, vb, d, a),
+            2 => pv::<V, 2, K>(s, stride, vb, d, a),
+            _ => pv::<V, 1, K>(s, stride, vb, d, a),
+        }
+        r += take;
+    }
+}
+
+/// The max of a chunk's scores `s` (a whole number of 16-lane tiles, lane =
+/// position % 16; masked or padding entries are -inf), then `s` replaced by
+/// e^(s − max), and the sum of those: each lane adds its entries in
+/// position order, then the lanes are added in order. Returns (max, sum).
+#[inline(always)]
+unsafe fn chunk_softmax<V: F32x16>(s: &mut [f32]) -> (f32, f32) {
+    let tiles = s.len() / LANES;
+    let mut m = V::splat(f32::NEG_INFINITY);
+    for t in 0..tiles {
+        m = m.max(V::load(s.as_ptr().add(t * LANES)));
+    }
+    let mut lanes = [0f32; LANES];
+    m.store(lanes.as_mut_ptr());
+    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let neg_max = V::splat(-max);
+    let mut sum = V::zero();
+    for t in 0..tiles {
+        let p = s.as_mut_ptr().add(t * LANES);
+        let e = V::load(p).add(neg_max).exp();
+        e.store(p);
+        sum = sum.add(e);
+    }
+    sum.store(lanes.as_mut_ptr());
+    (max, lanes.iter().sum())
+}
+
+/// Partials of prefix chunk `k` (positions `k·CHUNK..(k + 1)·CHUNK`, all
+/// committed, all visible) for rows `r0..r1` of kv head `g`: row r's goes
+/// to `parts + (r − r0)·row_stride`.
+#[inline(always)]
+unsafe fn prefix_chunk<V: F32x16>(
+    c: &Call,
+    g: usize,
+    r0: usize,
+    r1: usize,
+    k: usize,
+    parts: *mut f32,
+    row_stride: usize,
+) {
+    let d = c.d;
+    let rows = r1 - r0;
+    let keys = &c.kv.keys(g)[k * CHUNK * d..(k + 1) * CHUNK * d];
+    let values = &c.kv.values(g)[k * CHUNK * d..(k + 1) * CHUNK * d];
+    let stride = score_stride(CHUNK);
+    let mut buf = take_scratch(Scratch::Scores, rows * (stride + d));
+    let (s, acc) = buf.split_at_mut(rows * stride);
+    score_rows::<V>(c, g, r0, r1, keys, stride, s);
+    for r in 0..rows {
+        let (m, l) = chunk_softmax::<V>(&mut s[r * stride..r * stride + CHUNK]);
+        let dst = parts.wrapping_add(r * row_stride);
+        // SAFETY: the caller owns these rows' partials of chunk k.
+        *dst = m;
+        *dst.add(1) = l;
+    }
+    let acc = &mut acc[..rows * d];
+    acc.fill(0.0);
+    weigh_values::<V>(s, stride, rows, values, d, acc);
+    for r in 0..rows {
+        let dst = parts.wrapping_add(r * row_stride + PART_HEAD);
+        std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), dst, d);
+    }
+    put_scratch(Scratch::Scores, buf);
+}
+
+/// Floats from one row's scores to the next for `len` positions: one tile
+/// more, so that rows are not 4 KB apart (1024 positions), where the loads
+/// of 8 rows' scores fight over one L1 set and alias the stores.
+fn score_stride(len: usize) -> usize {
+    len + LANES
+}
+
+/// Per-thread scratch buffers, reused from task to task: allocating (and
+/// zeroing) a chunk's score buffer per task cost more than its
+/// exponentials. One slot for a task's scores and sums, one for a widened
+/// block of keys or values.
+#[derive(Clone, Copy)]
+enum Scratch {
+    Scores = 0,
+    Widened = 1,
+}
+
+thread_local! {
+    static SCRATCH: [std::cell::Cell<Vec<f32>>; 2] =
+        const { [std::cell::Cell::new(Vec::new()), std::cell::Cell::new(Vec::new())] };
+}
+
+/// At least `len` floats of this thread's scratch `slot` (taken out until
+/// [`put_scratch`]; not a closure, which would not inherit the caller's
+/// target features). The contents are whatever an earlier task left: write
+/// before reading.
+fn take_scratch(slot: Scratch, len: usize) -> Vec<f32> {
+    let mut buf = SCRATCH.with(|s| s[slot as usize].take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    buf
+}
+
+fn put_scratch(slot: Scratch, buf: Vec<f32>) {
+    SCRATCH.with(|s| s[slot as usize].set(buf));
+}
+
+/// Rows `r0..r1` of kv head `g` from chunk `full` (the one holding the cache
+/// end) to the end of each row's sequence, then the merge of all its
+/// partials (`prefix`: row r's prefix chunks at `prefix + (r − r0)·row_stride`)
+/// into the output.
+///
+/// A row's sequence past the prefix is its ancestors among the new tokens,
+/// at positions `ctx + depth`: each row's scores are first rearranged by
+/// position (the "virtual row"), so the chunks and lanes are the ones the
+/// same tokens have once committed.
+#[inline(always)]
+unsafe fn rows_to_end<V: F32x16>(
+    c: &Call,
+    g: usize,
+    r0: usize,
+    r1: usize,
+    prefix: *const f32,
+    row_stride: usize,
+) {
+    let (d, ctx, group) = (c.d, c.ctx, c.group);
+    let rows = r1 - r0;
+    let token = |r: usize| (r0 + r) / group;
+    let last_token = token(rows - 1);
+    let start = c.full * CHUNK;
+    let span = (ctx + last_token + 1 - start).div_ceil(KEY_TILE) * KEY_TILE;
+    let keys = &c.kv.keys(g)[start * d..(start + span) * d];
+    let stride = score_stride(span);
+    let mut s = take_scratch(Scratch::Scores, rows * stride);
+    score_rows::<V>(c, g, r0, r1, keys, stride, &mut s);
+    finish_rows::<V>(c, g, r0, r1, &mut s, stride, prefix, row_stride);
+    put_scratch(Scratch::Scores, s);
+}
+
+/// [`rows_to_end`] once the scores `s` of positions `full·CHUNK..` are in.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn finish_rows<V: F32x16>(
+    c: &Call,
+    g: usize,
+    r0: usize,
+    r1: usize,
+    s: &mut [f32],
+    stride: usize,
+    prefix: *const f32,
+    row_stride: usize,
+) {
+    let (d, ctx, group) = (c.d, c.ctx, c.group);
+    let rows = r1 - r0;
+    let token = |r: usize| (r0 + r) / group;
+    let start = c.full * CHUNK;
+    let values = c.kv.values(g);
+
+    // Virtual rows: position p at index p − start. The committed part stays
+    // where it is; ancestor of depth t moves from its slot to ctx + t (slots
+    // come in depth order and a slot is never below its depth, so moving
+    // forward in place is safe); the rest is -inf.
+    let pre = ctx - start;
+    let ancestors = |r: usize| &c.ancestors[token(r)];
+    for r in 0..rows {
+        let row = &mut s[r * stride..(r + 1) * stride];
+        let anc = ancestors(r);
+        for (t, &j) in anc.iter().enumerate() {
+            row[pre + t] = row[pre + j];
+        }
+        row[pre + anc.len()..].fill(f32::NEG_INFINITY);
     }
 
-    // out = P V. The committed prefix in one pass with no masking; the new
-    // tokens after it, adding only what the row sees. Either way each output
-    // lane adds p * v in position order, exactly as when the same ancestors
-    // were committed (tree forward == sequential forward).
-    let values = b.kv.values(g);
-    let mut acc = vec![0f32; rows * d];
-    let block = BLOCK_TILES * KEY_TILE;
-    for j0 in (0..ctx).step_by(block) {
-        let j1 = (j0 + block).min(ctx);
-        let vb = &values[j0 * d..j1 * d];
-        let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(PV_ROWS);
-            let s = &scores[r * stride + j0..(r + take - 1) * stride + j1];
-            let a = &mut acc[r * d..(r + take) * d];
-            match take {
-                4 => pv::<V, 4>(s, stride, vb, d, a),
-                3 => pv::<V, 3>(s, stride, vb, d, a),
-                2 => pv::<V, 2>(s, stride, vb, d, a),
-                _ => pv::<V, 1>(s, stride, vb, d, a),
-            }
-            r += take;
+    // Per row and chunk of its virtual row: max and sum of exponentials.
+    let chunks_of = |r: usize| (pre + ancestors(r).len()).div_ceil(CHUNK);
+    let most = (0..rows).map(chunks_of).max().unwrap_or(1);
+    let part = PART_HEAD + d;
+    let mut tail = vec![0f32; rows * most * part];
+    for r in 0..rows {
+        let len = (pre + ancestors(r).len()).div_ceil(LANES) * LANES;
+        for k in 0..chunks_of(r) {
+            let end = ((k + 1) * CHUNK).min(len);
+            let (m, l) = chunk_softmax::<V>(&mut s[r * stride + k * CHUNK..r * stride + end]);
+            tail[(r * most + k) * part] = m;
+            tail[(r * most + k) * part + 1] = l;
         }
     }
+    // P·V: the committed part of the first chunk for all rows at once, then
+    // each row's ancestors in position order, a new partial at each chunk
+    // boundary.
+    let mut acc = vec![0f32; rows * d];
+    weigh_values::<V>(s, stride, rows, &values[start * d..ctx * d], d, &mut acc);
     for r in 0..rows {
-        let (i, h) = head_of(r0 + r);
+        let row = &s[r * stride..(r + 1) * stride];
+        let anc = ancestors(r);
         let a = &mut acc[r * d..(r + 1) * d];
-        // 16 output dimensions at a time held in a register over all the
-        // visible new tokens (a prefill chunk has hundreds), same per-lane
-        // order as the scalar tail below.
-        let srow = &scores[r * stride + ctx..];
-        let mut c0 = 0;
-        while c0 + LANES <= d {
-            let ap = a.as_mut_ptr().wrapping_add(c0);
-            let mut acc = V::load(ap);
-            let mut vp = values.as_ptr().wrapping_add(ctx * d + c0);
-            for (j, &p) in srow[..=last_token].iter().enumerate() {
-                if b.mask.sees(i, j) {
-                    acc = acc.fma(V::splat(p), V::load_f16(vp));
-                }
-                vp = vp.wrapping_add(d);
+        // Ancestors t0..t1 sit in the row's chunk k (pre < CHUNK: the
+        // first continues the committed part's sums).
+        let (mut t0, mut k) = (0, 0);
+        loop {
+            let t1 = ((k + 1) * CHUNK - pre).min(anc.len());
+            add_values::<V>(
+                a,
+                &row[pre + t0..pre + t1],
+                &anc[t0..t1],
+                &values[ctx * d..],
+                d,
+            );
+            tail[(r * most + k) * part + PART_HEAD..][..d].copy_from_slice(a);
+            if t1 == anc.len() {
+                break;
             }
-            acc.store(ap);
-            c0 += LANES;
+            a.fill(0.0);
+            (t0, k) = (t1, k + 1);
         }
-        for j in 0..=last_token {
-            if c0 < d && b.mask.sees(i, j) {
-                let p = srow[j];
-                for c in c0..d {
-                    let x = half::f16::from_bits(values[(ctx + j) * d + c]).to_f32();
-                    a[c] = p.mul_add(x, a[c]);
-                }
-            }
+    }
+
+    // Merge: every chunk's partial rescaled to the row's overall max, in
+    // position order.
+    let mut a = vec![0f32; d];
+    for r in 0..rows {
+        let pre_parts = (0..c.full).map(|k| {
+            // SAFETY: the caller's prefix partials cover chunks 0..full.
+            std::slice::from_raw_parts(prefix.add(r * row_stride + k * part), part)
+        });
+        let tail_parts = (0..chunks_of(r)).map(|k| &tail[(r * most + k) * part..][..part]);
+        let parts = || pre_parts.clone().chain(tail_parts.clone());
+        let max = parts().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+        a.fill(0.0);
+        let mut l = 0f32;
+        for p in parts() {
+            let f = super::lanes::exp_lane(p[0] - max);
+            l = f.mul_add(p[1], l);
+            add_scaled::<V>(&mut a, f, &p[PART_HEAD..]);
         }
-        let dst = (i * b.n_heads + h) * d;
-        // SAFETY: each (token, head) row belongs to exactly one task, so
-        // tasks write disjoint ranges of `out`, which outlives them.
-        unsafe {
-            std::ptr::copy_nonoverlapping(a.as_ptr(), b.out.at(dst), d);
+        let inv = 1.0 / l;
+        let (i, h) = (token(r), g * group + (r0 + r) % group);
+        let dst = c.out.at((i * c.n_heads + h) * d);
+        for (cc, &x) in a.iter().enumerate() {
+            // SAFETY: each (token, head) row belongs to exactly one task, so
+            // tasks write disjoint ranges of `out`, which outlives them.
+            *dst.add(cc) = x * inv;
         }
+    }
+}
+
+/// `a += Σ_t e[t] · values[slots[t]]` (value rows `d` apart, f16), each
+/// lane one fused multiply-add chain in the order given: 64 dimensions at a
+/// time held in registers over all the entries (a prefill chunk's rows have
+/// hundreds of ancestors), then 16, then the rest.
+#[inline(always)]
+unsafe fn add_values<V: F32x16>(
+    a: &mut [f32],
+    e: &[f32],
+    slots: &[usize],
+    values: &[u16],
+    d: usize,
+) {
+    debug_assert!(e.len() == slots.len() && a.len() == d);
+    let mut c0 = 0;
+    while c0 + 4 * LANES <= d {
+        add_values_slices::<V, 4>(a, e, slots, values, d, c0);
+        c0 += 4 * LANES;
+    }
+    while c0 + LANES <= d {
+        add_values_slices::<V, 1>(a, e, slots, values, d, c0);
+        c0 += LANES;
+    }
+    for (&x, &j) in e.iter().zip(slots) {
+        for c in c0..d {
+            a[c] = x.mul_add(values[j * d + c].widen(), a[c]);
+        }
+    }
+}
+
+/// [`add_values`] for the `W` 16-wide slices from dimension `c0`.
+#[inline(always)]
+unsafe fn add_values_slices<V: F32x16, const W: usize>(
+    a: &mut [f32],
+    e: &[f32],
+    slots: &[usize],
+    values: &[u16],
+    d: usize,
+    c0: usize,
+) {
+    let ap = a.as_mut_ptr().add(c0);
+    let mut acc: [V; W] = std::array::from_fn(|l| V::load(ap.add(l * LANES)));
+    for (&x, &j) in e.iter().zip(slots) {
+        let x = V::splat(x);
+        let vp = values.as_ptr().add(j * d + c0);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            *acc = acc.fma(x, V::load_f16(vp.add(l * LANES)));
+        }
+    }
+    for (l, acc) in acc.iter().enumerate() {
+        acc.store(ap.add(l * LANES));
+    }
+}
+
+/// `a += x · v` lane by lane (fused).
+#[inline(always)]
+unsafe fn add_scaled<V: F32x16>(a: &mut [f32], x: f32, v: &[f32]) {
+    let d = a.len();
+    let xs = V::splat(x);
+    let mut c0 = 0;
+    while c0 + LANES <= d {
+        let ap = a.as_mut_ptr().add(c0);
+        V::load(ap).fma(xs, V::load(v.as_ptr().add(c0))).store(ap);
+        c0 += LANES;
+    }
+    for c in c0..d {
+        a[c] = x.mul_add(v[c], a[c]);
+    }
+}
+
+/// A key or value element: f16 bits as stored in the cache, or f32 once a
+/// block has been widened for many rows (each 16-lane conversion then
+/// serves all of them instead of costing two instructions per group).
+trait Widen: Copy {
+    /// Read from the cache (worth prefetching ahead).
+    const IN_CACHE: bool;
+    fn widen(self) -> f32;
+    /// 16 elements from `p`, widened.
+    unsafe fn load16<V: F32x16>(p: *const Self) -> V;
+}
+
+impl Widen for f32 {
+    const IN_CACHE: bool = false;
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    unsafe fn load16<V: F32x16>(p: *const f32) -> V {
+        V::load(p)
+    }
+}
+
+impl Widen for u16 {
+    const IN_CACHE: bool = true;
+    fn widen(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+    #[inline(always)]
+    unsafe fn load16<V: F32x16>(p: *const u16) -> V {
+        V::load_f16(p)
+    }
+}
+
+/// `dst = src` widened to f32, prefetching the cache ahead as the kernels do.
+#[inline(always)]
+unsafe fn widen_block<V: F32x16>(src: &[u16], dst: &mut [f32], ahead: usize) {
+    let mut i = 0;
+    while i + LANES <= src.len() {
+        if i % 32 == 0 {
+            prefetch(src.as_ptr().wrapping_add(i + ahead));
+        }
+        V::load_f16(src.as_ptr().add(i)).store(dst.as_mut_ptr().add(i));
+        i += LANES;
+    }
+    for j in i..src.len() {
+        dst[j] = src[j].widen();
     }
 }
 
@@ -396,9 +802,9 @@ unsafe fn attend<V: F32x16>(b: &Block, g: usize, r0: usize) {
 /// chain over c, so a key's score does not depend on its lane or on what
 /// else is in the tile.
 #[inline(always)]
-unsafe fn qk<V: F32x16, const R: usize>(
+unsafe fn qk<V: F32x16, const R: usize, K: Widen>(
     q: &[f32],
-    keys: &[u16],
+    keys: &[K],
     d: usize,
     stride: usize,
     scale: f32,
@@ -406,30 +812,61 @@ unsafe fn qk<V: F32x16, const R: usize>(
 ) {
     let tiles = keys.len() / (d * KEY_TILE);
     debug_assert!(q.len() >= R * d && s.len() >= (R - 1) * stride + tiles * KEY_TILE);
-    let scale = V::splat(scale);
-    let mut kp = keys.as_ptr();
-    let mut sp = s.as_mut_ptr();
-    for _ in 0..tiles {
-        let mut acc = [V::zero(); R];
-        // `q` is `[c][R]`: dimension c of every row at constant offsets.
-        let mut qp = q.as_ptr() as *const u8;
-        for _ in 0..d {
+    let mut t = 0;
+    // Two tiles at a time where the registers allow (each query value
+    // loaded once for both), else one.
+    if R <= 8 {
+        while t + 2 <= tiles {
+            qk_tiles::<V, R, 2, K>(q, keys, d, stride, scale, s, t);
+            t += 2;
+        }
+    }
+    while t < tiles {
+        qk_tiles::<V, R, 1, K>(q, keys, d, stride, scale, s, t);
+        t += 1;
+    }
+}
+
+/// [`qk`] for the T tiles from tile `t`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn qk_tiles<V: F32x16, const R: usize, const T: usize, K: Widen>(
+    q: &[f32],
+    keys: &[K],
+    d: usize,
+    stride: usize,
+    scale: f32,
+    s: &mut [f32],
+    t: usize,
+) {
+    let tile = d * KEY_TILE;
+    let mut kp = keys.as_ptr().wrapping_add(t * tile);
+    let mut acc = [[V::zero(); T]; R];
+    // `q` is `[c][R]`: dimension c of every row at constant offsets.
+    let mut qp = q.as_ptr() as *const u8;
+    for _ in 0..d {
+        if K::IN_CACHE {
             // The cache streams from memory (the weights evicted it): ask
-            // for the next tile's line while this one is used.
-            prefetch(kp.wrapping_add(KEY_PREFETCH_TILES * d * KEY_TILE));
-            let k = V::load_f16(kp);
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = a.fma(V::splat(load_at::<f32>(qp, r)), k);
+            // for a later tile's line while this one is used.
+            prefetch(kp.wrapping_add(KEY_PREFETCH_TILES * tile));
+        }
+        let k: [V; T] = std::array::from_fn(|u| K::load16::<V>(kp.wrapping_add(u * tile)));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let x = V::splat(load_at::<f32>(qp, r));
+            for (a, &k) in a.iter_mut().zip(&k) {
+                *a = a.fma(x, k);
             }
-            kp = kp.wrapping_add(KEY_TILE);
-            qp = qp.wrapping_add(R * 4);
         }
-        let mut dst = sp;
-        for a in &acc {
-            a.mul(scale).store(dst);
-            dst = dst.wrapping_add(stride);
+        kp = kp.wrapping_add(KEY_TILE);
+        qp = qp.wrapping_add(R * 4);
+    }
+    let scale = V::splat(scale);
+    let sp = s.as_mut_ptr().wrapping_add(t * KEY_TILE);
+    for (r, a) in acc.iter().enumerate() {
+        for (u, a) in a.iter().enumerate() {
+            a.mul(scale)
+                .store(sp.wrapping_add(r * stride + u * KEY_TILE));
         }
-        sp = sp.wrapping_add(KEY_TILE);
     }
 }
 
@@ -439,10 +876,10 @@ unsafe fn qk<V: F32x16, const R: usize>(
 /// Each output lane is one multiply-add chain in position order whatever
 /// the grouping.
 #[inline(always)]
-unsafe fn pv<V: F32x16, const R: usize>(
+unsafe fn pv<V: F32x16, const R: usize, K: Widen>(
     p: &[f32],
     stride: usize,
-    values: &[u16],
+    values: &[K],
     d: usize,
     acc: &mut [f32],
 ) {
@@ -452,11 +889,11 @@ unsafe fn pv<V: F32x16, const R: usize>(
     let poff: [usize; R] = std::array::from_fn(|r| r * stride);
     let mut c0 = 0;
     while c0 + 4 * LANES <= d {
-        pv_slices::<V, R, 4>(pbase, &poff, values, rows, d, acc, c0);
+        pv_slices::<V, R, 4, K>(pbase, &poff, values, rows, d, acc, c0);
         c0 += 4 * LANES;
     }
     while c0 + LANES <= d {
-        pv_slices::<V, R, 1>(pbase, &poff, values, rows, d, acc, c0);
+        pv_slices::<V, R, 1, K>(pbase, &poff, values, rows, d, acc, c0);
         c0 += LANES;
     }
     // head_dim not a multiple of 16: the rest, same arithmetic.
@@ -465,8 +902,7 @@ unsafe fn pv<V: F32x16, const R: usize>(
             for r in 0..R {
                 let x = p[r * stride + j];
                 for c in c0..d {
-                    let v = half::f16::from_bits(values[j * d + c]).to_f32();
-                    acc[r * d + c] = x.mul_add(v, acc[r * d + c]);
+                    acc[r * d + c] = x.mul_add(values[j * d + c].widen(), acc[r * d + c]);
                 }
             }
         }
@@ -476,10 +912,10 @@ unsafe fn pv<V: F32x16, const R: usize>(
 /// [`pv`] for the `W` 16-wide output slices from dimension `c0`: R × W
 /// accumulators, each value row's slices loaded once for all R rows.
 #[inline(always)]
-unsafe fn pv_slices<V: F32x16, const R: usize, const W: usize>(
+unsafe fn pv_slices<V: F32x16, const R: usize, const W: usize, K: Widen>(
     pbase: *const u8,
     poff: &[usize; R],
-    values: &[u16],
+    values: &[K],
     rows: usize,
     d: usize,
     acc: &mut [f32],
@@ -495,11 +931,13 @@ unsafe fn pv_slices<V: F32x16, const R: usize, const W: usize>(
     }
     let mut vp = values.as_ptr().wrapping_add(c0);
     for j in 0..rows {
-        // One prefetch per 64-byte line (32 f16 values).
-        for l in (0..W).step_by(2) {
-            prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d + l * LANES));
+        if K::IN_CACHE {
+            // One prefetch per 64-byte line (32 f16 values).
+            for l in (0..W).step_by(2) {
+                prefetch(vp.wrapping_add(VALUE_PREFETCH_ROWS * d + l * LANES));
+            }
         }
-        let v: [V; W] = std::array::from_fn(|l| V::load_f16(vp.wrapping_add(l * LANES)));
+        let v: [V; W] = std::array::from_fn(|l| K::load16::<V>(vp.wrapping_add(l * LANES)));
         for (ar, &o) in a.iter_mut().zip(poff) {
             let x = V::splat(load_at::<f32>(pbase, o.wrapping_add(j)));
             for (acc, &v) in ar.iter_mut().zip(&v) {
@@ -559,24 +997,26 @@ mod tests {
         // head_dim 24: one 16-wide pass plus the odd rest; 88: a 64-wide
         // pass, a 16-wide one and the rest. ctx 37 crosses key tiles; GQA
         // group of 3 (15 query rows per kv head: row groups of 8 and 7).
-        check_against_naive(6, 2, 24);
-        check_against_naive(6, 2, 88);
+        // ctx 2100: two whole chunks and the start of a third.
+        check_against_naive(6, 2, 24, 37);
+        check_against_naive(6, 2, 88, 37);
+        check_against_naive(6, 2, 24, 2100);
     }
 
-    fn check_against_naive(heads: usize, kv_heads: usize, d: usize) {
+    fn check_against_naive(heads: usize, kv_heads: usize, d: usize, ctx: usize) {
         let shape = AttentionShape {
             n_heads: heads,
             n_kv_heads: kv_heads,
             head_dim: d,
         };
-        let (ctx, n) = (37, 5);
+        let n = 5;
         let parents = [None, Some(0), Some(0), Some(1), Some(2)];
         let f = |i: usize| ((i * 7919 % 101) as f32 / 50.0) - 1.0;
         let q: Vec<f32> = (0..n * heads * d).map(f).collect();
         let row = kv_heads * d;
         let kv_of =
             |p: usize, o: usize| -> Vec<f32> { (0..row).map(|c| f(p * row + c + o)).collect() };
-        let mut cache = crate::model::KvCache::new(1, kv_heads, d, 64);
+        let mut cache = crate::model::KvCache::new(1, kv_heads, d, ctx + n);
         cache.begin(ctx).unwrap();
         let (pk, pv): (Vec<f32>, Vec<f32>) = (
             (0..ctx).flat_map(|p| kv_of(p, 3)).collect(),
@@ -616,6 +1056,103 @@ mod tests {
                         .sum();
                     let got = out[(i * heads + h) * d + c];
                     assert!((want - got).abs() < 1e-5, "{want} vs {got}");
+                }
+            }
+        }
+    }
+
+    /// Keys and values of node `id` (prefix positions are nodes 0..ctx, new
+    /// tokens 10_000 + j): what the model would write for that token
+    /// wherever it sits.
+    fn node_kv(id: usize, row: usize) -> (Vec<f32>, Vec<f32>) {
+        let f = |i: usize| ((i * 7919 % 1009) as f32 / 500.0) - 1.0;
+        (
+            (0..row).map(|c| f(id * row + c + 3)).collect(),
+            (0..row).map(|c| f(id * row + c + 11) * 0.5).collect(),
+        )
+    }
+
+    /// A cache holding `committed` nodes then `new` ones (pending).
+    fn cache_of(
+        kv_heads: usize,
+        d: usize,
+        committed: &[usize],
+        new: &[usize],
+    ) -> crate::model::KvCache {
+        let row = kv_heads * d;
+        let mut cache = crate::model::KvCache::new(1, kv_heads, d, committed.len() + new.len());
+        for (nodes, keep) in [(committed, true), (new, false)] {
+            cache.begin(nodes.len()).unwrap();
+            let (k, v): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                nodes.iter().map(|&id| node_kv(id, row)).unzip();
+            cache.write(0, &k.concat(), &v.concat());
+            if keep {
+                cache.keep_all();
+            }
+        }
+        cache
+    }
+
+    /// Each tree node's output equals, bit for bit, the output of the same
+    /// token decoded alone after its ancestors were committed: ancestors
+    /// that cross a chunk boundary (ctx 1020, chunk end 1024), a long chain
+    /// crossing two (ctx 900, 1200 new), a cache ending on a boundary.
+    #[test]
+    fn tree_equals_sequential_across_chunks() {
+        let (heads, kv_heads, d) = (4, 2, 24);
+        let shape = AttentionShape {
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: d,
+        };
+        // A chain of 12 with a side branch at every second node.
+        let mut branchy: Vec<Option<usize>> = vec![None];
+        let mut spine = 0;
+        for step in 1..12 {
+            if step % 2 == 0 {
+                branchy.push(Some(spine));
+            }
+            branchy.push(Some(spine));
+            spine = branchy.len() - 1;
+        }
+        let chain: Vec<Option<usize>> = (0..1200usize).map(|i| i.checked_sub(1)).collect();
+        assert_eq!(CHUNK, 1024, "the cases below straddle chunk boundaries");
+        for (ctx, parents, check) in [
+            (
+                1020,
+                branchy.clone(),
+                (0..branchy.len()).collect::<Vec<_>>(),
+            ),
+            (900, chain, vec![0, 123, 124, 125, 1147, 1148, 1199]),
+            (2048, branchy.clone(), vec![0, 5, 16]),
+        ] {
+            let n = parents.len();
+            let mask = TreeMask::from_parents(&parents);
+            let f = |i: usize| ((i * 104729 % 997) as f32 / 400.0) - 1.2;
+            let q_of = |node: usize| -> Vec<f32> {
+                (0..heads * d).map(|c| f(node * heads * d + c)).collect()
+            };
+            let q: Vec<f32> = (0..n).flat_map(q_of).collect();
+            let prefix: Vec<usize> = (0..ctx).collect();
+            let new: Vec<usize> = (0..n).map(|j| 10_000 + j).collect();
+            let cache = cache_of(kv_heads, d, &prefix, &new);
+            {
+                let tree = tree_attention(&shape, &q, &cache.layer(0), &mask);
+                for &i in &check {
+                    let anc = mask.ancestors(i);
+                    let mut committed = prefix.clone();
+                    committed.extend(anc[..anc.len() - 1].iter().map(|&j| 10_000 + j));
+                    let alone = cache_of(kv_heads, d, &committed, &[10_000 + i]);
+                    let one = TreeMask::from_parents(&[None]);
+                    {
+                        let seq = tree_attention(&shape, &q_of(i), &alone.layer(0), &one);
+                        let got = &tree[i * heads * d..(i + 1) * heads * d];
+                        let same = got
+                            .iter()
+                            .zip(&seq)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "ctx {ctx} node {i}");
+                    }
                 }
             }
         }

@@ -122,7 +122,7 @@ impl KvCache {
 
     /// Starts a forward of `n` new entries: drops any earlier pending ones and
     /// makes room. Fails when the context is full.
-    pub(crate) fn begin(&mut self, n: usize) -> Result<()> {
+    pub fn begin(&mut self, n: usize) -> Result<()> {
         let need = self.committed + n;
         if need > self.capacity {
             return Err(Error::ContextLength {
@@ -147,7 +147,7 @@ impl KvCache {
 
     /// Writes pending entries of one layer: `k`, `v` hold `pending()` rows of
     /// `[n_kv_heads][head_dim]`, stored rounded to f16 precision.
-    pub(crate) fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let (h, d) = (self.n_kv_heads, self.head_dim);
         for i in 0..self.pending {
             let p = self.committed + i;
@@ -167,7 +167,7 @@ impl KvCache {
     }
 
     /// Keys and values of one layer for committed + pending positions.
-    pub(crate) fn layer(&self, layer: usize) -> LayerKv<'_> {
+    pub fn layer(&self, layer: usize) -> LayerKv<'_> {
         let h = self.n_kv_heads;
         LayerKv {
             keys: &self.k[layer * h..(layer + 1) * h],
