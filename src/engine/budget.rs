@@ -44,24 +44,28 @@ pub fn measure_curve(
     ns: &[usize],
     reps: usize,
 ) -> Result<Vec<CostPoint>> {
-    measure(model, ctx, ns, reps, false)
+    measure(model, ctx, ns, reps, false, false)
 }
 
 /// [`measure_curve`] for one N with the stage profile
 /// ([`crate::model::profile`]) collecting over the timed forwards only;
 /// returns the mean ms per stage.
 pub fn profile_forward(model: &Model, ctx: usize, n: usize, reps: usize) -> Result<[f64; 8]> {
-    measure(model, ctx, &[n], reps, true)?;
+    measure(model, ctx, &[n], reps, true, false)?;
     let reps = reps.max(1) as f64;
     Ok(crate::model::profile::totals_ms().map(|t| t / reps))
 }
 
+/// `synthetic`: the cached prefix is filled with pseudo-random keys and
+/// values instead of being prefilled (a forward's cost does not depend on
+/// what the cache holds, and a long prefill would take most of a minute).
 fn measure(
     model: &Model,
     ctx: usize,
     ns: &[usize],
     reps: usize,
     profile: bool,
+    synthetic: bool,
 ) -> Result<Vec<CostPoint>> {
     let dec = &model.decoder;
     let vocab = dec.config.vocab_size as u32;
@@ -71,7 +75,11 @@ fn measure(
     let toks: Vec<u32> = (0..ctx + maxn)
         .map(|i| (i as u32 * 7919 + 13) % vocab)
         .collect();
-    for chunk in toks[..ctx].chunks(super::PREFILL_CHUNK) {
+    if synthetic {
+        fill_cache(model, &mut cache, ctx)?;
+    }
+    let prefill = if synthetic { 0 } else { ctx };
+    for chunk in toks[..prefill].chunks(super::PREFILL_CHUNK) {
         let base = cache.len();
         let pos: Vec<usize> = (base..base + chunk.len()).collect();
         let par: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
@@ -132,11 +140,36 @@ fn curve_path(home: &Path, identity: &str) -> PathBuf {
     home.join("curves").join(format!("{safe}.json"))
 }
 
+/// `ctx` committed positions of pseudo-random keys and values in `cache`.
+fn fill_cache(model: &Model, cache: &mut crate::model::KvCache, ctx: usize) -> Result<()> {
+    let c = &model.decoder.config;
+    let row = c.n_kv_heads * c.head_dim;
+    let mut x = 0x9e37_79b9u32;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    };
+    let mut done = 0;
+    while done < ctx {
+        let n = super::PREFILL_CHUNK.min(ctx - done);
+        cache.begin(n)?;
+        for layer in 0..c.n_layers {
+            let kv: Vec<f32> = (0..n * row).map(|_| next()).collect();
+            cache.write(layer, &kv, &kv);
+        }
+        cache.keep_all();
+        done += n;
+    }
+    Ok(())
+}
+
 /// Bump when the kernels or the forward change speed: cached curves from
 /// an older build would mislead the controller (measured: curves cached by
 /// an earlier build, one taken while the machine was busy, had c(1) two to
 /// three times too high and c(9)/c(1) 2.5 instead of ~1.8).
-const FORWARD_REVISION: u32 = 5;
+const FORWARD_REVISION: u32 = 6;
 
 /// What a cached curve is valid for: the model, the thread count, the
 /// kernel path, this build (version, forward revision, optimised or not).
@@ -152,37 +185,93 @@ fn curve_key(model: &Model) -> String {
     )
 }
 
-/// The c(N) curve of this model on this machine: from the cache in `home`,
-/// or measured now (a few seconds) and cached.
-pub fn cost_curve(model: &Model, home: &Path) -> Result<Vec<CostPoint>> {
+/// Cached tokens when the c(N) curve is measured.
+const CURVE_CTX: usize = 256;
+/// Cached tokens of the second measurement, which gives each N's extra cost
+/// per position of context: the attention grows with it (0.5B at 8k: 60% of
+/// a 16-token forward), so a budget that pays at 256 tokens may not at 8k.
+const LONG_CTX: usize = 4096;
+
+/// What a forward costs on this machine for this model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CostModel {
+    /// c(N) with [`CURVE_CTX`] tokens cached, for N = budget + 1 of every
+    /// candidate budget.
+    pub curve: Vec<CostPoint>,
+    /// For the same N: ms more per 1000 more cached tokens (0 if the
+    /// model's context is too short to measure it).
+    pub ms_per_kctx: Vec<f64>,
+}
+
+impl CostModel {
+    /// The cost of a forward over `n` tokens (fractional: a mean tree size)
+    /// with `ctx` tokens cached.
+    pub fn cost_ms(&self, n: f64, ctx: usize) -> f64 {
+        let at = |f: &dyn Fn(usize) -> f64| {
+            let pts: Vec<(f64, f64)> = (0..self.curve.len())
+                .map(|i| (self.curve[i].n as f64, f(i)))
+                .collect();
+            interpolate(&pts, n)
+        };
+        let base = at(&|i| self.curve[i].ms).max(1e-6);
+        let slope = at(&|i| self.ms_per_kctx.get(i).copied().unwrap_or(0.0)).max(0.0);
+        base + slope * ctx.saturating_sub(CURVE_CTX) as f64 / 1000.0
+    }
+}
+
+/// The cost model of this model on this machine: from the cache in `home`,
+/// or measured now (seconds) and cached.
+pub fn cost_curve(model: &Model, home: &Path) -> Result<CostModel> {
     let path = curve_path(home, &curve_key(model));
     if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Ok(c) = serde_json::from_str::<Vec<CostPoint>>(&text) {
-            if c.len() == CANDIDATE_BUDGETS.len() {
+        if let Ok(c) = serde_json::from_str::<CostModel>(&text) {
+            if c.curve.len() == CANDIDATE_BUDGETS.len()
+                && c.ms_per_kctx.len() == CANDIDATE_BUDGETS.len()
+            {
                 return Ok(c);
             }
         }
     }
     let ns: Vec<usize> = CANDIDATE_BUDGETS.iter().map(|b| b + 1).collect();
-    tracing::info!("measuring the verify cost curve c(N) for --tree auto");
-    let curve = measure_curve(model, 256, &ns, 5)?;
+    tracing::info!("measuring the verify cost c(N) for --tree auto (once per model)");
+    let curve = measure_curve(model, CURVE_CTX, &ns, 5)?;
+    let maxn = ns.iter().copied().max().unwrap_or(1);
+    let long = LONG_CTX.min(model.config().context_length.saturating_sub(maxn + 1));
+    let ms_per_kctx = if long > 2 * CURVE_CTX {
+        let far = measure(model, long, &ns, 3, false, true)?;
+        let k = (long - CURVE_CTX) as f64 / 1000.0;
+        // A bigger forward never attends to less: the running max keeps
+        // one noisy measurement from making a bigger tree look cheaper.
+        let mut most = 0f64;
+        curve
+            .iter()
+            .zip(&far)
+            .map(|(near, far)| {
+                most = most.max((far.ms - near.ms) / k);
+                most
+            })
+            .collect()
+    } else {
+        vec![0.0; ns.len()]
+    };
+    let model_cost = CostModel { curve, ms_per_kctx };
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
         let tmp = path.with_extension("json.tmp");
-        if std::fs::write(&tmp, serde_json::to_string(&curve).unwrap_or_default()).is_ok() {
+        if std::fs::write(&tmp, serde_json::to_string(&model_cost).unwrap_or_default()).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
     }
-    Ok(curve)
+    Ok(model_cost)
 }
 
 #[derive(Debug, Clone)]
 struct Arm {
     budget: usize,
-    /// Running means of tokens emitted per step and of the step's forward
-    /// cost (a drafter may propose fewer nodes than the budget allows).
+    /// Running means of tokens emitted per step and of the tree's size (a
+    /// drafter may propose fewer nodes than the budget allows).
     mat: f64,
-    cost_ms: f64,
+    nodes: f64,
     pulls: u32,
 }
 
@@ -190,35 +279,34 @@ struct Arm {
 #[derive(Debug, Clone)]
 pub struct BudgetController {
     arms: Vec<Arm>,
-    curve: Vec<CostPoint>,
+    cost: CostModel,
     steps: u64,
     max_budget: usize,
 }
 
 impl BudgetController {
-    /// `curve`: c(N) for N = budget + 1 of every candidate budget;
-    /// budgets above `max_budget` are never chosen.
-    pub fn new(curve: &[CostPoint], max_budget: usize) -> Self {
+    /// Budgets above `max_budget` are never chosen.
+    pub fn new(cost: &CostModel, max_budget: usize) -> Self {
         let arms = CANDIDATE_BUDGETS
             .iter()
             .filter(|&&b| b <= max_budget)
             .map(|&b| Arm {
                 budget: b,
                 mat: 1.0,
-                cost_ms: interpolate(curve, b + 1),
+                nodes: (b + 1) as f64,
                 pulls: 0,
             })
             .collect();
         BudgetController {
             arms,
-            curve: curve.to_vec(),
+            cost: cost.clone(),
             steps: 0,
             max_budget,
         }
     }
 
-    /// The budget for the next step.
-    pub fn choose(&mut self) -> usize {
+    /// The budget for the next step, with `ctx` tokens cached.
+    pub fn choose(&mut self, ctx: usize) -> usize {
         self.steps += 1;
         if self.arms.is_empty() {
             return 0;
@@ -233,28 +321,32 @@ impl BudgetController {
                 .min_by_key(|a| a.pulls)
                 .map_or(0, |a| a.budget);
         }
-        self.best()
+        self.best(ctx)
+    }
+
+    /// Expected tokens per second of an arm with `ctx` tokens cached.
+    fn rate(&self, a: &Arm, ctx: usize) -> f64 {
+        a.mat * 1000.0 / self.cost.cost_ms(a.nodes, ctx)
     }
 
     /// The budget with the highest estimated tokens per second.
-    pub fn best(&self) -> usize {
+    pub fn best(&self, ctx: usize) -> usize {
         self.arms
             .iter()
-            .max_by(|a, b| (a.mat / a.cost_ms).total_cmp(&(b.mat / b.cost_ms)))
+            .max_by(|a, b| self.rate(a, ctx).total_cmp(&self.rate(b, ctx)))
             .map_or(0, |a| a.budget)
     }
 
     /// What a step with `budget` yielded: tokens emitted (bonus included) by
     /// a tree of `tree_len` nodes (root included).
     pub fn record(&mut self, budget: usize, emitted: usize, tree_len: usize) {
-        let cost = interpolate(&self.curve, tree_len);
         if let Some(a) = self.arms.iter_mut().find(|a| a.budget == budget) {
             if a.pulls == 0 {
                 a.mat = emitted as f64;
-                a.cost_ms = cost;
+                a.nodes = tree_len as f64;
             } else {
                 a.mat = (1.0 - EMA) * a.mat + EMA * emitted as f64;
-                a.cost_ms = (1.0 - EMA) * a.cost_ms + EMA * cost;
+                a.nodes = (1.0 - EMA) * a.nodes + EMA * tree_len as f64;
             }
             a.pulls = a.pulls.saturating_add(1);
         }
@@ -264,11 +356,12 @@ impl BudgetController {
         self.max_budget
     }
 
-    /// (budget, running MAT, tokens/s estimate) for logs and stats.
-    pub fn estimates(&self) -> Vec<(usize, f64, f64)> {
+    /// (budget, running MAT, tokens/s estimate at `ctx` cached tokens) for
+    /// logs and stats.
+    pub fn estimates(&self, ctx: usize) -> Vec<(usize, f64, f64)> {
         self.arms
             .iter()
-            .map(|a| (a.budget, a.mat, a.mat * 1000.0 / a.cost_ms))
+            .map(|a| (a.budget, a.mat, self.rate(a, ctx)))
             .collect()
     }
 }
@@ -286,24 +379,24 @@ pub fn controller_for(
     if !spec.auto_budget() {
         return Ok(None);
     }
-    let curve = cost_curve(model, home)?;
+    let cost = cost_curve(model, home)?;
     Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(
-        BudgetController::new(&curve, spec.max_draft),
+        BudgetController::new(&cost, spec.max_draft),
     ))))
 }
 
-/// c(n) from the measured points, linear between them (and beyond the last).
-fn interpolate(curve: &[CostPoint], n: usize) -> f64 {
-    let n = n as f64;
-    let mut pts: Vec<(f64, f64)> = curve.iter().map(|p| (p.n as f64, p.ms.max(1e-6))).collect();
+/// y(x) from measured points (x, y), linear between them and beyond the
+/// ends.
+fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
+    let mut pts = points.to_vec();
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     match pts.len() {
         0 => 1.0,
         1 => pts[0].1,
         _ => {
-            let i = pts.partition_point(|p| p.0 < n).clamp(1, pts.len() - 1);
+            let i = pts.partition_point(|p| p.0 < x).clamp(1, pts.len() - 1);
             let ((x0, y0), (x1, y1)) = (pts[i - 1], pts[i]);
-            (y0 + (y1 - y0) * (n - x0) / (x1 - x0)).max(1e-6)
+            y0 + (y1 - y0) * (x - x0) / (x1 - x0)
         }
     }
 }
@@ -312,12 +405,20 @@ fn interpolate(curve: &[CostPoint], n: usize) -> f64 {
 mod tests {
     use super::*;
 
-    fn curve(ms: &[f64]) -> Vec<CostPoint> {
-        CANDIDATE_BUDGETS
-            .iter()
-            .zip(ms)
-            .map(|(&b, &ms)| CostPoint { n: b + 1, ms })
-            .collect()
+    /// c(N) at the curve's context, and no growth with the context.
+    fn curve(ms: &[f64]) -> CostModel {
+        with_slopes(ms, &[0.0; 6])
+    }
+
+    fn with_slopes(ms: &[f64], per_kctx: &[f64]) -> CostModel {
+        CostModel {
+            curve: CANDIDATE_BUDGETS
+                .iter()
+                .zip(ms)
+                .map(|(&b, &ms)| CostPoint { n: b + 1, ms })
+                .collect(),
+            ms_per_kctx: per_kctx.to_vec(),
+        }
     }
 
     #[test]
@@ -326,10 +427,10 @@ mod tests {
         // unless nearly every node is accepted.
         let mut c = BudgetController::new(&curve(&[10., 30., 50., 90., 170., 330.]), 32);
         for _ in 0..400 {
-            let b = c.choose();
+            let b = c.choose(CURVE_CTX);
             c.record(b, 1 + (b > 0) as usize, b + 1); // one accepted draft per step at best
         }
-        assert_eq!(c.best(), 0);
+        assert_eq!(c.best(CURVE_CTX), 0);
     }
 
     #[test]
@@ -344,31 +445,55 @@ mod tests {
             _ => 3,
         };
         for _ in 0..400 {
-            let b = c.choose();
+            let b = c.choose(CURVE_CTX);
             c.record(b, mat(b), b + 1);
         }
-        assert_eq!(c.best(), 8);
+        assert_eq!(c.best(CURVE_CTX), 8);
         // Exploration keeps visiting the others.
         assert!(c.arms.iter().all(|a| a.pulls > WARMUP_STEPS));
     }
 
     #[test]
     fn interpolates_costs() {
-        let c = curve(&[10., 12., 14., 18., 26., 42.]);
-        assert_eq!(interpolate(&c, 1), 10.0);
-        assert_eq!(interpolate(&c, 2), 11.0);
-        assert_eq!(interpolate(&c, 9), 18.0);
-        assert_eq!(interpolate(&c, 13), 22.0);
+        let c = with_slopes(&[10., 12., 14., 18., 26., 42.], &[1., 1., 2., 4., 8., 16.]);
+        assert_eq!(c.cost_ms(1.0, CURVE_CTX), 10.0);
+        assert_eq!(c.cost_ms(2.0, CURVE_CTX), 11.0);
+        assert_eq!(c.cost_ms(9.0, CURVE_CTX), 18.0);
+        assert_eq!(c.cost_ms(13.0, CURVE_CTX), 22.0);
+        assert_eq!(c.cost_ms(1.0, 0), 10.0);
+        assert_eq!(c.cost_ms(1.0, CURVE_CTX + 2000), 12.0);
+        assert_eq!(c.cost_ms(13.0, CURVE_CTX + 1000), 28.0);
+    }
+
+    #[test]
+    fn long_contexts_favour_smaller_trees() {
+        // At the curve's context an 8-node budget pays; the attention of
+        // big trees grows with the context until it no longer does.
+        let cost = with_slopes(
+            &[10., 11., 12., 14., 25., 50.],
+            &[0.5, 0.7, 1.2, 2.5, 6.0, 12.0],
+        );
+        let mut c = BudgetController::new(&cost, 32);
+        let mat =
+            |b: usize| [1, 2, 2, 3, 3, 3][CANDIDATE_BUDGETS.iter().position(|&x| x == b).unwrap()];
+        for _ in 0..400 {
+            let b = c.choose(CURVE_CTX);
+            c.record(b, mat(b), b + 1);
+        }
+        assert_eq!(c.best(CURVE_CTX), 8);
+        // 8k: budget 8 costs 14 + 2.5 × 7.9 ≈ 33.8 ms for 3 tokens (89/s),
+        // budget 2 costs 11 + 0.7 × 7.9 ≈ 16.5 ms for 2 (121/s).
+        assert_eq!(c.best(8192), 2);
     }
 
     #[test]
     fn respects_the_max_budget() {
         let mut c = BudgetController::new(&curve(&[10., 10., 10., 10., 10., 10.]), 4);
         for _ in 0..100 {
-            let b = c.choose();
+            let b = c.choose(CURVE_CTX);
             assert!(b <= 4);
             c.record(b, b + 1, b + 1);
         }
-        assert_eq!(c.best(), 4);
+        assert_eq!(c.best(CURVE_CTX), 4);
     }
 }

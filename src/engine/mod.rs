@@ -267,7 +267,10 @@ pub fn generate(
         }
         let root = *context.last().expect("context is never empty");
         let chosen = match &opts.auto_budget {
-            Some(c) if drafter.is_some() => c.lock().unwrap_or_else(|e| e.into_inner()).choose(),
+            Some(c) if drafter.is_some() => c
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .choose(session.cache.len()),
             _ => opts.max_draft,
         };
         let budget = chosen
