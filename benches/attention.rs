@@ -35,29 +35,15 @@ fn main() {
         n_kv_heads: kv_heads,
         head_dim: d,
     };
-    // Pseudo-random values in [-1, 1) (no RNG dependency needed).
-    let mut s = 0x9e3779b97f4a7c15u64;
+    // Queries and new keys: values spread over [-1, 1).
+    let mut i = 0usize;
     let mut rnd = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        i += 1;
+        (i * 7919 % 1000) as f32 / 500.0 - 1.0
     };
     let mut cache = KvCache::new(layers, kv_heads, d, ctx + maxn);
+    cache.fill_pseudo_random(ctx, 512).unwrap();
     let row = kv_heads * d;
-    let chunk = 512;
-    let mut done = 0;
-    while done < ctx {
-        let n = chunk.min(ctx - done);
-        cache.begin(n).unwrap();
-        for l in 0..layers {
-            let k: Vec<f32> = (0..n * row).map(|_| rnd()).collect();
-            let v: Vec<f32> = (0..n * row).map(|_| rnd()).collect();
-            cache.write(l, &k, &v);
-        }
-        cache.keep_all();
-        done += n;
-    }
     let evict: Vec<u8> = (0..64usize << 20).map(|i| i as u8).collect();
     let mut sink = 0u64;
     println!(

@@ -76,7 +76,7 @@ fn measure(
         .map(|i| (i as u32 * 7919 + 13) % vocab)
         .collect();
     if synthetic {
-        fill_cache(model, &mut cache, ctx)?;
+        cache.fill_pseudo_random(ctx, super::PREFILL_CHUNK)?;
     }
     let prefill = if synthetic { 0 } else { ctx };
     for chunk in toks[..prefill].chunks(super::PREFILL_CHUNK) {
@@ -138,31 +138,6 @@ fn curve_path(home: &Path, identity: &str) -> PathBuf {
         })
         .collect();
     home.join("curves").join(format!("{safe}.json"))
-}
-
-/// `ctx` committed positions of pseudo-random keys and values in `cache`.
-fn fill_cache(model: &Model, cache: &mut crate::model::KvCache, ctx: usize) -> Result<()> {
-    let c = &model.decoder.config;
-    let row = c.n_kv_heads * c.head_dim;
-    let mut x = 0x9e37_79b9u32;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-    };
-    let mut done = 0;
-    while done < ctx {
-        let n = super::PREFILL_CHUNK.min(ctx - done);
-        cache.begin(n)?;
-        for layer in 0..c.n_layers {
-            let kv: Vec<f32> = (0..n * row).map(|_| next()).collect();
-            cache.write(layer, &kv, &kv);
-        }
-        cache.keep_all();
-        done += n;
-    }
-    Ok(())
 }
 
 /// Bump when the kernels or the forward change speed: cached curves from

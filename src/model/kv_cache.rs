@@ -231,6 +231,35 @@ impl KvCache {
         Ok(())
     }
 
+    /// Appends `n` committed positions of pseudo-random keys and values in
+    /// [-1, 1) (deterministic), in steps of at most `step` positions: a
+    /// context to measure forward costs over without prefilling it (a
+    /// forward's cost does not depend on what the cache holds).
+    pub fn fill_pseudo_random(&mut self, n: usize, step: usize) -> Result<()> {
+        let layers = self.k.len() / self.n_kv_heads.max(1);
+        let row = self.n_kv_heads * self.head_dim;
+        let mut x = 0x9e37_79b9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        };
+        let mut done = 0;
+        while done < n {
+            let m = step.max(1).min(n - done);
+            self.begin(m)?;
+            for layer in 0..layers {
+                let k: Vec<f32> = (0..m * row).map(|_| next()).collect();
+                let v: Vec<f32> = (0..m * row).map(|_| next()).collect();
+                self.write(layer, &k, &v);
+            }
+            self.keep_all();
+            done += m;
+        }
+        Ok(())
+    }
+
     /// Commits every pending entry (prefill, plain decoding).
     pub fn keep_all(&mut self) {
         self.committed += self.pending;
