@@ -147,6 +147,10 @@ impl KvCache {
 
     /// Writes pending entries of one layer: `k`, `v` hold `pending()` rows of
     /// `[n_kv_heads][head_dim]`, stored rounded to f16 precision.
+    ///
+    /// # Panics
+    /// If `k` or `v` is shorter than that, or `layer` is out of range (a
+    /// caller's bug, not input: the decoder sizes both).
     pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let (h, d) = (self.n_kv_heads, self.head_dim);
         for i in 0..self.pending {

@@ -105,13 +105,12 @@ pub fn tree_attention(
             }
         }
     }
-    let ancestors: Vec<Vec<usize>> = (0..n).map(|i| mask.ancestors(i)).collect();
     let mut out = vec![0f32; n * n_heads * d];
     let mut prefix_parts = vec![0f32; n_kv_heads * rows_per_head * full * (PART_HEAD + d)];
     let call = Call {
         qs: &qs,
         kv,
-        ancestors: &ancestors,
+        mask,
         n_heads,
         d,
         ctx,
@@ -174,8 +173,7 @@ const PART_HEAD: usize = 2;
 struct Call<'a> {
     qs: &'a [f32],
     kv: &'a LayerKv<'a>,
-    /// Per new token, [`TreeMask::ancestors`].
-    ancestors: &'a [Vec<usize>],
+    mask: &'a TreeMask,
     n_heads: usize,
     d: usize,
     ctx: usize,
@@ -473,7 +471,7 @@ unsafe fn rows_to_end<V: F32x16>(
     // come in depth order and a slot is never below its depth, so moving
     // forward in place is safe); the rest is -inf.
     let pre = ctx - start;
-    let ancestors = |r: usize| &c.ancestors[token(r)];
+    let ancestors = |r: usize| c.mask.ancestors(token(r));
     for r in 0..rows {
         let row = &mut s[r * stride..(r + 1) * stride];
         let anc = ancestors(r);
