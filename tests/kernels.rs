@@ -314,37 +314,51 @@ fn concurrent_callers_get_the_same_results() {
 }
 
 /// Stacked matrices (Q|K|V, gate|up in one call) give exactly the parts'
-/// bits, on every path; parts that cannot be stacked come back unchanged.
+/// bits, on every path, whether the parts share a format and whole tiles or
+/// not (Qwen2.5-Coder-0.5B has Q5_0 q/k with a Q8_0 v in half its layers);
+/// parts that cannot be stacked come back unchanged.
 #[test]
 fn stacking_gives_the_parts_bits() {
-    let shapes = [
-        (GgmlDType::Q5_0, [64usize, 16, 21], 96usize),
-        (GgmlDType::Q4K, [32, 48, 16], 256),
-        (GgmlDType::F32, [5, 3, 7], 40),
+    use GgmlDType::*;
+    let cases: [(&[(GgmlDType, usize)], usize); 7] = [
+        (&[(Q5_0, 64), (Q5_0, 16), (Q5_0, 21)], 96),
+        (&[(Q4K, 32), (Q4K, 48), (Q4K, 16)], 256),
+        (&[(F32, 5), (F32, 3), (F32, 7)], 40),
+        (&[(Q5_0, 64), (Q5_0, 16), (Q8_0, 16)], 96),
+        // A ragged part in the middle, and a format that comes back.
+        (&[(Q8_0, 20), (Q8_0, 16), (Q4_0, 5), (Q8_0, 16)], 64),
+        (&[(Q4K, 32), (Q6K, 16), (Q4K, 16)], 256),
+        (&[(Q4_1, 7), (Q5_0, 16)], 64),
     ];
-    for (dtype, outs, inp) in shapes {
-        let parts: Vec<QTensor> = outs
+    for (parts, inp) in cases {
+        let tensors: Vec<QTensor> = parts
             .iter()
             .enumerate()
-            .map(|(i, &o)| quantized(dtype, o, inp, 40 + i as u64))
+            .map(|(i, &(dt, o))| quantized(dt, o, inp, 40 + i as u64))
             .collect();
         let mats = || -> Vec<QMatrix> {
-            parts
+            tensors
                 .iter()
                 .map(|q| QMatrix::from_qtensor(q).unwrap())
                 .collect()
         };
-        let stacked = QMatrix::stack(mats()).expect("same format stacks");
+        let stacked = QMatrix::stack(mats()).expect("tiled parts of one width stack");
+        // Stacking a stack again changes nothing.
+        let twice = QMatrix::stack(vec![stacked, QMatrix::from_qtensor(&tensors[0]).unwrap()])
+            .expect("stacks");
+        let outs: Vec<usize> = parts.iter().map(|p| p.1).chain([parts[0].1]).collect();
         let total: usize = outs.iter().sum();
-        assert_eq!(stacked.out_features(), total);
+        assert_eq!(twice.out_features(), total);
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for n in [1usize, 3, 17] {
             let x = random(&mut rng, n * inp);
             for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
-                let mut y = vec![0f32; n * total];
-                stacked.matmul_with(isa, &x, n, &mut y);
+                let mut y = vec![f32::NAN; n * total];
+                twice.matmul_with(isa, &x, n, &mut y);
                 let mut col = 0;
-                for (m, &o) in mats().iter().zip(&outs) {
+                let mut singles = mats();
+                singles.push(QMatrix::from_qtensor(&tensors[0]).unwrap());
+                for (m, &o) in singles.iter().zip(&outs) {
                     let mut yp = vec![0f32; n * o];
                     m.matmul_with(isa, &x, n, &mut yp);
                     for r in 0..n {
@@ -354,29 +368,34 @@ fn stacking_gives_the_parts_bits() {
                             got.iter()
                                 .zip(want)
                                 .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{dtype:?} {isa:?} n={n} part at column {col} differs"
+                            "{parts:?} {isa:?} n={n} part at column {col} differs"
                         );
+                    }
+                    col += o;
+                }
+                let mut row = vec![0f32; inp];
+                let mut want = vec![0f32; inp];
+                let mut col = 0;
+                for (m, &o) in singles.iter().zip(&outs) {
+                    for r in [0, o - 1] {
+                        twice.dequantize_row(col + r, &mut row);
+                        m.dequantize_row(r, &mut want);
+                        assert_eq!(row, want, "{parts:?}: row {r} of the part at {col}");
                     }
                     col += o;
                 }
             }
         }
     }
-    // A part that does not fill whole 16-row tiles may only come last.
-    let ragged = vec![
-        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 20, 64, 1)).unwrap(),
-        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 2)).unwrap(),
-    ];
-    assert_eq!(QMatrix::stack(ragged).err().map(|v| v.len()), Some(2));
-    // Different formats or input widths do not stack.
+    // Tiled and dense weights, or different input widths, do not stack.
     let mixed = vec![
-        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 1)).unwrap(),
-        QMatrix::from_qtensor(&quantized(GgmlDType::Q4_0, 16, 64, 2)).unwrap(),
+        QMatrix::from_qtensor(&quantized(Q8_0, 16, 64, 1)).unwrap(),
+        QMatrix::from_qtensor(&quantized(F32, 16, 64, 2)).unwrap(),
     ];
-    assert!(QMatrix::stack(mixed).is_err());
+    assert_eq!(QMatrix::stack(mixed).err().map(|v| v.len()), Some(2));
     let widths = vec![
-        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 64, 1)).unwrap(),
-        QMatrix::from_qtensor(&quantized(GgmlDType::Q8_0, 16, 96, 2)).unwrap(),
+        QMatrix::from_qtensor(&quantized(Q8_0, 16, 64, 1)).unwrap(),
+        QMatrix::from_qtensor(&quantized(Q8_0, 16, 96, 2)).unwrap(),
     ];
     assert!(QMatrix::stack(widths).is_err());
 }

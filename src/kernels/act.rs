@@ -168,17 +168,22 @@ impl QAct {
         }
     }
 
-    /// Runs `f` with this thread's reusable activation buffers: the kernels
-    /// run ~200 times per token, and a fresh allocation of up to a few
-    /// hundred KB each time would cost more than small matmuls.
-    pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut QAct) -> R) -> R {
+    /// Runs `f` with `k` of this thread's reusable activation buffers: the
+    /// kernels run ~200 times per token, and a fresh allocation of up to a
+    /// few hundred KB each time would cost more than small matmuls.
+    pub(crate) fn with_scratch<R>(k: usize, f: impl FnOnce(&mut [QAct]) -> R) -> R {
         thread_local! {
-            static SCRATCH: RefCell<QAct> = RefCell::new(QAct::default());
+            static SCRATCH: RefCell<Vec<QAct>> = const { RefCell::new(Vec::new()) };
         }
         SCRATCH.with(|s| match s.try_borrow_mut() {
-            Ok(mut s) => f(&mut s),
-            // Re-entrant use (never expected): fall back to a fresh buffer.
-            Err(_) => f(&mut QAct::default()),
+            Ok(mut s) => {
+                if s.len() < k {
+                    s.resize_with(k, QAct::default);
+                }
+                f(&mut s[..k])
+            }
+            // Re-entrant use (never expected): fall back to fresh buffers.
+            Err(_) => f(&mut (0..k).map(|_| QAct::default()).collect::<Vec<_>>()),
         })
     }
 }

@@ -25,7 +25,8 @@ struct Ctx<'a> {
     act: &'a QAct,
     nb: usize,
     y: *mut f32,
-    out: usize,
+    /// Floats from one output row to the next.
+    ldy: usize,
     col0: usize,
     /// Valid rows in this half-tile (1..=8).
     lanes: usize,
@@ -155,7 +156,7 @@ unsafe fn store<const G: usize>(cx: &Ctx, n0: usize, acc: &[__m256; G]) {
     );
     for (g, &a) in acc.iter().enumerate() {
         let at = (n0 + g)
-            .wrapping_mul(cx.out)
+            .wrapping_mul(cx.ldy)
             .wrapping_add(cx.col0 + 8 * cx.half);
         _mm256_maskstore_ps(cx.y.wrapping_add(at), lanes, a);
     }
@@ -348,13 +349,15 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     store::<G>(cx, n0, &acc);
 }
 
-/// Computes the output columns of `tiles` for all activation rows.
+/// Computes the output columns of `tiles` for all activation rows (column j
+/// of row i at `y[i × ldy + j]`).
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `y` must hold `act.n × m.out`
-/// values, of which this call writes only the columns of `tiles`.
+/// The CPU must support AVX2, FMA and F16C; `y` must hold `act.n` rows
+/// `ldy ≥ m.out` apart, of which this call writes only the columns of
+/// `tiles`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32) {
+pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32, ldy: usize) {
     let n = act.n;
     let groups = n.div_ceil(MAXG);
     let per = n.div_ceil(groups.max(1));
@@ -367,7 +370,7 @@ pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32
                 act,
                 nb: m.blocks,
                 y,
-                out: m.out,
+                ldy,
                 col0: t * TILE,
                 lanes: (rows - 8 * half).min(8),
                 half,

@@ -31,7 +31,8 @@ struct Ctx<'a> {
     act: &'a QAct,
     nb: usize,
     y: *mut f32,
-    out: usize,
+    /// Floats from one output row to the next.
+    ldy: usize,
     col0: usize,
     mask: __mmask16,
     /// Prefetch distance in bytes, 0 for none.
@@ -115,7 +116,7 @@ unsafe fn dot8(init: __m512i, w: &[__m512i; 8], a: *const i8, r: usize, split: b
 #[inline(always)]
 unsafe fn store<const G: usize>(cx: &Ctx, n0: usize, acc: &[__m512; G]) {
     for (g, &a) in acc.iter().enumerate() {
-        let at = (n0 + g).wrapping_mul(cx.out).wrapping_add(cx.col0);
+        let at = (n0 + g).wrapping_mul(cx.ldy).wrapping_add(cx.col0);
         _mm512_mask_storeu_ps(cx.y.wrapping_add(at), cx.mask, a);
     }
 }
@@ -407,14 +408,15 @@ macro_rules! by_group_k {
     };
 }
 
-/// Computes the output columns of `tiles` for all activation rows.
+/// Computes the output columns of `tiles` for all activation rows: column j
+/// of row i goes to `y[i × ldy + j]`.
 ///
 /// # Safety
 /// The CPU must support the features of [`super::Isa::Avx512`]; `y` must
-/// hold `act.n × m.out` values, of which this call writes only the columns
-/// of `tiles`.
+/// hold `act.n` rows `ldy ≥ m.out` apart, of which this call writes only
+/// the columns of `tiles`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32) {
+pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32, ldy: usize) {
     let n = act.n;
     let maxg = match m.fmt {
         Fmt::Q4K => MAXG_Q4K,
@@ -430,7 +432,7 @@ pub(crate) unsafe fn run(m: &Tiles, act: &QAct, tiles: Range<usize>, y: *mut f32
             act,
             nb: m.blocks,
             y,
-            out: m.out,
+            ldy,
             col0: t * TILE,
             mask: ((1u32 << lanes) - 1) as __mmask16,
             pf,

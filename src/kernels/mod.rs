@@ -42,7 +42,7 @@ mod scalar;
 pub(crate) mod unaligned;
 
 pub use isa::{isa, Isa};
-pub use probe::read_bandwidth_gb_s;
+pub use probe::{int8_peak_gmac_s, read_bandwidth_gb_s};
 
 use crate::{Error, Result};
 use act::QAct;
@@ -117,6 +117,7 @@ unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize) {
 
 /// A weight matrix `[out, in]`, repacked for the kernels.
 pub struct QMatrix {
+    /// The GGUF type (of the first part, for a stack of several formats).
     dtype: GgmlDType,
     out: usize,
     inp: usize,
@@ -124,9 +125,17 @@ pub struct QMatrix {
 }
 
 enum Repr {
-    Tiled(Tiles),
+    /// Tiled parts side by side along the output: one, or several when
+    /// projections of different formats were stacked.
+    Tiled(Vec<Part>),
     /// F32/F16 and formats without a tiled kernel: plain row-major f32.
     Dense(Vec<f32>),
+}
+
+/// Output columns `col0..col0 + tiles.out` of a tiled matrix.
+struct Part {
+    col0: usize,
+    tiles: Tiles,
 }
 
 pub(crate) struct Tiles {
@@ -145,6 +154,19 @@ impl Tiles {
     fn record(&self, t: usize, b: usize) -> &[u8] {
         let rb = self.fmt.rec_bytes();
         &self.buf.as_slice()[t * self.tile_bytes() + b * rb..][..rb]
+    }
+
+    /// Appends `other`'s rows after this one's (same format and width; this
+    /// one must fill whole tiles).
+    fn append(&mut self, other: &Tiles) {
+        debug_assert!(self.fmt == other.fmt && self.blocks == other.blocks);
+        debug_assert_eq!(self.out % TILE, 0);
+        let mut buf = AlignedBuf::zeroed(self.buf.len() + other.buf.len());
+        let (head, tail) = buf.as_mut_slice().split_at_mut(self.buf.len());
+        head.copy_from_slice(self.buf.as_slice());
+        tail.copy_from_slice(other.buf.as_slice());
+        self.buf = buf;
+        self.out += other.out;
     }
 
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -249,7 +271,10 @@ impl QMatrix {
                         data.len()
                     )));
                 }
-                Repr::Tiled(Tiles::pack(fmt, out, inp, &data))
+                Repr::Tiled(vec![Part {
+                    col0: 0,
+                    tiles: Tiles::pack(fmt, out, inp, &data),
+                }])
             }
             None => {
                 let w = t
@@ -270,52 +295,56 @@ impl QMatrix {
 
     /// Stacks matrices with the same input width into one `[Σ out, in]`
     /// matrix (rows of the first, then the second, …), so projections of the
-    /// same input run as one call: one activation quantization, one pass
-    /// over the pool. Possible when all share a format (and, for the tiled
-    /// layout, every part but the last fills whole 16-row tiles); otherwise
-    /// the parts come back unchanged. The stacked matrix computes exactly
-    /// the bits the parts do.
+    /// same input run as one call: one pass over the pool, one activation
+    /// quantization per format. Consecutive parts of one format share a
+    /// buffer when the earlier fills whole 16-row tiles; others (another
+    /// format, a ragged part) keep their own, written at their column
+    /// offset. Not possible across input widths or between tiled and dense
+    /// weights: then the parts come back unchanged. The stacked matrix
+    /// computes exactly the bits the parts do.
     pub fn stack(parts: Vec<QMatrix>) -> std::result::Result<QMatrix, Vec<QMatrix>> {
         let Some(first) = parts.first() else {
             return Err(parts);
         };
         let (dtype, inp) = (first.dtype, first.inp);
-        let last = parts.len() - 1;
-        let compatible = parts.iter().enumerate().all(|(i, m)| {
-            m.dtype == dtype
-                && m.inp == inp
-                && match (&m.repr, &first.repr) {
-                    (Repr::Tiled(t), Repr::Tiled(f)) => {
-                        t.fmt == f.fmt && (i == last || m.out % TILE == 0)
-                    }
-                    (Repr::Dense(_), Repr::Dense(_)) => true,
-                    _ => false,
-                }
+        let compatible = parts.iter().all(|m| {
+            m.inp == inp
+                && matches!(
+                    (&m.repr, &first.repr),
+                    (Repr::Tiled(_), Repr::Tiled(_)) | (Repr::Dense(_), Repr::Dense(_))
+                )
         });
         if !compatible || parts.len() < 2 {
             return Err(parts);
         }
         let out: usize = parts.iter().map(|m| m.out).sum();
         let repr = match &first.repr {
-            Repr::Tiled(f) => {
-                let (fmt, blocks) = (f.fmt, f.blocks);
-                let tile_bytes = blocks * fmt.rec_bytes();
-                let mut buf = AlignedBuf::zeroed(out.div_ceil(TILE) * tile_bytes);
-                let mut at = 0;
-                for m in &parts {
-                    if let Repr::Tiled(t) = &m.repr {
-                        let bytes = m.out.div_ceil(TILE) * tile_bytes;
-                        buf.as_mut_slice()[at..at + bytes]
-                            .copy_from_slice(&t.buf.as_slice()[..bytes]);
-                        at += bytes;
+            Repr::Tiled(_) => {
+                let mut stacked: Vec<Part> = Vec::new();
+                let mut col0 = 0;
+                for m in parts {
+                    let Repr::Tiled(own) = m.repr else {
+                        unreachable!("checked above")
+                    };
+                    for p in own {
+                        let col = col0 + p.col0;
+                        match stacked.last_mut() {
+                            Some(last)
+                                if last.tiles.fmt == p.tiles.fmt
+                                    && last.tiles.out % TILE == 0
+                                    && last.col0 + last.tiles.out == col =>
+                            {
+                                last.tiles.append(&p.tiles)
+                            }
+                            _ => stacked.push(Part {
+                                col0: col,
+                                tiles: p.tiles,
+                            }),
+                        }
                     }
+                    col0 += m.out;
                 }
-                Repr::Tiled(Tiles {
-                    fmt,
-                    out,
-                    blocks,
-                    buf,
-                })
+                Repr::Tiled(stacked)
             }
             Repr::Dense(_) => Repr::Dense(
                 parts
@@ -354,7 +383,12 @@ impl QMatrix {
         assert!(row < self.out && out.len() >= self.inp);
         match &self.repr {
             Repr::Dense(w) => out[..self.inp].copy_from_slice(&w[row * self.inp..][..self.inp]),
-            Repr::Tiled(m) => {
+            Repr::Tiled(parts) => {
+                let p = parts
+                    .iter()
+                    .rfind(|p| p.col0 <= row)
+                    .expect("part 0 starts at column 0");
+                let (m, row) = (&p.tiles, row - p.col0);
                 let bs = m.fmt.block();
                 for (b, o) in out[..self.inp].chunks_exact_mut(bs).enumerate() {
                     layout::dequant(m.fmt, m.record(row / TILE, b), row % TILE, o);
@@ -389,9 +423,20 @@ impl QMatrix {
             let rows = xc.len() / self.inp;
             match &self.repr {
                 Repr::Dense(w) => self.dense(w, xc, rows, yc),
-                Repr::Tiled(m) => QAct::with_scratch(|act| {
-                    act.quantize(m.fmt, xc, rows, self.inp);
-                    self.tiled(isa, m, act, yc);
+                Repr::Tiled(parts) => QAct::with_scratch(parts.len(), |acts| {
+                    // One quantization per format (the first part of each
+                    // format quantizes; later ones point at its buffers).
+                    let mut act_of = Vec::with_capacity(parts.len());
+                    for (i, p) in parts.iter().enumerate() {
+                        match parts[..i].iter().position(|q| q.tiles.fmt == p.tiles.fmt) {
+                            Some(j) => act_of.push(act_of[j]),
+                            None => {
+                                acts[i].quantize(p.tiles.fmt, xc, rows, self.inp);
+                                act_of.push(i);
+                            }
+                        }
+                    }
+                    self.tiled(isa, parts, acts, &act_of, rows, yc);
                 }),
             }
         }
@@ -407,17 +452,48 @@ impl QMatrix {
         }
     }
 
-    fn tiled(&self, isa: Isa, m: &Tiles, act: &QAct, y: &mut [f32]) {
-        let ntiles = self.out.div_ceil(TILE);
-        let yp = OutPtr(y.as_mut_ptr());
-        let run = move |tiles: std::ops::Range<usize>| match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::run(m, act, tiles, yp.at(0)) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::run(m, act, tiles, yp.at(0)) },
-            _ => scalar::run(m, act, tiles, yp.at(0)),
+    /// Runs every part's tiles as one range of work units on the pool
+    /// (part `i` with activations `acts[act_of[i]]`).
+    fn tiled(
+        &self,
+        isa: Isa,
+        parts: &[Part],
+        acts: &[QAct],
+        act_of: &[usize],
+        rows: usize,
+        y: &mut [f32],
+    ) {
+        let ends: Vec<usize> = parts
+            .iter()
+            .scan(0, |end, p| {
+                *end += p.tiles.out.div_ceil(TILE);
+                Some(*end)
+            })
+            .collect();
+        let ntiles = ends.last().copied().unwrap_or(0);
+        let (yp, ldy) = (OutPtr(y.as_mut_ptr()), self.out);
+        let run = move |units: std::ops::Range<usize>| {
+            for (i, p) in parts.iter().enumerate() {
+                let start = if i == 0 { 0 } else { ends[i - 1] };
+                let (lo, hi) = (units.start.max(start), units.end.min(ends[i]));
+                if lo >= hi {
+                    continue;
+                }
+                let (m, act, tiles) = (&p.tiles, &acts[act_of[i]], lo - start..hi - start);
+                let y = yp.at(p.col0);
+                // SAFETY: the paths only run where `isa.supported()` (checked
+                // by the caller); each unit is one tile, whose columns only
+                // this call writes, in rows `ldy` apart of `y`.
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { avx512::run(m, act, tiles, y, ldy) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { avx2::run(m, act, tiles, y, ldy) },
+                    _ => scalar::run(m, act, tiles, y, ldy),
+                }
+            }
         };
-        pool::global().run(ntiles, self.chunk(act.n, ntiles), &run);
+        pool::global().run(ntiles, self.chunk(rows, ntiles), &run);
     }
 
     fn dense(&self, w: &[f32], x: &[f32], n: usize, y: &mut [f32]) {

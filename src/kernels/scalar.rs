@@ -10,7 +10,8 @@ fn dot(c: &[u8], a: &[i8]) -> i32 {
     c.iter().zip(a).map(|(&c, &a)| c as i32 * a as i32).sum()
 }
 
-pub(crate) fn run(m: &Tiles, act: &QAct, tiles: std::ops::Range<usize>, y: *mut f32) {
+/// Column j of row i goes to `y[i × ldy + j]`.
+pub(crate) fn run(m: &Tiles, act: &QAct, tiles: std::ops::Range<usize>, y: *mut f32, ldy: usize) {
     let (fmt, nb, bs) = (m.fmt, m.blocks, m.fmt.block());
     let rec_bytes = fmt.rec_bytes();
     let mut c = [0u8; 256];
@@ -64,8 +65,8 @@ pub(crate) fn run(m: &Tiles, act: &QAct, tiles: std::ops::Range<usize>, y: *mut 
             }
             for (i, &v) in acc.iter().enumerate() {
                 // SAFETY: the caller gives each thread disjoint tiles, and
-                // `y` holds `n × out` values.
-                unsafe { *y.add(i * m.out + row) = v };
+                // `y` holds `n` rows `ldy` apart.
+                unsafe { *y.add(i * ldy + row) = v };
             }
         }
     }

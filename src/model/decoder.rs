@@ -33,6 +33,11 @@ struct Work {
 
 thread_local! {
     static WORK: std::cell::RefCell<Work> = std::cell::RefCell::default();
+    /// The buffer of the last [`Logits`] dropped on this thread, for the next
+    /// forward's: a verify pass's logits are N × vocab floats (9.7 MB at N =
+    /// 16 for a 152k vocabulary), and a fresh allocation paid a page fault
+    /// per 4 KB and the zeroing again every step.
+    static SPARE_LOGITS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 pub struct Layer {
@@ -154,6 +159,22 @@ pub struct Logits {
     pub data: Vec<f32>,
     pub rows: usize,
     pub vocab: usize,
+}
+
+impl Drop for Logits {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        // Keep the larger of the two buffers (`try_with`: the thread may be
+        // tearing down its locals).
+        let _ = SPARE_LOGITS.try_with(|s| {
+            let old = s.take();
+            s.set(if data.capacity() >= old.capacity() {
+                data
+            } else {
+                old
+            });
+        });
+    }
 }
 
 impl Logits {
@@ -302,11 +323,11 @@ impl Decoder {
         let mut normed = vec![0f32; last.len()];
         rms_norm(last, &self.output_norm, eps, &mut normed);
         let vocab = self.lm_head.out_features();
-        let data = if rows > 0 {
-            self.lm_head.forward(&normed, rows)
-        } else {
-            Vec::new()
-        };
+        let mut data = Vec::new();
+        if rows > 0 {
+            data = SPARE_LOGITS.with(|s| s.take());
+            self.lm_head.forward_into(&normed, rows, &mut data);
+        }
         clock.lap(Stage::LmHead);
         Ok(Logits { data, rows, vocab })
     }
