@@ -52,6 +52,12 @@ pub struct ForwardReport {
     pub weight_bytes: u64,
     /// weight_bytes / bandwidth: no forward can be faster than this.
     pub bandwidth_floor_ms: f64,
+    /// Multiply-adds of the weight matmuls per token.
+    pub macs_per_token: u64,
+    /// Peak int8 multiply-add rate of the kernels' instruction on all
+    /// threads (GMAC/s; `None` off the AVX-512 path): N tokens' matmuls
+    /// cannot take less than N × macs_per_token / peak.
+    pub int8_peak_gmac_s: Option<f64>,
     /// llama.cpp's figures for this model from `--peers`, if any.
     pub llama_cpp: Option<treespec::bench::peers::PeerForward>,
 }
@@ -85,6 +91,8 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     };
     let g = engine::generate(&model, &mut session, None, &prompt, &opts, &mut |_| true)?;
     let bw = treespec::kernels::read_bandwidth_gb_s(1 << 30, 7);
+    let peak = treespec::kernels::int8_peak_gmac_s();
+    let macs_per_token = model.config().matmul_macs_per_token();
     let weight_bytes = std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0);
     let model_name = model
         .path
@@ -100,6 +108,8 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         read_bandwidth_gb_s: bw,
         weight_bytes,
         bandwidth_floor_ms: weight_bytes as f64 / (bw * 1e9) * 1e3,
+        macs_per_token,
+        int8_peak_gmac_s: peak,
         model: a.model.model.clone(),
         threads,
         isa: treespec::kernels::isa().to_string(),
@@ -128,9 +138,20 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         report.weight_bytes as f64 / 1e6,
         report.bandwidth_floor_ms
     );
+    if let Some(peak) = report.int8_peak_gmac_s {
+        println!(
+            "int8 multiply-add peak {:.0} GMAC/s; one token's matmuls ({:.0} M multiply-adds) take >= {:.2} ms",
+            peak,
+            report.macs_per_token as f64 / 1e6,
+            report.macs_per_token as f64 / (peak * 1e9) * 1e3
+        );
+    }
+    // floor: the larger of the two lower bounds (bandwidth, compute) over
+    // the measured time; GMAC/s: the weight matmuls' multiply-adds per second
+    // of the whole forward.
     println!(
-        "{:>5} {:>10} {:>10} {:>12} {:>14} {:>16}",
-        "N", "ms", "c(N)/c(1)", "floor/c(N)", "llama.cpp ms", "llama.cpp c/c1"
+        "{:>5} {:>10} {:>10} {:>11} {:>8} {:>14} {:>16}",
+        "N", "ms", "c(N)/c(1)", "floor/c(N)", "GMAC/s", "llama.cpp ms", "llama.cpp c/c1"
     );
     let peer_c1 = peer.and_then(|p| p.ms(1));
     for p in &report.curve {
@@ -139,12 +160,17 @@ pub fn run(a: ForwardArgs) -> Result<()> {
             (Some(m), None) => (format!("{m:.1}"), "-".into()),
             _ => ("-".into(), "-".into()),
         };
+        let macs = (p.n as u64 * report.macs_per_token) as f64;
+        let compute_floor_ms = report
+            .int8_peak_gmac_s
+            .map_or(0.0, |peak| macs / (peak * 1e9) * 1e3);
         println!(
-            "{:>5} {:>10.2} {:>10.2} {:>12.2} {:>14} {:>16}",
+            "{:>5} {:>10.2} {:>10.2} {:>11.2} {:>8.0} {:>14} {:>16}",
             p.n,
             p.ms,
             p.ms / c1,
-            report.bandwidth_floor_ms / p.ms,
+            report.bandwidth_floor_ms.max(compute_floor_ms) / p.ms,
+            macs / (p.ms * 1e6),
             pm,
             pr
         );

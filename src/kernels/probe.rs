@@ -1,7 +1,9 @@
-//! The machine's memory read bandwidth as the matmul kernels see it: the same
-//! huge-page-advised buffer, the same software prefetch, wide loads on the
-//! same pool of threads. It is the floor against which `bench forward`
-//! reports how close a forward over the weights comes to pure streaming.
+//! The machine's two limits as the matmul kernels see them, measured on the
+//! same pool of threads: memory read bandwidth (the same huge-page-advised
+//! buffer, the same software prefetch, wide loads) and the peak rate of the
+//! int8 multiply-add instruction the kernels are built on. `bench forward`
+//! reports a forward's time against both: weights / bandwidth is the floor
+//! for few tokens, multiply-adds / peak the floor for many.
 
 use super::buf::AlignedBuf;
 
@@ -71,4 +73,56 @@ unsafe fn sum_lines_avx2(part: &[u8]) -> u64 {
     );
     _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, x);
     out.iter().fold(0, |a, &b| a ^ b)
+}
+
+/// Peak int8 multiply-adds per second of the pool's threads together, in
+/// GMAC/s, on the path the kernels use (`vpdpbusd` on 512-bit registers: 64
+/// multiply-adds each): every thread runs 12 independent accumulator chains
+/// (more than latency × issue width) with operands in registers, so nothing
+/// but the instruction's throughput and the clock bounds it. `None` where the
+/// kernels have no such instruction (the AVX2 and scalar paths).
+pub fn int8_peak_gmac_s() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::selected() == super::Isa::Avx512 {
+        let threads = super::threads().max(1);
+        const ITERS: usize = 1 << 20;
+        let sink = std::sync::atomic::AtomicU64::new(0);
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            super::parallel_for(threads, 1, &|r: std::ops::Range<usize>| {
+                for _ in r {
+                    // SAFETY: the AVX-512 path was detected.
+                    let v = unsafe { dpbusd_chains(ITERS) };
+                    sink.fetch_add(v as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            let macs = (threads * ITERS * 12 * 64) as f64;
+            best = best.max(macs / t.elapsed().as_secs_f64() / 1e9);
+        }
+        std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+        return Some(best);
+    }
+    None
+}
+
+/// `iters` rounds of 12 independent `vpdpbusd`; returns a value that
+/// depends on all of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dpbusd_chains(iters: usize) -> u32 {
+    use std::arch::x86_64::*;
+    let w = std::hint::black_box(_mm512_set1_epi8(1));
+    let x = std::hint::black_box(_mm512_set1_epi8(2));
+    let mut acc = [_mm512_setzero_si512(); 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbusd_epi32(*a, w, x);
+        }
+    }
+    let mut t = _mm512_setzero_si512();
+    for a in acc {
+        t = _mm512_xor_si512(t, a);
+    }
+    _mm512_reduce_add_epi32(t) as u32
 }

@@ -85,6 +85,16 @@ fn meta_f64(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<f64> {
 }
 
 impl ModelConfig {
+    /// Multiply-adds of the weight matmuls for one token: q, k, v and output
+    /// projections, gate, up and down, in every layer, and the LM head.
+    pub fn matmul_macs_per_token(&self) -> u64 {
+        let attn = self.n_heads * self.head_dim;
+        let kv = self.n_kv_heads * self.head_dim;
+        let layer =
+            self.hidden * (attn + 2 * kv) + attn * self.hidden + 3 * self.hidden * self.ffn_dim;
+        (self.n_layers * layer + self.hidden * self.vocab_size) as u64
+    }
+
     pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
         let arch_name = meta(ct, "general.architecture", path)?
             .to_string()
