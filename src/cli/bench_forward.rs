@@ -48,7 +48,8 @@ pub struct ForwardReport {
     pub curve: Vec<CurvePoint>,
     /// Measured read bandwidth of this machine (all threads), GB/s.
     pub read_bandwidth_gb_s: f64,
-    /// Bytes of weights one forward streams (the model file, near enough).
+    /// Bytes of weights one forward streams: the layers' projections and
+    /// the LM head (not the embedding table, which is only looked up).
     pub weight_bytes: u64,
     /// weight_bytes / bandwidth: no forward can be faster than this.
     pub bandwidth_floor_ms: f64,
@@ -93,7 +94,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let bw = treespec::kernels::read_bandwidth_gb_s(1 << 30, 7);
     let peak = treespec::kernels::int8_peak_gmac_s();
     let macs_per_token = model.config().matmul_macs_per_token();
-    let weight_bytes = std::fs::metadata(&model.path).map(|m| m.len()).unwrap_or(0);
+    let weight_bytes = model.decoder.weight_bytes_per_forward() as u64;
     let model_name = model
         .path
         .file_stem()

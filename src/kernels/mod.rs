@@ -373,6 +373,14 @@ impl QMatrix {
         self.inp
     }
 
+    /// Bytes of the repacked weights (what a call streams).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.repr {
+            Repr::Tiled(parts) => parts.iter().map(|p| p.tiles.buf.len()).sum(),
+            Repr::Dense(w) => std::mem::size_of_val(w.as_slice()),
+        }
+    }
+
     /// The GGUF type the weights came in.
     pub fn dtype(&self) -> GgmlDType {
         self.dtype

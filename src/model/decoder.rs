@@ -42,12 +42,11 @@ thread_local! {
 
 pub struct Layer {
     pub attn_norm: Vec<f32>,
-    /// Q, K, V projections of the normed input (stacked when they share a
-    /// format).
+    /// Q, K, V projections of the normed input (one stacked matmul).
     pub qkv: Projections,
     pub wo: Linear,
     pub ffn_norm: Vec<f32>,
-    /// Gate and up projections (stacked when they share a format).
+    /// Gate and up projections (one stacked matmul).
     pub gate_up: Projections,
     pub w_down: Linear,
 }
@@ -205,6 +204,23 @@ impl Decoder {
             lm_head,
             rope,
         })
+    }
+
+    /// Bytes of weights one forward streams: every layer's projections and
+    /// the LM head (the embedding table is only looked up, unless it is
+    /// also the LM head).
+    pub fn weight_bytes_per_forward(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.wo.weight_bytes()
+                    + l.gate_up.weight_bytes()
+                    + l.w_down.weight_bytes()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     /// A cache sized for `capacity` positions (at most the trained context).

@@ -56,6 +56,11 @@ impl Linear {
         self.weight.in_features()
     }
 
+    /// Bytes of weights a forward reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.weight_bytes()
+    }
+
     pub fn out_features(&self) -> usize {
         self.weight.out_features()
     }
@@ -83,7 +88,8 @@ impl Linear {
 }
 
 /// Several projections of the same input (Q, K, V; gate, up), computed as
-/// one stacked matmul when their weights share a format, else one by one.
+/// one stacked matmul when their weights can be stacked (quantized, or all
+/// dense), else one by one.
 /// Either way the result is one buffer of `n` rows `[part 0 | part 1 | …]`.
 pub struct Projections {
     widths: Vec<usize>,
@@ -113,6 +119,11 @@ impl Projections {
 
     pub fn in_features(&self) -> usize {
         self.layers[0].in_features()
+    }
+
+    /// Bytes of weights a forward reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers.iter().map(Linear::weight_bytes).sum()
     }
 
     /// `y`: `n` rows of `Σ widths`; `part` is scratch for unstacked parts.
