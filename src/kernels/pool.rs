@@ -5,12 +5,18 @@
 //! while (the next call usually comes within microseconds) and only then
 //! park on a condition variable.
 //!
-//! Work is a range of units handed out in chunks through an atomic counter,
-//! and the calling thread takes chunks too. So a worker that the OS has not
-//! scheduled (the machine may be busy with other processes) never stalls a
-//! call: the caller just does its share. A late worker cannot join a call
-//! that has finished: it joins through `state`, which the caller closes
-//! before returning, and only a joined worker touches the job.
+//! Work is a range of units cut into one contiguous *share* per thread, each
+//! handed out in chunks through its own atomic cursor. A thread walks its own
+//! share first, so every thread streams one contiguous stretch of weights
+//! (measured on the 0.5B's projections with the weights coming from memory:
+//! 2–6% faster than chunks dealt round-robin, whose every chunk started a
+//! new stream; whole forwards alternated in one process, 1–3% on minima);
+//! then it takes chunks from the others' shares. So a worker
+//! that the OS has not scheduled (the machine may be busy with other
+//! processes) never stalls a call: the caller does its share too. A late
+//! worker cannot join a call that has finished: it joins through `state`,
+//! which the caller closes before returning, and only a joined worker
+//! touches the job.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -41,17 +47,31 @@ struct Job<'a> {
     f: &'a (dyn Fn(Range<usize>) + Sync),
     units: usize,
     chunk: usize,
-    next: AtomicUsize,
+    /// Next unit of each share (share `i` covers `bounds(i)`).
+    next: Vec<AtomicUsize>,
 }
 
 impl Job<'_> {
-    fn work(&self) {
-        loop {
-            let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
-            if start >= self.units {
-                return;
+    /// Units of share `i`.
+    fn bounds(&self, i: usize) -> Range<usize> {
+        let n = self.next.len();
+        i * self.units / n..(i + 1) * self.units / n
+    }
+
+    /// Runs chunks until none is left: those of share `first` (this
+    /// thread's own), then the following shares'.
+    fn work(&self, first: usize) {
+        let n = self.next.len();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let end = self.bounds(i).end;
+            loop {
+                let start = self.next[i].fetch_add(self.chunk, Ordering::Relaxed);
+                if start >= end {
+                    break;
+                }
+                (self.f)(start..(start + self.chunk).min(end));
             }
-            (self.f)(start..(start + self.chunk).min(self.units));
         }
     }
 }
@@ -146,11 +166,14 @@ impl Pool {
         let mut epoch = self.submit.lock().unwrap_or_else(|e| e.into_inner());
         *epoch = epoch.wrapping_add(1);
         let s = self.shared;
+        let shares = self.threads;
         let job = Job {
             f,
             units,
             chunk,
-            next: AtomicUsize::new(0),
+            next: (0..shares)
+                .map(|i| AtomicUsize::new(i * units / shares))
+                .collect(),
         };
         s.job.store(&job as *const Job as usize, Ordering::Relaxed);
         s.state
@@ -161,7 +184,7 @@ impl Pool {
                 s.wake.notify_all();
             }
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| job.work()));
+        let mine = catch_unwind(AssertUnwindSafe(|| job.work(0)));
         // Close the job once no worker is inside it. A worker still inside
         // may have been preempted: yield soon so it can finish on this core.
         let mut spins = 0u32;
@@ -213,27 +236,55 @@ fn worker(s: &'static Shared) {
         let mut cur = s.state.load(Ordering::Acquire);
         seen = cur >> 32;
         // Join the job if it is still open.
+        // Its share: one past the workers already inside (the caller has
+        // share 0; a repeat is harmless, shares are claimed chunk by chunk).
         let joined = loop {
             if cur >> 32 != seen || cur & OPEN == 0 {
-                break false;
+                break None;
             }
             match s
                 .state
                 .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => break true,
+                Ok(_) => break Some((cur & COUNT) as usize + 1),
                 Err(now) => cur = now,
             }
         };
-        if !joined {
+        let Some(share) = joined else {
             continue;
-        }
+        };
         // SAFETY: the job outlives the open state, which the caller cannot
         // close while this worker is counted in it.
         let job = unsafe { &*(s.job.load(Ordering::Acquire) as *const Job) };
-        if catch_unwind(AssertUnwindSafe(|| job.work())).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| job.work(share))).is_err() {
             s.panicked.store(true, Ordering::Relaxed);
         }
         s.state.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every unit runs exactly once, whatever the share and chunk sizes
+    /// (fewer units than threads, chunks larger than a share, ragged ends).
+    #[test]
+    fn every_unit_runs_once() {
+        let pool = Pool::new(3);
+        for units in [1usize, 2, 3, 5, 64, 97, 1000] {
+            for chunk in [1usize, 2, 7, 40, 2000] {
+                let hits: Vec<AtomicUsize> = (0..units).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(units, chunk, &|r: Range<usize>| {
+                    for i in r {
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "units {units}, chunk {chunk}"
+                );
+            }
+        }
     }
 }
