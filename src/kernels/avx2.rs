@@ -203,7 +203,7 @@ unsafe fn k32<const G: usize>(fmt: Fmt, cx: &Ctx, w: *const u8, n0: usize) {
         _ => off::Q8_D,
     };
     for _ in 0..cx.nb {
-        prefetch_rec(rec, rec_bytes, cx.pf);
+        prefetch_rec(rec, rec_bytes, cx.pf, false);
         let mut wv = [_mm256_setzero_si256(); 8];
         if fmt == Fmt::Q8_0 {
             let flip = _mm256_set1_epi8(-128);
@@ -256,7 +256,7 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let mut rec = w;
     let (mut qs, mut d, mut bsum) = (p.qs, p.d, p.bsum);
     for _ in 0..cx.nb {
-        prefetch_rec(rec, rec_bytes, cx.pf);
+        prefetch_rec(rec, rec_bytes, cx.pf, false);
         let mut isum = [_mm256_setzero_si256(); G];
         for j in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];
@@ -300,7 +300,7 @@ unsafe fn kq6k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
     let mut rec = w;
     let (mut qs, mut d, mut bias) = (p.qs, p.d, p.bias);
     for _ in 0..cx.nb {
-        prefetch_rec(rec, rec_bytes, cx.pf);
+        prefetch_rec(rec, rec_bytes, cx.pf, false);
         let mut isum = [_mm256_setzero_si256(); G];
         for gr in 0..8 {
             let mut wv = [_mm256_setzero_si256(); 8];

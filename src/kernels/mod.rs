@@ -26,6 +26,8 @@
 //! - `TREESPEC_POOL=rayon`: dispatch through rayon instead (for comparison);
 //! - `TREESPEC_PF_DIST=bytes`, `TREESPEC_PF_MIN_ROWS=n`: software prefetch
 //!   distance (8192) and the row count from which it is used (1);
+//! - `TREESPEC_PF_L1_ROWS=n`: from this many rows the AVX-512 32-value
+//!   kernels prefetch into L1 instead of L2 (3);
 //! - `TREESPEC_NO_HUGEPAGES`: do not advise 2 MB pages for the weights.
 
 mod act;
@@ -69,6 +71,9 @@ struct Prefetch {
     /// streaming from DRAM, prefetching helps even at one row, so it is on
     /// by default; the knob stays for other machines.
     min_rows: usize,
+    /// From this many rows, prefetch the 32-value formats into L1 (see
+    /// `avx512::run`).
+    l1_rows: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -84,6 +89,7 @@ fn prefetch_cfg() -> &'static Prefetch {
         Prefetch {
             dist: env("TREESPEC_PF_DIST", 8192),
             min_rows: env("TREESPEC_PF_MIN_ROWS", 1),
+            l1_rows: env("TREESPEC_PF_L1_ROWS", 3),
         }
     })
 }
@@ -100,16 +106,29 @@ fn prefetch_distance(rows: usize) -> usize {
     }
 }
 
-/// Prefetches into L2 the `len` bytes `pf` bytes past `rec` (no-op if `pf`
-/// is 0). Prefetches never fault, so running past the buffer is harmless.
+/// Whether a call with `rows` activation rows prefetches into L1 (the
+/// kernels that can use it decide; see `avx512::run`).
+#[cfg(target_arch = "x86_64")]
+fn prefetch_to_l1(rows: usize) -> bool {
+    rows >= prefetch_cfg().l1_rows
+}
+
+/// Prefetches the `len` bytes `pf` bytes past `rec` into L1 (`l1`) or L2
+/// (no-op if `pf` is 0). Prefetches never fault, so running past the buffer
+/// is harmless.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize, l1: bool) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     if pf != 0 {
         let mut l = 0;
         while l < len {
-            _mm_prefetch::<_MM_HINT_T1>(rec.wrapping_add(pf + l) as *const i8);
+            let at = rec.wrapping_add(pf + l) as *const i8;
+            if l1 {
+                _mm_prefetch::<_MM_HINT_T0>(at);
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(at);
+            }
             l += 64;
         }
     }

@@ -59,7 +59,7 @@ unsafe fn sum_lines_avx2(part: &[u8]) -> u64 {
     let lines = part.len() / 64;
     let mut i = 0;
     while i + 4 <= lines {
-        super::prefetch_rec(p.add(i * 64), 256, dist);
+        super::prefetch_rec(p.add(i * 64), 256, dist, false);
         for (k, a) in acc.iter_mut().enumerate() {
             let v = _mm256_load_si256(p.add((i + k) * 64) as *const __m256i);
             *a = _mm256_xor_si256(*a, v);
