@@ -144,7 +144,7 @@ fn curve_path(home: &Path, identity: &str) -> PathBuf {
 /// an older build would mislead the controller (measured: curves cached by
 /// an earlier build, one taken while the machine was busy, had c(1) two to
 /// three times too high and c(9)/c(1) 2.5 instead of ~1.8).
-const FORWARD_REVISION: u32 = 7;
+const FORWARD_REVISION: u32 = 8;
 
 /// What a cached curve is valid for: the model, the thread count, the
 /// kernel path, this build (version, forward revision, optimised or not).

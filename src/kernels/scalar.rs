@@ -1,6 +1,7 @@
 //! Portable reference kernel over the tiled layout. It performs the same
 //! integer dot products and the same float combination per block as the
-//! SIMD paths, so they agree up to float summation order.
+//! AVX-512 path, so they agree up to float rounding (fused or not) and
+//! summation order; the AVX2 path scales K-quant sub-blocks in integers.
 
 use super::act::QAct;
 use super::layout::{codes, row_scales, Fmt, TILE};
@@ -42,23 +43,26 @@ pub(crate) fn run(m: &Tiles, act: &QAct, tiles: std::ops::Range<usize>, y: *mut 
                             *acc += dot(c, a) as f32 * (s.d * da);
                             *acc += s.m * act.fsum[ab];
                         }
+                        // Sub-block sums scaled in float, as the AVX-512
+                        // kernels do.
                         Fmt::Q4K => {
-                            let mut isum = 0i32;
+                            let mut fsum = 0f32;
                             let mut msum = 0i32;
                             for j in 0..8 {
-                                isum += s.sc[j] * dot(&c[32 * j..32 * j + 32], &a[32 * j..]);
+                                let d = dot(&c[32 * j..32 * j + 32], &a[32 * j..]);
+                                fsum += d as f32 * s.sc[j] as f32;
                                 msum += s.mins[j] * act.bsum32[ab * 8 + j] as i32;
                             }
-                            *acc += isum as f32 * (s.d * da);
+                            *acc += fsum * (s.d * da);
                             *acc -= msum as f32 * (s.m * da);
                         }
                         Fmt::Q6K => {
-                            let mut isum = 0i32;
+                            let mut fsum = 0f32;
                             for j in 0..16 {
                                 let d = dot(&c[16 * j..16 * j + 16], &a[16 * j..]);
-                                isum += s.sc[j] * (d + act.bias[ab * 16 + j]);
+                                fsum += (d + act.bias[ab * 16 + j]) as f32 * s.sc[j] as f32;
                             }
-                            *acc += isum as f32 * (s.d * da);
+                            *acc += fsum * (s.d * da);
                         }
                     }
                 }
