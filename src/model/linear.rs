@@ -65,16 +65,9 @@ impl Linear {
         self.weight.out_features()
     }
 
-    /// `x`: `n` rows of `in_features` → `n` rows of `out_features`.
-    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut y = Vec::new();
-        self.forward_into(x, n, &mut y);
-        y
-    }
-
-    /// [`Linear::forward`] into a reused buffer (resized to `n` rows; the
-    /// matmul overwrites every value, so a buffer of the right size is
-    /// neither reallocated nor cleared).
+    /// `x`: `n` rows of `in_features` → `y`: `n` rows of `out_features`, a
+    /// reused buffer (resized; the matmul overwrites every value, so a
+    /// buffer of the right size is neither reallocated nor cleared).
     pub fn forward_into(&self, x: &[f32], n: usize, y: &mut Vec<f32>) {
         let out = self.out_features();
         y.resize(n * out, 0.0);
