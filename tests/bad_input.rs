@@ -59,7 +59,19 @@ fn wrong_magic_and_empty_file() {
 }
 
 fn write_gguf(path: &std::path::Path, arch: &str, with_tensor: bool) {
-    let md = [
+    write_gguf_with(path, arch, with_tensor, &[], false);
+}
+
+/// A one-layer llama-shaped GGUF with `extra` metadata and, optionally, a
+/// `rope_freqs.weight` tensor (what Llama 3.x files carry).
+fn write_gguf_with(
+    path: &std::path::Path,
+    arch: &str,
+    with_tensor: bool,
+    extra: &[(&str, gguf_file::Value)],
+    rope_freqs: bool,
+) {
+    let mut md = vec![
         (
             "general.architecture",
             gguf_file::Value::String(arch.into()),
@@ -74,17 +86,21 @@ fn write_gguf(path: &std::path::Path, arch: &str, with_tensor: bool) {
             gguf_file::Value::F32(1e-5),
         ),
     ];
+    md.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
     let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t = QTensor::quantize(
         &Tensor::zeros((16, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
         GgmlDType::F32,
     )
     .unwrap();
-    let tensors: Vec<(&str, &QTensor)> = if with_tensor {
+    let mut tensors: Vec<(&str, &QTensor)> = if with_tensor {
         vec![("token_embd.weight", &t)]
     } else {
         vec![]
     };
+    if rope_freqs {
+        tensors.push(("rope_freqs.weight", &t));
+    }
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md, &tensors).unwrap();
     f.flush().unwrap();
@@ -96,6 +112,87 @@ fn unknown_architecture() {
     write_gguf(&p, "mamba", true);
     let msg = load_err(&p);
     assert!(msg.contains("unsupported architecture `mamba`"), "{msg}");
+}
+
+fn config_err(p: &std::path::Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    match treespec::model::ModelConfig::from_gguf(&ct, p) {
+        Ok(c) => panic!("{} accepted: {c:?}", p.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Metadata that changes the maths and is not implemented is refused with
+/// the key named (before: a Llama 3.x file's RoPE scaling was ignored and
+/// every logit was subtly wrong); neutral values still load.
+#[test]
+fn maths_changing_metadata_is_refused_by_name() {
+    use gguf_file::Value as V;
+    let cases: Vec<(&str, Vec<(&str, V)>, bool)> = vec![
+        (
+            "llama.rope.scaling.type",
+            vec![
+                ("llama.rope.scaling.type", V::String("yarn".into())),
+                ("llama.rope.scaling.factor", V::F32(4.0)),
+            ],
+            false,
+        ),
+        (
+            "llama.rope.scaling.type",
+            vec![
+                ("llama.rope.scaling.type", V::String("linear".into())),
+                ("llama.rope.scaling.factor", V::F32(2.0)),
+            ],
+            false,
+        ),
+        ("rope_freqs.weight", vec![], true),
+        (
+            "llama.attention.key_length",
+            vec![("llama.attention.key_length", V::U32(16))],
+            false,
+        ),
+        (
+            "llama.rope.dimension_count",
+            vec![("llama.rope.dimension_count", V::U32(4))],
+            false,
+        ),
+        (
+            "llama.attention.sliding_window",
+            vec![("llama.attention.sliding_window", V::U32(4096))],
+            false,
+        ),
+        (
+            "llama.attn_logit_softcapping",
+            vec![("llama.attn_logit_softcapping", V::F32(50.0))],
+            false,
+        ),
+        (
+            "llama.final_logit_softcapping",
+            vec![("llama.final_logit_softcapping", V::F32(30.0))],
+            false,
+        ),
+    ];
+    for (i, (key, extra, rope_freqs)) in cases.into_iter().enumerate() {
+        let p = tmp(&format!("maths-{i}.gguf"));
+        write_gguf_with(&p, "llama", true, &extra, rope_freqs);
+        let msg = config_err(&p);
+        assert!(
+            msg.contains(&format!("`{key}`")) && msg.contains("unsupported GGUF metadata"),
+            "{key}: {msg}"
+        );
+    }
+    // Neutral values are accepted.
+    let p = tmp("maths-neutral.gguf");
+    let neutral = vec![
+        ("llama.rope.scaling.type", V::String("none".into())),
+        ("llama.rope.dimension_count", V::U32(8)),
+        ("llama.attention.key_length", V::U32(8)),
+    ];
+    write_gguf_with(&p, "llama", true, &neutral, false);
+    let mut f = std::fs::File::open(&p).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
 }
 
 #[test]

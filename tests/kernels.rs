@@ -2,6 +2,8 @@
 //! SIMD path against the scalar reference, and everything against a plain
 //! f32 matmul of the dequantized weights.
 
+mod common;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -218,11 +220,11 @@ fn isa_names_a_supported_path() {
     assert!(Isa::available().iter().any(|i| i.name() == name));
 }
 
-/// Real weights of every format the three models use, when they are here.
+/// Real weights of every format the three models use, when they are here
+/// (under CI, where `.ci/run` pulls all three, a missing one fails).
 #[test]
 fn real_model_tensors() {
-    let dir = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/treespec/models");
+    let dir = common::treespec_home().join("models");
     let cases: [(&str, &[&str]); 3] = [
         (
             "smollm2-135m.gguf",
@@ -245,6 +247,11 @@ fn real_model_tensors() {
     for (file, names) in cases {
         let path = dir.join(file);
         let Ok(mut f) = std::fs::File::open(&path) else {
+            assert!(
+                !common::under_ci(),
+                "{} not found: under CI every model this test reads must be pulled",
+                path.display()
+            );
             eprintln!("skipped: {} not found", path.display());
             continue;
         };

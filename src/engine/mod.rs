@@ -132,8 +132,13 @@ impl StopScanner<'_> {
     fn push(&mut self, piece: &str) -> (String, bool) {
         self.text.push_str(piece);
         for s in self.stops.iter().filter(|s| !s.is_empty()) {
-            if let Some(at) = self.text[self.emitted.saturating_sub(s.len())..].find(s.as_str()) {
-                let cut = self.emitted.saturating_sub(s.len()) + at;
+            // A match can start at most `s.len()` bytes before the text not
+            // yet searched; that byte offset may fall inside a multibyte
+            // character ("ab" held back, then "日"), so start the search at
+            // the character boundary at or before it.
+            let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(s.len()));
+            if let Some(at) = self.text[from..].find(s.as_str()) {
+                let cut = from + at;
                 self.text.truncate(cut);
                 let out = self.text[self.emitted.min(cut)..].to_string();
                 self.emitted = self.text.len();
@@ -164,6 +169,15 @@ impl StopScanner<'_> {
         self.emitted = self.text.len();
         out
     }
+}
+
+/// The largest character boundary of `text` at or before byte `i`.
+fn floor_char_boundary(text: &str, i: usize) -> usize {
+    let mut i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// Generates a continuation of `prompt` (token ids, BOS/chat template already
@@ -408,5 +422,55 @@ mod tests {
         assert_eq!(s.push(" a STO"), (" a ".to_string(), false));
         assert_eq!(s.push("P and more"), (String::new(), true));
         assert_eq!(s.text, "hello STx a ");
+    }
+
+    /// Multibyte and emoji output around stop strings: the search window
+    /// must not start inside a character (stop "ab", then "日", then "x"
+    /// panicked: byte `emitted - 2` fell inside "日").
+    #[test]
+    fn stop_scanner_on_multibyte_text() {
+        let stops = vec!["ab".to_string()];
+        let mut s = StopScanner {
+            stops: &stops,
+            text: String::new(),
+            emitted: 0,
+        };
+        assert_eq!(s.push("日"), ("日".to_string(), false));
+        assert_eq!(s.push("x"), ("x".to_string(), false));
+        assert_eq!(s.push("日本"), ("日本".to_string(), false));
+        assert_eq!(s.push("🙂a"), ("🙂".to_string(), false));
+        assert_eq!(s.push("b🙂"), (String::new(), true));
+        assert_eq!(s.text, "日x日本🙂");
+
+        // A multibyte stop string straddling pieces, after emoji.
+        let stops = vec!["終わり".to_string(), "🛑".to_string()];
+        let mut s = StopScanner {
+            stops: &stops,
+            text: String::new(),
+            emitted: 0,
+        };
+        assert_eq!(s.push("🙂🙂終"), ("🙂🙂".to_string(), false));
+        assert_eq!(s.push("わ"), (String::new(), false));
+        assert_eq!(s.push("る"), ("終わる".to_string(), false));
+        assert_eq!(s.push("é終わ"), ("é".to_string(), false));
+        assert_eq!(s.push("り。"), (String::new(), true));
+        assert_eq!(s.text, "🙂🙂終わるé");
+        let mut s = StopScanner {
+            stops: &stops,
+            text: String::new(),
+            emitted: 0,
+        };
+        assert_eq!(s.push("ab"), ("ab".to_string(), false));
+        assert_eq!(s.push("c🛑d"), ("c".to_string(), true));
+    }
+
+    #[test]
+    fn floor_char_boundary_steps_back_into_characters() {
+        let t = "a日b";
+        assert_eq!(floor_char_boundary(t, 0), 0);
+        assert_eq!(floor_char_boundary(t, 2), 1);
+        assert_eq!(floor_char_boundary(t, 3), 1);
+        assert_eq!(floor_char_boundary(t, 4), 4);
+        assert_eq!(floor_char_boundary(t, 99), 5);
     }
 }

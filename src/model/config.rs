@@ -136,6 +136,7 @@ impl ModelConfig {
             rope_interleaved: arch == Arch::Llama,
         };
         cfg.check(path)?;
+        refuse_unimplemented_gguf_maths(ct, a, cfg.head_dim, path)?;
         Ok(cfg)
     }
 
@@ -212,4 +213,96 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+/// Refuses a GGUF whose metadata asks for maths this decoder does not do,
+/// naming the key: loading it anyway would give subtly wrong logits with no
+/// warning (a Llama 3.x file's `rope_freqs` ignored, say). A key set to its
+/// neutral value (scaling type `none`, factor 1, a head size equal to
+/// hidden / heads) is accepted.
+fn refuse_unimplemented_gguf_maths(
+    ct: &gguf_file::Content,
+    a: &str,
+    head_dim: usize,
+    path: &Path,
+) -> Result<()> {
+    let refuse = |key: &str, why: &str| {
+        Err(Error::model(
+            path,
+            format!("unsupported GGUF metadata `{key}`: {why}; treespec would compute wrong logits, so it refuses the file"),
+        ))
+    };
+    let num = |key: &str| ct.metadata.get(key).and_then(value_f64);
+    let scaling_type = format!("{a}.rope.scaling.type");
+    if let Some(v) = ct.metadata.get(&scaling_type) {
+        let t = v.to_string().map(|s| s.to_lowercase()).unwrap_or_default();
+        let factor = num(&format!("{a}.rope.scaling.factor")).unwrap_or(1.0);
+        if !(t == "none" || (t == "linear" && factor == 1.0)) {
+            return refuse(
+                &scaling_type,
+                &format!("RoPE scaling `{t}` (factor {factor}) is not implemented"),
+            );
+        }
+    }
+    for key in ["rope.scaling.factor", "rope.scaling.attn_factor"] {
+        let key = format!("{a}.{key}");
+        if let Some(f) = num(&key) {
+            if f != 1.0 && f != 0.0 {
+                return refuse(&key, &format!("RoPE scaling factor {f} is not implemented"));
+            }
+        }
+    }
+    if ct.tensor_infos.contains_key("rope_freqs.weight") {
+        return refuse(
+            "rope_freqs.weight",
+            "per-dimension RoPE frequency factors (Llama 3.x rope scaling) are not implemented",
+        );
+    }
+    for key in [
+        "attention.key_length",
+        "attention.value_length",
+        "rope.dimension_count",
+    ] {
+        let key = format!("{a}.{key}");
+        if let Some(n) = num(&key) {
+            if n as usize != head_dim {
+                return refuse(
+                    &key,
+                    &format!("{n} differs from hidden size / heads = {head_dim} (separate head sizes and partial rotary are not implemented)"),
+                );
+            }
+        }
+    }
+    for key in [
+        "attention.sliding_window",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+    ] {
+        let key = format!("{a}.{key}");
+        if let Some(n) = num(&key) {
+            if n != 0.0 {
+                return refuse(&key, &format!("value {n}: not implemented"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A numeric metadata value as f64 (any integer or float type).
+fn value_f64(v: &gguf_file::Value) -> Option<f64> {
+    use gguf_file::Value as V;
+    Some(match v {
+        V::U8(x) => *x as f64,
+        V::I8(x) => *x as f64,
+        V::U16(x) => *x as f64,
+        V::I16(x) => *x as f64,
+        V::U32(x) => *x as f64,
+        V::I32(x) => *x as f64,
+        V::U64(x) => *x as f64,
+        V::I64(x) => *x as f64,
+        V::F32(x) => *x as f64,
+        V::F64(x) => *x,
+        V::Bool(b) => *b as u8 as f64,
+        _ => return None,
+    })
 }

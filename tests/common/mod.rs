@@ -12,6 +12,12 @@ pub fn treespec_home() -> PathBuf {
     PathBuf::from(home).join(".cache").join("treespec")
 }
 
+/// True under CI (`CI=true`, as CI runs `.ci/run`): a test that would skip
+/// for want of a file must fail there instead.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
 /// Path of a catalogued model's GGUF; panics with the command that fetches it.
 pub fn model_path(name: &str) -> PathBuf {
     let path = treespec_home().join("models").join(format!("{name}.gguf"));

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Builds the llama.cpp peer that `treespec bench --peer llama.cpp` and
+# `treespec bench forward --peer llama.cpp` measure against, in the same run.
+#
+# The source is the llama.cpp tree that the llama-cpp-python sdist vendors
+# (a registry package, pinned below), so the peer is reproducible without any
+# network but the package registries. The build is a plain CPU Release with
+# GGML_NATIVE (llama.cpp's own default: it tunes for the host it runs on, as a
+# user building it would); it is cached under $TREESPEC_HOME/peers/ and the
+# script is idempotent: a second run only prints the paths.
+#
+# Output (stdout, one `key=value` a line, for scripts and for humans):
+#   llama_cpp_version=…  llama_cpp_commit=…  llama_server=PATH  llama_bench=PATH
+#   llama_batched_bench=PATH  llama_cli=PATH  llama_completion=PATH (if built)
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+HOME_DIR="${TREESPEC_HOME:-$HOME/.cache/treespec}"
+ROOT="$HOME_DIR/peers/llama.cpp-py$VERSION"
+SRC="$ROOT/src"
+BUILD="$ROOT/build"
+JOBS="${JOBS:-$(nproc)}"
+TARGETS=(llama-server llama-bench llama-batched-bench llama-cli llama-completion)
+
+log() { echo "[llama_cpp.sh] $*" >&2; }
+
+need_tool() {
+    local tool=$1 pkg=$2
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        command -v apt-get >/dev/null 2>&1 || { log "$tool missing and no apt-get"; exit 1; }
+        log "installing $pkg"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq "$pkg" >&2
+    fi
+}
+
+print_paths() {
+    echo "llama_cpp_version=$VERSION"
+    echo "llama_cpp_commit=$(cat "$ROOT/COMMIT" 2>/dev/null || echo unknown)"
+    local t
+    for t in "${TARGETS[@]}"; do
+        if [ -x "$BUILD/bin/$t" ]; then
+            echo "${t//-/_}=$BUILD/bin/$t"
+        fi
+    done
+}
+
+if [ -f "$ROOT/BUILT" ] && [ -x "$BUILD/bin/llama-server" ]; then
+    print_paths
+    exit 0
+fi
+
+need_tool cmake cmake
+need_tool g++ g++
+need_tool make make
+mkdir -p "$ROOT"
+
+if [ ! -f "$SRC/CMakeLists.txt" ]; then
+    DL="$ROOT/download"
+    rm -rf "$DL" && mkdir -p "$DL"
+    log "fetching the llama-cpp-python $VERSION sdist"
+    # --no-binary for this one package only: ':all:' would also build its
+    # build dependencies (scikit-build-core, cmake, ...) from source.
+    # pip prepares the sdist's metadata in an isolated build env (it fetches
+    # scikit-build-core for that); nothing is compiled by this step.
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+        -d "$DL" "llama-cpp-python==$VERSION" >&2
+    tarball=""
+    for f in "$DL"/llama_cpp_python-*.tar.gz "$DL"/llama-cpp-python-*.tar.gz; do
+        [ -f "$f" ] && tarball=$f && break
+    done
+    [ -n "$tarball" ] || { log "no sdist downloaded"; exit 1; }
+    tar -xzf "$tarball" -C "$DL"
+    vendored=$(find "$DL" -maxdepth 3 -type d -path '*vendor/llama.cpp' -print -quit)
+    [ -n "$vendored" ] && [ -f "$vendored/CMakeLists.txt" ] ||
+        { log "the sdist has no vendor/llama.cpp"; exit 1; }
+    rm -rf "$SRC"
+    mv "$vendored" "$SRC"
+    # The sdist carries no .git and its build-info is a template, so the
+    # pinned package version is what identifies this llama.cpp tree.
+    echo "vendored-by-llama-cpp-python-$VERSION" >"$ROOT/COMMIT"
+    rm -rf "$DL"
+fi
+
+log "configuring (CPU, Release) in $BUILD"
+cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
+    -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
+built=()
+for t in "${TARGETS[@]}"; do
+    # Older trees have no llama-completion (newer ones split it from llama-cli).
+    if cmake --build "$BUILD" --config Release -j "$JOBS" --target "$t" >&2; then
+        built+=("$t")
+    else
+        log "target $t not built (absent in this llama.cpp?)"
+    fi
+done
+[ -x "$BUILD/bin/llama-server" ] || { log "llama-server did not build"; exit 1; }
+touch "$ROOT/BUILT"
+print_paths
