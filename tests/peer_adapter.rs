@@ -1,0 +1,114 @@
+//! The llama.cpp peer adapter reads llama-server's answers: a recorded
+//! response gives its timings and draft counts; a malformed one is an error,
+//! never a row with a made-up speed. (No llama.cpp needed.)
+
+use treespec::bench::llama_server::{parse_completion, DraftCounts, PeerResponseError};
+
+fn fixture(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llama_server")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn parses_a_recorded_speculative_completion() {
+    let c = parse_completion(&fixture("completion_ngram.json")).unwrap();
+    assert!(c.text.starts_with("def is_palindrome"));
+    assert_eq!(c.predicted_n, 20);
+    assert_eq!(c.prompt_n, 31);
+    assert!((c.predicted_ms - 402.118).abs() < 1e-9);
+    assert!((c.tok_s() - 20.0 * 1000.0 / 402.118).abs() < 1e-9);
+    assert_eq!(
+        c.draft,
+        Some(DraftCounts {
+            drafted: 24,
+            accepted: 9
+        })
+    );
+    assert!((c.acceptance().unwrap() - 9.0 / 24.0).abs() < 1e-12);
+    assert_eq!(c.stop.as_deref(), Some("eos"));
+}
+
+#[test]
+fn parses_a_recorded_plain_chat_completion() {
+    let c = parse_completion(&fixture("chat_plain.json")).unwrap();
+    assert_eq!(c.text, "A hash map stores key-value pairs");
+    assert_eq!(c.predicted_n, 8);
+    assert_eq!(c.draft, None);
+    assert_eq!(c.acceptance(), None);
+    assert!((c.tok_s() - 50.0).abs() < 1e-9);
+    assert_eq!(c.stop.as_deref(), Some("length"));
+}
+
+#[test]
+fn malformed_responses_are_errors() {
+    let good: serde_json::Value = serde_json::from_str(&fixture("completion_ngram.json")).unwrap();
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        parse_completion(&v.to_string())
+    };
+    assert!(matches!(
+        parse_completion("{\"content\": \"x\", \"timings\": {"),
+        Err(PeerResponseError::NotJson(_))
+    ));
+    assert_eq!(
+        with(&|v| {
+            v.as_object_mut().unwrap().remove("timings");
+        }),
+        Err(PeerResponseError::NoTimings)
+    );
+    assert_eq!(
+        with(&|v| {
+            v.as_object_mut().unwrap().remove("content");
+        }),
+        Err(PeerResponseError::NoText)
+    );
+    assert!(matches!(
+        with(&|v| v["timings"]["predicted_ms"] = serde_json::json!(-3.0)),
+        Err(PeerResponseError::BadTiming {
+            field: "predicted_ms",
+            ..
+        })
+    ));
+    assert!(matches!(
+        with(&|v| v["timings"]["predicted_n"] = serde_json::json!("twenty")),
+        Err(PeerResponseError::BadTiming {
+            field: "predicted_n",
+            ..
+        })
+    ));
+    assert!(matches!(
+        with(&|v| {
+            v["timings"].as_object_mut().unwrap().remove("predicted_ms");
+        }),
+        Err(PeerResponseError::BadTiming {
+            field: "predicted_ms",
+            ..
+        })
+    ));
+    assert_eq!(
+        with(&|v| v["timings"]["draft_n_accepted"] = serde_json::json!(25)),
+        Err(PeerResponseError::AcceptedOverDrafted {
+            drafted: 24,
+            accepted: 25
+        })
+    );
+    assert_eq!(
+        with(&|v| v["tokens_predicted"] = serde_json::json!(19)),
+        Err(PeerResponseError::CountMismatch {
+            timings: 20,
+            reported: 19
+        })
+    );
+    let err = parse_completion(
+        r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error"}}"#,
+    );
+    assert_eq!(
+        err,
+        Err(PeerResponseError::ServerError(
+            "the request exceeds the available context size".into()
+        ))
+    );
+}
