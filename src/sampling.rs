@@ -189,18 +189,26 @@ impl Sampler {
     }
 
     /// The processed distribution (temperature, top-k, top-p, min-p), as
-    /// (token, probability) pairs sorted by probability, summing to 1.
+    /// (token, probability) pairs summing to 1: sorted by probability
+    /// (ties by id) whenever top-k, top-p or min-p truncate it; in vocabulary
+    /// order when nothing truncates (the whole vocabulary is kept, and its
+    /// order does not change the distribution a draw follows).
+    ///
+    /// Without top-k the vocabulary (150k entries) is not sorted per token:
+    /// min-p is a filter, and top-p sorts only as many of the most probable
+    /// entries as it needs (partial selection, growing by 4x until their mass
+    /// reaches top-p).
     fn distribution(&mut self, logits: &[f32]) -> &[(u32, f32)] {
         let t = self.params.temperature;
         let cand = &mut self.scratch;
         cand.clear();
-        if self.params.top_k > 0 && self.params.top_k < logits.len() {
+        let truncated_by_k = self.params.top_k > 0 && self.params.top_k < logits.len();
+        if truncated_by_k {
             cand.extend(top_k_logits(logits, self.params.top_k));
         } else {
             cand.extend(logits.iter().enumerate().map(|(i, &v)| (i as u32, v)));
-            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         }
-        let max = cand[0].1;
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for c in cand.iter_mut() {
             c.1 = ((c.1 - max) / t).exp();
@@ -209,22 +217,41 @@ impl Sampler {
         for c in cand.iter_mut() {
             c.1 /= sum;
         }
+        let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if self.params.min_p > 0.0 {
-            let floor = cand[0].1 * self.params.min_p;
-            let keep = cand.iter().take_while(|c| c.1 >= floor).count().max(1);
-            cand.truncate(keep);
+            let top = cand.iter().map(|c| c.1).fold(0.0, f32::max);
+            let floor = top * self.params.min_p;
+            // Keeps at most 1 / floor entries, so the sort below is small.
+            cand.retain(|c| c.1 >= floor);
+            if !truncated_by_k {
+                cand.sort_by(by_prob);
+            }
         }
         if self.params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                acc += c.1;
-                if acc >= self.params.top_p {
-                    keep = i + 1;
+            let sorted = truncated_by_k || self.params.min_p > 0.0;
+            let len = cand.len();
+            let mut k = if sorted { len } else { 64.min(len) };
+            loop {
+                if !sorted {
+                    if k < len {
+                        cand.select_nth_unstable_by(k - 1, by_prob);
+                    }
+                    cand[..k].sort_by(by_prob);
+                }
+                let mut acc = 0.0;
+                let keep = cand[..k].iter().position(|c| {
+                    acc += c.1;
+                    acc >= self.params.top_p
+                });
+                if let Some(i) = keep {
+                    cand.truncate(i + 1);
                     break;
                 }
+                if k == len {
+                    break;
+                }
+                k = (k * 4).min(len);
             }
-            cand.truncate(keep);
         }
         let sum: f32 = cand.iter().map(|c| c.1).sum();
         for c in cand.iter_mut() {
@@ -297,6 +324,104 @@ mod tests {
         });
         for _ in 0..50 {
             assert_eq!(s.sample(&l, &[]), 2);
+        }
+    }
+
+    /// The distribution without a full sort equals the one the full sort
+    /// gave (the same pairs, in the same order wherever it truncates).
+    #[test]
+    fn partial_selection_matches_the_full_sort() {
+        fn reference(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f32)> {
+            let mut cand: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i as u32, v))
+                .collect();
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if p.top_k > 0 {
+                cand.truncate(p.top_k);
+            }
+            let max = cand[0].1;
+            let sum: f32 = cand
+                .iter()
+                .map(|c| ((c.1 - max) / p.temperature).exp())
+                .sum();
+            for c in cand.iter_mut() {
+                c.1 = ((c.1 - max) / p.temperature).exp() / sum;
+            }
+            if p.min_p > 0.0 {
+                let floor = cand[0].1 * p.min_p;
+                cand.retain(|c| c.1 >= floor);
+            }
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                if let Some(i) = cand.iter().position(|c| {
+                    acc += c.1;
+                    acc >= p.top_p
+                }) {
+                    cand.truncate(i + 1);
+                }
+            }
+            let sum: f32 = cand.iter().map(|c| c.1).sum();
+            cand.iter().map(|c| (c.0, c.1 / sum)).collect()
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for trial in 0..60 {
+            let n = [5, 300, 5000][trial % 3];
+            // Flat and peaked logits, with ties (rounded values).
+            let scale = [0.5f32, 4.0, 12.0][(trial / 3) % 3];
+            let logits: Vec<f32> = (0..n)
+                .map(|_| (rng.random::<f32>() * scale * 8.0).round() / 8.0)
+                .collect();
+            for (top_k, top_p, min_p) in [
+                (0, 0.9, 0.0),
+                (0, 0.999, 0.0),
+                (0, 1.0, 0.05),
+                (0, 0.5, 0.01),
+                (0, 1.0, 0.0),
+                (40, 0.95, 0.0),
+            ] {
+                let p = SamplingParams {
+                    temperature: 0.8,
+                    top_k,
+                    top_p,
+                    min_p,
+                    ..Default::default()
+                };
+                let mut s = Sampler::new(p.clone());
+                let mut got = s.distribution(&logits).to_vec();
+                let mut want = reference(&p, &logits);
+                if top_k == 0 && top_p == 1.0 && min_p == 0.0 {
+                    got.sort_by_key(|c| c.0);
+                    want.sort_by_key(|c| c.0);
+                }
+                // The probabilities are normalised by sums taken in another
+                // order, so where top-p's cumulative mass crosses its
+                // threshold within float rounding (flat distributions over
+                // thousands of entries) the cut may move by a few entries:
+                // allowed only when the mass between the two cuts is tiny.
+                if got.len() != want.len() {
+                    let (short, long) = (got.len().min(want.len()), got.len().max(want.len()));
+                    let full = reference(
+                        &SamplingParams {
+                            top_p: 1.0,
+                            ..p.clone()
+                        },
+                        &logits,
+                    );
+                    let between: f32 = full[short..long].iter().map(|c| c.1).sum();
+                    assert!(
+                        top_p < 1.0 && between < 2e-3,
+                        "n {n} k {top_k} p {top_p} min_p {min_p}: {} vs {} entries",
+                        got.len(),
+                        want.len()
+                    );
+                }
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(g.0, w.0, "n {n} k {top_k} p {top_p} min_p {min_p}");
+                    assert!((g.1 - w.1).abs() < 1e-4, "{g:?} vs {w:?}");
+                }
+            }
         }
     }
 
