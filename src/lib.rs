@@ -10,6 +10,7 @@
 //! - [`engine`]: the generation loop that ties scorer, drafter and verifier;
 //! - [`tokenizer`], [`registry`], [`sampling`]: around them.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod draft;
 pub mod engine;
@@ -18,6 +19,7 @@ pub mod kernels;
 pub mod model;
 pub mod registry;
 pub mod sampling;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tokenizer;
 pub mod verify;

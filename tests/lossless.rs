@@ -222,8 +222,23 @@ fn sample_distribution(
     verifier: treespec::engine::VerifyFn,
     n: usize,
 ) -> HashMap<Vec<u32>, f64> {
-    let mut session = Session::new(model, 512);
     let mut counts = HashMap::new();
+    for out in sample_runs(model, prompt, drafter, verifier, n) {
+        *counts.entry(out).or_insert(0.0) += 1.0 / n as f64;
+    }
+    counts
+}
+
+/// The first 3 tokens for seeds 0..n, seed by seed.
+fn sample_runs(
+    model: &Model,
+    prompt: &[u32],
+    drafter: Option<&mut SpecDrafter>,
+    verifier: treespec::engine::VerifyFn,
+    n: usize,
+) -> Vec<Vec<u32>> {
+    let mut session = Session::new(model, 512);
+    let mut runs = Vec::with_capacity(n);
     let mut drafter = drafter;
     for seed in 0..n as u64 {
         let opts = GenerateOptions {
@@ -241,9 +256,9 @@ fn sample_distribution(
         };
         let d = drafter.as_deref_mut().map(|d| d as &mut dyn Drafter);
         let out = generate(model, &mut session, d, prompt, &opts, &mut |_| true).unwrap();
-        *counts.entry(out.tokens).or_insert(0.0) += 1.0 / n as f64;
+        runs.push(out.tokens);
     }
-    counts
+    runs
 }
 
 fn total_variation(a: &HashMap<Vec<u32>, f64>, b: &HashMap<Vec<u32>, f64>) -> f64 {
@@ -322,7 +337,11 @@ fn sampling_speculation_keeps_the_target_distribution() {
     let lambda = (2.0 * (k * 2f64.ln() + (1e4f64).ln()) / n as f64).sqrt();
     let bound = lambda / 2.0;
 
-    let plain = sample_distribution(&model, &prompt, None, verify, n);
+    let plain_runs = sample_runs(&model, &prompt, None, verify, n);
+    let mut plain = HashMap::new();
+    for r in &plain_runs {
+        *plain.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
+    }
     let cfg = SpecConfig {
         method: SpecMethod::Recycle,
         tree: "tr-8".into(),
@@ -333,8 +352,31 @@ fn sampling_speculation_keeps_the_target_distribution() {
         .unwrap();
     // Warm the matrix so the drafts are the likely tokens (the hard case).
     sample_distribution(&model, &prompt, Some(&mut rec), verify, 20);
-    let recycled = sample_distribution(&model, &prompt, Some(&mut rec), verify, n);
-    let wrong = sample_distribution(&model, &prompt, Some(&mut rec), biased_verify, n);
+    let recycled_runs = sample_runs(&model, &prompt, Some(&mut rec), verify, n);
+    let mut recycled = HashMap::new();
+    for r in &recycled_runs {
+        *recycled.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
+    }
+    let wrong_runs = sample_runs(&model, &prompt, Some(&mut rec), biased_verify, n);
+    let mut wrong = HashMap::new();
+    for r in &wrong_runs {
+        *wrong.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
+    }
+    // Seed by seed: the verifier draws each accepted token from the target's
+    // processed distribution with the same random stream plain decoding uses,
+    // so a correct verifier reproduces plain sampling exactly, seed for seed;
+    // one that keeps only the distribution (or breaks it) does not.
+    let differ = |runs: &[Vec<u32>]| runs.iter().zip(&plain_runs).filter(|(a, b)| a != b).count();
+    let (diff_rec, diff_wrong) = (differ(&recycled_runs), differ(&wrong_runs));
+    println!("seeds whose 3 tokens differ from plain sampling: recycle {diff_rec}/{n}, biased verifier {diff_wrong}/{n}");
+    assert_eq!(
+        diff_rec, 0,
+        "speculative sampling departs from plain sampling on {diff_rec} seeds"
+    );
+    assert!(
+        diff_wrong > 0,
+        "the seed-by-seed check cannot tell a wrong verifier"
+    );
 
     let (tv_plain, tv_rec, tv_wrong) = (
         total_variation(&plain, &exact),
