@@ -34,7 +34,11 @@ fn parses_a_recorded_speculative_completion() {
 #[test]
 fn parses_a_recorded_plain_chat_completion() {
     let c = parse_completion(&fixture("chat_plain.json")).unwrap();
-    assert!(c.text.starts_with("A hash map is a data structure"), "{:?}", c.text);
+    assert!(
+        c.text.starts_with("A hash map is a data structure"),
+        "{:?}",
+        c.text
+    );
     assert_eq!(c.predicted_n, 16);
     assert_eq!(c.prompt_n, 36);
     assert_eq!(c.draft, None);
@@ -45,7 +49,8 @@ fn parses_a_recorded_plain_chat_completion() {
 
 #[test]
 fn malformed_responses_are_errors() {
-    let good: serde_json::Value = serde_json::from_str(&fixture("completion_ngram_simple.json")).unwrap();
+    let good: serde_json::Value =
+        serde_json::from_str(&fixture("completion_ngram_simple.json")).unwrap();
     let with = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v = good.clone();
         f(&mut v);
