@@ -129,7 +129,8 @@ fn config_err(p: &std::path::Path) -> String {
 #[test]
 fn maths_changing_metadata_is_refused_by_name() {
     use gguf_file::Value as V;
-    let cases: Vec<(&str, Vec<(&str, V)>, bool)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, V)>, bool);
+    let cases: Vec<Case> = vec![
         (
             "llama.rope.scaling.type",
             vec![
