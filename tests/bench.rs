@@ -264,6 +264,92 @@ fn peer_figures_compare_by_throughput_on_matched_prompts() {
     assert!(agg.cell("llama.cpp", "code").is_none());
 }
 
+#[test]
+fn same_run_peer_rows_are_compared_not_held_to_losslessness() {
+    use Check::*;
+    let mut recs = records();
+    // The peer's plain mode: item 1 identical (30 tokens in 6 s), item 2
+    // differs at token 3 where plain's margin was 0.001, with fewer tokens.
+    let mut differs = rec(
+        "sb",
+        2,
+        "translation",
+        0,
+        "llama.cpp:none",
+        2.0,
+        20,
+        20,
+        PeerDiffers,
+    );
+    differs.first_diff = Some(3);
+    differs.diff_margin = Some(0.001);
+    recs.extend([
+        rec(
+            "sb",
+            1,
+            "conversation",
+            0,
+            "llama.cpp:none",
+            4.0,
+            20,
+            20,
+            PeerSame,
+        ),
+        rec(
+            "sb",
+            1,
+            "conversation",
+            1,
+            "llama.cpp:none",
+            2.0,
+            10,
+            10,
+            PeerSame,
+        ),
+        differs,
+    ]);
+    let agg = aggregate(&recs, &["none".into(), "pld".into()], None);
+    // A peer's difference is not a lossless failure.
+    assert_eq!(agg.lossless.mismatch, 0);
+    assert_eq!(agg.lossless.exact, 3);
+    let o = agg.cell("llama.cpp:none", OVERALL).unwrap();
+    assert_eq!(
+        (o.peer_same, o.peer_differs, o.peer_differs_near_tie),
+        (2, 1, 1)
+    );
+    // Speedup is throughput over plain's on the same generations: the peer
+    // made 20 tokens in 2 s where plain made 40 in 4 s: 1.0x, not 2.0x.
+    let t = agg.cell("llama.cpp:none", "translation").unwrap();
+    assert!(close(t.speedup.unwrap(), 1.0), "{:?}", t.speedup);
+    // conversation: 30 tokens in 6 s vs plain's 30 in 3 s.
+    let c = agg.cell("llama.cpp:none", "conversation").unwrap();
+    assert!(close(c.speedup.unwrap(), 0.5));
+
+    let mut res = results(recs, true);
+    res.info.config.peer = Some(treespec::bench::record::PeerRun {
+        name: "llama.cpp".into(),
+        version: "test".into(),
+        binary: "/x/llama-server".into(),
+        modes: vec!["llama.cpp:none".into()],
+        draft_model: None,
+    });
+    // pld over the peer on the generations both ran: items 1 (both turns)
+    // and 2: pld 70 tokens in 7 s, the peer 50 in 8 s.
+    let r = treespec::bench::report::tok_s_ratio(&res, "pld", "llama.cpp:none").unwrap();
+    assert!(close(r, (70.0 / 7.0) / (50.0 / 8.0)), "{r}");
+    let agg = treespec::bench::report::aggregate_results(&res);
+    let md = treespec::bench::render_markdown(&res, &agg);
+    assert!(md.contains("| llama.cpp:none (peer) |"), "{md}");
+    assert!(md.contains("## llama.cpp in the same run"), "{md}");
+    assert!(md.contains("vs llama.cpp:none"), "{md}");
+    assert!(
+        md.contains("from token 3 (plain top-2 margin 0.0010)"),
+        "{md}"
+    );
+    // The findings name treespec's best method, never the peer.
+    assert!(md.contains("**pld**"), "{md}");
+}
+
 fn results(records: Vec<PromptRecord>, complete: bool) -> BenchResults {
     let methods = MethodSpec::parse_list(&["none,pld".into()], "dynamic", 8).unwrap();
     BenchResults {

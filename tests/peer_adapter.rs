@@ -109,6 +109,30 @@ fn malformed_responses_are_errors() {
             reported: 39
         })
     );
+    // Generated ids (`return_tokens`): kept when they account for the
+    // decoded tokens (the end-of-generation token may be left out), refused
+    // when they do not.
+    let ids: Vec<u32> = (0..40).collect();
+    let c = with(&|v| v["tokens"] = serde_json::json!(ids)).unwrap();
+    assert_eq!(c.tokens.as_deref(), Some(&ids[..]));
+    assert_eq!(
+        with(&|v| v["tokens"] = serde_json::json!(ids[..39]))
+            .unwrap()
+            .tokens
+            .map(|t| t.len()),
+        Some(39)
+    );
+    assert_eq!(
+        with(&|v| v["tokens"] = serde_json::json!(ids[..30])),
+        Err(PeerResponseError::TokenCountMismatch {
+            ids: 30,
+            decoded: 40
+        })
+    );
+    assert!(matches!(
+        with(&|v| v["tokens"] = serde_json::json!(["a"])),
+        Err(PeerResponseError::NotJson(_))
+    ));
     let err = parse_completion(
         r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error"}}"#,
     );

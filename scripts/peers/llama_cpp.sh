@@ -9,6 +9,12 @@
 # user building it would); it is cached under $TREESPEC_HOME/peers/ and the
 # script is idempotent: a second run only prints the paths.
 #
+# A native build only runs on CPUs with the build host's instruction sets,
+# and the same image lands on different hosts (an AVX2-only EPYC one day, an
+# AVX-512 / AMX Xeon the next): each build goes to build-<key>, the key being
+# the host's SIMD features (the same list `treespec bench --peer` computes),
+# so a cached build is never run on a CPU that lacks its instructions.
+#
 # Output (stdout, one `key=value` a line, for scripts and for humans):
 #   llama_cpp_version=…  llama_cpp_commit=…  llama_server=PATH  llama_bench=PATH
 #   llama_batched_bench=PATH  llama_cli=PATH  llama_completion=PATH (if built)
@@ -18,7 +24,17 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 HOME_DIR="${TREESPEC_HOME:-$HOME/.cache/treespec}"
 ROOT="$HOME_DIR/peers/llama.cpp-py$VERSION"
 SRC="$ROOT/src"
-BUILD="$ROOT/build"
+# The SIMD features a native build depends on, in a fixed order; keep in
+# step with `host_key` in src/bench/llama_cpp.rs.
+host_key() {
+    local flags key="" f
+    flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
+    for f in avx2 avx512f avx512_vnni avx512_bf16 avx512_fp16 amx_tile avx_vnni; do
+        if [[ " ${flags#*:} " == *" $f "* ]]; then key+="${key:+-}$f"; fi
+    done
+    echo "${key:-$(uname -m)}"
+}
+BUILD="$ROOT/build-$(host_key)"
 JOBS="${JOBS:-$(nproc)}"
 TARGETS=(llama-server llama-bench llama-batched-bench llama-cli llama-completion)
 
@@ -38,6 +54,7 @@ need_tool() {
 print_paths() {
     echo "llama_cpp_version=$VERSION"
     echo "llama_cpp_commit=$(cat "$ROOT/COMMIT" 2>/dev/null || echo unknown)"
+    echo "llama_cpp_build=$BUILD"
     local t
     for t in "${TARGETS[@]}"; do
         if [ -x "$BUILD/bin/$t" ]; then
@@ -46,7 +63,7 @@ print_paths() {
     done
 }
 
-if [ -f "$ROOT/BUILT" ] && [ -x "$BUILD/bin/llama-server" ]; then
+if [ -f "$BUILD/BUILT" ] && [ -x "$BUILD/bin/llama-server" ]; then
     print_paths
     exit 0
 fi
@@ -97,5 +114,5 @@ for t in "${TARGETS[@]}"; do
     fi
 done
 [ -x "$BUILD/bin/llama-server" ] || { log "llama-server did not build"; exit 1; }
-touch "$ROOT/BUILT"
+touch "$BUILD/BUILT"
 print_paths

@@ -66,6 +66,24 @@ pub struct Cell {
     pub exact: usize,
     pub near_tie: usize,
     pub mismatch: usize,
+    /// A peer's generations token-identical to treespec's plain decoding,
+    /// and those that differ (see [`Check::PeerDiffers`]).
+    #[serde(default)]
+    pub peer_same: usize,
+    #[serde(default)]
+    pub peer_differs: usize,
+    /// Of `peer_differs`: those whose first difference is where plain
+    /// decoding's top-2 margin was below [`crate::sampling::NEAR_TIE`].
+    #[serde(default)]
+    pub peer_differs_near_tie: usize,
+    /// Plain decoding's new tokens and time over the matched generations
+    /// (the speedup is a ratio of tokens per second, which is the ratio of
+    /// times when the outputs are identical, and stays fair when a peer's
+    /// output has another length).
+    #[serde(default)]
+    pub baseline_tokens: usize,
+    #[serde(default)]
+    pub matched_tokens: usize,
 }
 
 /// Greedy-equality counts over every non-plain generation.
@@ -142,10 +160,10 @@ pub fn aggregate(
     }
     categories.sort_by_key(|c| category_rank(c));
 
-    let baseline: HashMap<Key, f64> = records
+    let baseline: HashMap<Key, (f64, usize)> = records
         .iter()
         .filter(|r| r.method == BASELINE)
-        .map(|r| (r.key(), r.wall_s))
+        .map(|r| (r.key(), (r.wall_s, r.new_tokens)))
         .collect();
 
     let mut per_category = Vec::new();
@@ -183,7 +201,7 @@ fn cell(
     method: &str,
     category: &str,
     recs: &[&PromptRecord],
-    baseline: &HashMap<Key, f64>,
+    baseline: &HashMap<Key, (f64, usize)>,
 ) -> Cell {
     let mut c = Cell {
         method: method.into(),
@@ -210,17 +228,32 @@ fn cell(
             Check::Exact => c.exact += 1,
             Check::NearTie => c.near_tie += 1,
             Check::Mismatch => c.mismatch += 1,
+            Check::PeerSame => c.peer_same += 1,
+            Check::PeerDiffers => {
+                c.peer_differs += 1;
+                if r.diff_margin.is_some_and(|m| m < crate::sampling::NEAR_TIE) {
+                    c.peer_differs_near_tie += 1;
+                }
+            }
             _ => {}
         }
-        if let Some(b) = baseline.get(&r.key()) {
-            c.baseline_seconds += b;
+        if let Some(&(secs, tokens)) = baseline.get(&r.key()) {
+            c.baseline_seconds += secs;
+            c.baseline_tokens += tokens;
             c.matched_seconds += r.wall_s;
+            c.matched_tokens += r.new_tokens;
         }
     }
     c.tok_s = ratio(c.new_tokens as f64, c.seconds).unwrap_or(0.0);
     c.mat = ratio(c.mat_tokens as f64, c.steps as f64);
     c.speedup = if c.baseline_seconds > 0.0 {
-        ratio(c.baseline_seconds, c.matched_seconds)
+        let plain = ratio(c.baseline_tokens as f64, c.baseline_seconds);
+        let mine = ratio(c.matched_tokens as f64, c.matched_seconds);
+        match (plain, mine) {
+            (Some(p), Some(m)) if p > 0.0 => Some(m / p),
+            // Nothing generated on either side: fall back to the time ratio.
+            _ => ratio(c.baseline_seconds, c.matched_seconds),
+        }
     } else {
         None
     };
@@ -330,6 +363,8 @@ fn lossless_summary(records: &[PromptRecord]) -> LosslessSummary {
             Check::NearTie => s.near_tie += 1,
             Check::Sampled => s.sampled += 1,
             Check::Unchecked => s.unchecked += 1,
+            // Another engine is compared, not held to losslessness.
+            Check::PeerSame | Check::PeerDiffers => {}
             Check::Mismatch => {
                 s.mismatch += 1;
                 s.mismatches.push(format!(

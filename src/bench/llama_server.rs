@@ -29,6 +29,9 @@ pub struct PeerCompletion {
     pub draft: Option<DraftCounts>,
     /// Why generation ended (`stop_type` / `finish_reason`), when given.
     pub stop: Option<String>,
+    /// The generated token ids, when the request asked for them
+    /// (`return_tokens`); `None` when the response carries none.
+    pub tokens: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,8 @@ pub enum PeerResponseError {
         "llama-server timings say {timings} tokens were decoded but the response says {reported}"
     )]
     CountMismatch { timings: u64, reported: u64 },
+    #[error("llama-server returned {ids} token ids for {decoded} decoded tokens")]
+    TokenCountMismatch { ids: usize, decoded: u64 },
 }
 
 #[derive(Deserialize)]
@@ -86,6 +91,8 @@ struct Raw {
     usage: Option<RawUsage>,
     stop_type: Option<String>,
     error: Option<serde_json::Value>,
+    #[serde(default)]
+    tokens: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -193,7 +200,19 @@ pub fn parse_completion(body: &str) -> Result<PeerCompletion, PeerResponseError>
         .stop_type
         .clone()
         .or_else(|| first.and_then(|c| c.finish_reason.clone()));
+    let tokens = (!raw.tokens.is_empty()).then_some(raw.tokens);
+    if let Some(ids) = &tokens {
+        // The end-of-generation token is decoded but not returned.
+        let n = ids.len() as u64;
+        if n != predicted_n && n + 1 != predicted_n {
+            return Err(PeerResponseError::TokenCountMismatch {
+                ids: ids.len(),
+                decoded: predicted_n,
+            });
+        }
+    }
     Ok(PeerCompletion {
+        tokens,
         text,
         prompt_n,
         prompt_ms,

@@ -24,6 +24,7 @@
 
 pub mod aggregate;
 pub mod dataset;
+pub mod llama_cpp;
 pub mod llama_server;
 pub mod peers;
 pub mod plot;

@@ -144,6 +144,19 @@ pub enum Check {
     Sampled,
     /// No plain run to compare with (an interrupted item).
     Unchecked,
+    /// A peer engine's output, token-identical to treespec's plain decoding.
+    PeerSame,
+    /// A peer engine's output that differs from treespec's plain decoding:
+    /// not a lossless failure (two implementations' floating-point sums
+    /// differ), reported with where and at which plain top-2 margin.
+    PeerDiffers,
+}
+
+impl Check {
+    /// A peer engine's generation (compared, not held to losslessness).
+    pub fn is_peer(self) -> bool {
+        matches!(self, Check::PeerSame | Check::PeerDiffers)
+    }
 }
 
 /// One generation: one turn of one item by one method in one repeat.
@@ -262,6 +275,22 @@ pub struct RunConfig {
     pub ctx_size: usize,
     /// Items selected (the plan), whether or not they all ran.
     pub items: usize,
+    /// The same-run peer (`--peer`), if any.
+    #[serde(default)]
+    pub peer: Option<PeerRun>,
+}
+
+/// The peer engine run beside treespec's methods (`--peer llama.cpp`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerRun {
+    pub name: String,
+    /// Its build (commit or version), as the peer script recorded it.
+    pub version: String,
+    pub binary: String,
+    /// Method labels of its modes, e.g. `llama.cpp:ngram-mod`, in order.
+    pub modes: Vec<String>,
+    /// Draft model of its `draft` mode, if any.
+    pub draft_model: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

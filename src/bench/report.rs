@@ -197,7 +197,7 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
     );
     let _ = writeln!(
         md,
-        "Speedup = plain decoding's total time / the method's total time over the same generations (prefill included); tok/s = total new tokens / total time; MAT = tokens accepted per verify step (bonus and end-of-generation tokens included).\n"
+        "Speedup = the method's tokens per second / plain decoding's over the same generations (prefill included; with identical outputs, plain's total time / the method's); tok/s = total new tokens / total time; MAT = tokens accepted per verify step (bonus and end-of-generation tokens included).\n"
     );
 
     // The Spec-Bench table.
@@ -227,13 +227,16 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
         );
         let _ = writeln!(md, "{line}");
     };
+    let peer_modes: &[String] = cfg.peer.as_ref().map_or(&[], |p| &p.modes);
     for m in &agg.methods {
         let name = if m == BASELINE {
-            "none (plain)"
+            "none (plain)".to_string()
+        } else if peer_modes.contains(m) {
+            format!("{m} (peer)")
         } else {
-            m.as_str()
+            m.clone()
         };
-        row(&mut md, name, &|c| agg.cell(m, c).cloned());
+        row(&mut md, &name, &|c| agg.cell(m, c).cloned());
     }
     if let Some(p) = agg.peer.first() {
         let name = format!("{} (peer)", p.method);
@@ -278,6 +281,9 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
             c.mismatch,
         );
     }
+    if let Some(peer) = &cfg.peer {
+        md.push_str(&peer_section(results, agg, peer));
+    }
     if let Some(curve) = &info.forward_curve {
         md.push_str("\n## Forward cost c(N)\n\nOne forward over N new tokens with all logits, 256 tokens cached (median).\n\n| N | ms | c(N)/c(1) |\n|---:|---:|---:|\n");
         for p in curve {
@@ -294,13 +300,135 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
     md
 }
 
+/// Tokens per second of method `a` over method `b` on the generations both
+/// ran (same item, turn, repeat), prefill included; None without overlap.
+pub fn tok_s_ratio(results: &BenchResults, a: &str, b: &str) -> Option<f64> {
+    use std::collections::HashMap;
+    let of = |m: &str| -> HashMap<_, (usize, f64)> {
+        results
+            .records
+            .iter()
+            .filter(|r| r.method == m)
+            .map(|r| (r.key(), (r.new_tokens, r.wall_s)))
+            .collect()
+    };
+    let (ra, rb) = (of(a), of(b));
+    let (mut ta, mut sa, mut tb, mut sb) = (0usize, 0.0, 0usize, 0.0);
+    for (k, &(t, s)) in &ra {
+        if let Some(&(t2, s2)) = rb.get(k) {
+            ta += t;
+            sa += s;
+            tb += t2;
+            sb += s2;
+        }
+    }
+    (sa > 0.0 && sb > 0.0 && tb > 0).then(|| (ta as f64 / sa) / (tb as f64 / sb))
+}
+
+/// The same-run peer: its modes' figures, how often its output equals
+/// treespec's plain decoding, and every treespec method's speed over it.
+fn peer_section(results: &BenchResults, agg: &Aggregate, peer: &super::record::PeerRun) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n## {} in the same run\n\n{} `{}` ({}), started by the benchmark on a loopback port per mode, same model file, threads and context, prompts sent as treespec's token ids, greedy; its own `timings` (prompt + decode ms) are its wall time. MAT for a peer = (tokens + end-of-generation) / (that − accepted draft tokens).\n",
+        peer.name, peer.name, peer.binary, peer.version
+    );
+    md.push_str("| Mode | generations | tok/s | MAT | drafted | accepted/drafted | same tokens as treespec plain | differ | of which at a near-tie |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for m in &peer.modes {
+        let Some(c) = agg.cell(m, OVERALL) else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            m,
+            c.generations,
+            c.tok_s,
+            c.mat.map_or("–".into(), |x| format!("{x:.2}")),
+            c.drafted_tokens,
+            if c.drafted_tokens > 0 {
+                format!(
+                    "{:.1}%",
+                    100.0 * c.accepted_tokens as f64 / c.drafted_tokens as f64
+                )
+            } else {
+                "–".into()
+            },
+            c.peer_same,
+            c.peer_differs,
+            c.peer_differs_near_tie,
+        );
+    }
+    let ours: Vec<&String> = agg
+        .methods
+        .iter()
+        .filter(|m| !peer.modes.contains(m))
+        .collect();
+    let modes: Vec<&String> = peer
+        .modes
+        .iter()
+        .filter(|m| agg.cell(m, OVERALL).is_some())
+        .collect();
+    if !modes.is_empty() {
+        md.push_str("\ntreespec's tokens per second over the peer's, on the generations both ran:\n\n| treespec method |");
+        let mut rule = String::from("|---|");
+        for m in &modes {
+            let _ = write!(md, " vs {m} |");
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(md, "\n{rule}");
+        for o in &ours {
+            let name = if o.as_str() == BASELINE {
+                "none (plain)"
+            } else {
+                o.as_str()
+            };
+            let _ = write!(md, "| {name} |");
+            for m in &modes {
+                let _ = write!(md, " {} |", speedup(tok_s_ratio(results, o, m)));
+            }
+            md.push('\n');
+        }
+    }
+    // Where the peer's output first differs, and how close plain decoding
+    // was to a tie there: a small margin is float noise, a large one a
+    // different model (template, tokenizer, maths).
+    let diffs: Vec<String> = results
+        .records
+        .iter()
+        .filter(|r| r.check == super::record::Check::PeerDiffers)
+        .take(40)
+        .map(|r| {
+            format!(
+                "{} {} turn {}: {} from token {} (plain top-2 margin {})",
+                r.dataset,
+                super::dataset::id_text(&r.question_id),
+                r.turn,
+                r.method,
+                r.first_diff.map_or("?".into(), |d| d.to_string()),
+                r.diff_margin.map_or("?".into(), |m| format!("{m:.4}")),
+            )
+        })
+        .collect();
+    if !diffs.is_empty() {
+        md.push_str("\nFirst differences from treespec's plain output (up to 40):\n\n");
+        for d in diffs {
+            let _ = writeln!(md, "- {d}");
+        }
+    }
+    md
+}
+
 /// The findings paragraph, generated from the numbers.
 pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
     let mut out = Vec::new();
+    let peer_modes: &[String] = results.info.config.peer.as_ref().map_or(&[], |p| &p.modes);
     let spec: Vec<&Cell> = agg
         .overall
         .iter()
         .filter(|c| c.method != BASELINE && c.speedup.is_some())
+        .filter(|c| !peer_modes.contains(&c.method))
         .collect();
     let plain = agg.cell(BASELINE, OVERALL);
     match spec.iter().max_by(|a, b| {
@@ -329,6 +457,7 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
     let lost: Vec<String> = agg
         .per_category
         .iter()
+        .filter(|c| !peer_modes.contains(&c.method))
         .filter(|c| c.method != BASELINE && c.speedup.is_some_and(|s| s < 1.0))
         .map(|c| {
             let s = c.speedup.unwrap_or(0.0);

@@ -35,6 +35,13 @@ pub struct ForwardArgs {
     /// laid out like the shared peers.md); skipped if the file is missing.
     #[arg(long, default_value = "../shared/peers.md")]
     pub peers: std::path::PathBuf,
+    /// Measure llama.cpp in the same run instead of reading --peers:
+    /// `llama.cpp` (the build scripts/peers/llama_cpp.sh caches) or
+    /// `llama.cpp=PATH`. Its plain decode (llama-bench tg64) and c(N)
+    /// (llama-batched-bench: N sequences over a shared --ctx-token prompt,
+    /// one decode step = one batch of N rows, all with logits).
+    #[arg(long, value_name = "llama.cpp[=PATH]")]
+    pub peer: Option<String>,
 }
 
 pub use treespec::engine::budget::CostPoint as CurvePoint;
@@ -59,8 +66,55 @@ pub struct ForwardReport {
     /// threads (GMAC/s; `None` off the AVX-512 path): N tokens' matmuls
     /// cannot take less than N × macs_per_token / peak.
     pub int8_peak_gmac_s: Option<f64>,
-    /// llama.cpp's figures for this model from `--peers`, if any.
+    /// llama.cpp's figures for this model: measured in this run with
+    /// `--peer`, else from `--peers` (history from another host), if any.
     pub llama_cpp: Option<treespec::bench::peers::PeerForward>,
+    /// Where `llama_cpp` comes from: "same run (<version>)" or the file.
+    pub llama_cpp_source: Option<String>,
+}
+
+/// llama.cpp measured now, on this host, with the same threads: plain
+/// decode between two of ours (A-B-A, since bandwidth drifts), then c(N).
+fn measure_peer(
+    spec: &str,
+    model: &Model,
+    ctx: usize,
+    ns: &[usize],
+) -> Result<(treespec::bench::peers::PeerForward, String)> {
+    use treespec::bench::llama_cpp::{self as peer, LlamaCpp};
+    let found = LlamaCpp::locate(spec, &treespec::registry::treespec_home())?;
+    anyhow::ensure!(
+        model.path.is_file(),
+        "--peer needs a .gguf model file for llama.cpp, not {}",
+        model.path.display()
+    );
+    let threads = treespec::kernels::threads();
+    eprintln!("llama.cpp ({}): llama-bench tg64 …", found.version);
+    let tg = peer::decode_tok_s(&found, &model.path, threads)?;
+    eprintln!("llama.cpp: llama-batched-bench c(N) …");
+    let curve = peer::forward_curve(&found, &model.path, threads, ctx, ns)?;
+    Ok((
+        treespec::bench::peers::PeerForward {
+            decode_tok_s: Some(tg),
+            curve,
+        },
+        format!("same run, llama.cpp {}", found.version),
+    ))
+}
+
+/// Plain decode tok/s: 64 greedy tokens after a 32-token prompt, EOS ignored.
+fn plain_decode_tok_s(model: &Model, ctx_size: usize) -> Result<f64> {
+    let prompt: Vec<u32> = (0..32u32)
+        .map(|i| (i * 7919 + 13) % model.config().vocab_size as u32)
+        .collect();
+    let mut session = Session::new(model, ctx_size);
+    let opts = GenerateOptions {
+        max_new_tokens: 64,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let g = engine::generate(model, &mut session, None, &prompt, &opts, &mut |_| true)?;
+    Ok(g.stats.decode_tok_s)
 }
 
 /// Measures c(N) for each N in `ns` on `model` after `ctx` cached tokens.
@@ -79,18 +133,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let model = a.model.load()?;
     let threads = treespec::kernels::threads();
     let curve = forward_curve(&model, a.ctx, &a.n, a.reps.max(1))?;
-
-    // Plain decode: 64 greedy tokens after a short prompt, EOS ignored.
-    let prompt: Vec<u32> = (0..32u32)
-        .map(|i| (i * 7919 + 13) % model.config().vocab_size as u32)
-        .collect();
-    let mut session = Session::new(&model, a.model.ctx_size);
-    let opts = GenerateOptions {
-        max_new_tokens: 64,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let g = engine::generate(&model, &mut session, None, &prompt, &opts, &mut |_| true)?;
+    let mut decode_tok_s = plain_decode_tok_s(&model, a.model.ctx_size)?;
     let bw = treespec::kernels::read_bandwidth_gb_s(1 << 30, 7);
     let peak = treespec::kernels::int8_peak_gmac_s();
     let macs_per_token = model.config().matmul_macs_per_token();
@@ -100,12 +143,31 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| a.model.model.clone());
-    let llama_cpp = std::fs::read_to_string(&a.peers)
-        .ok()
-        .map(|t| treespec::bench::peers::llama_cpp_forward(&t, &model_name))
-        .filter(|p| !p.is_empty());
+    let (llama_cpp, llama_cpp_source) = match &a.peer {
+        Some(spec) => {
+            let (p, src) = measure_peer(spec, &model, a.ctx, &a.n)?;
+            // The second half of A-B-A: ours again after the peer's tg.
+            let again = plain_decode_tok_s(&model, a.model.ctx_size)?;
+            decode_tok_s = (decode_tok_s + again) / 2.0;
+            (Some(p), Some(src))
+        }
+        None => {
+            let p = std::fs::read_to_string(&a.peers)
+                .ok()
+                .map(|t| treespec::bench::peers::llama_cpp_forward(&t, &model_name))
+                .filter(|p| !p.is_empty());
+            let src = p.as_ref().map(|_| {
+                format!(
+                    "{} (another host: history, not a yardstick)",
+                    a.peers.display()
+                )
+            });
+            (p, src)
+        }
+    };
     let report = ForwardReport {
         llama_cpp,
+        llama_cpp_source,
         read_bandwidth_gb_s: bw,
         weight_bytes,
         bandwidth_floor_ms: weight_bytes as f64 / (bw * 1e9) * 1e3,
@@ -114,7 +176,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         model: a.model.model.clone(),
         threads,
         isa: treespec::kernels::isa().to_string(),
-        decode_tok_s: g.stats.decode_tok_s,
+        decode_tok_s,
         curve,
     };
     let c1 = report.curve.first().map(|p| p.ms).unwrap_or(f64::NAN);
@@ -125,10 +187,10 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let peer = report.llama_cpp.as_ref();
     match peer.and_then(|p| p.decode_tok_s) {
         Some(t) => println!(
-            "plain decode: {:.1} tok/s (llama.cpp {:.1} tok/s in {}: {:.2}x)",
+            "plain decode: {:.1} tok/s (llama.cpp {:.1} tok/s, {}: {:.2}x)",
             report.decode_tok_s,
             t,
-            a.peers.display(),
+            report.llama_cpp_source.as_deref().unwrap_or("?"),
             report.decode_tok_s / t
         ),
         None => println!("plain decode: {:.1} tok/s", report.decode_tok_s),

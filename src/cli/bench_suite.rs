@@ -11,7 +11,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use treespec::bench::record::{CurvePoint, MachineInfo, ModelInfo, RunConfig, BASELINE};
+use treespec::bench::llama_cpp::{CompletionRequest, LlamaCpp, LlamaServer, ServerConfig, PEER};
+use treespec::bench::llama_server::PeerCompletion;
+use treespec::bench::record::{CurvePoint, MachineInfo, ModelInfo, PeerRun, RunConfig, BASELINE};
 use treespec::bench::{self, BenchResults, Check, Item, MethodSpec, PeerFigures, PromptRecord};
 use treespec::draft::Drafter;
 use treespec::engine::spec::{SpecConfig, SpecDrafter, SpecMethod, DEFAULT_MAX_DRAFT};
@@ -83,6 +85,24 @@ pub struct SuiteArgs {
     /// Output folder (results.json, results.md, plots).
     #[arg(long, value_name = "DIR", required = true)]
     pub out: Option<PathBuf>,
+    /// Run a peer engine on the same prompts in the same run, interleaved
+    /// with treespec's methods: `llama.cpp` (the build that
+    /// scripts/peers/llama_cpp.sh caches under $TREESPEC_HOME/peers) or
+    /// `llama.cpp=PATH` (llama-server, or the folder holding it).
+    #[arg(long, value_name = "llama.cpp[=PATH]")]
+    pub peer: Option<String>,
+    /// The peer's modes: none (plain), ngram-simple, ngram-mod, ngram-cache,
+    /// draft (needs --peer-draft-model).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,ngram-simple,ngram-mod,ngram-cache"
+    )]
+    pub peer_modes: Vec<String>,
+    /// Draft model for the peer's `draft` mode (catalogue name or .gguf);
+    /// adds that mode when not listed.
+    #[arg(long, value_name = "MODEL")]
+    pub peer_draft_model: Option<String>,
     /// Rewrite the outputs from an earlier results.json instead of running
     /// (with --compare, adds or replaces the peer).
     #[arg(long, value_name = "RESULTS_JSON", conflicts_with = "datasets")]
@@ -237,6 +257,221 @@ impl Runner<'_> {
         }
         Ok(out)
     }
+}
+
+/// One turn of a peer generation.
+struct PeerTurn {
+    c: PeerCompletion,
+    /// Its generated ids without a trailing end-of-generation token, when
+    /// the peer returned ids.
+    ids: Option<Vec<u32>>,
+    eos: bool,
+    prompt_tokens: usize,
+}
+
+/// The peer's servers, one per mode, started once for the whole run.
+struct Peer {
+    run: PeerRun,
+    servers: Vec<LlamaServer>,
+}
+
+impl Runner<'_> {
+    /// The item's turns as one conversation through the peer's `pi`-th mode:
+    /// the same token ids treespec decodes from (its own chat template and
+    /// tokenizer), the peer's own answers fed back as the assistant turns.
+    fn peer_conversation(
+        &self,
+        server: &LlamaServer,
+        item: &Item,
+        max_turns: usize,
+    ) -> anyhow::Result<Vec<PeerTurn>> {
+        let tok = &self.model.tokenizer;
+        let mut msgs: Vec<ChatMessage> = Vec::new();
+        let mut out = Vec::new();
+        for (t, turn) in item.turns.iter().take(max_turns).enumerate() {
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: turn.clone(),
+            });
+            let ids = encode_chat(self.model, &msgs)?;
+            let c = server.complete(&CompletionRequest {
+                prompt: &ids,
+                n_predict: self.max_new_tokens,
+                temperature: self.sampling.temperature,
+                seed: self.sampling.seed,
+                cache_prompt: t > 0,
+            })?;
+            let eos = c.stop.as_deref() == Some("eos");
+            let gen_ids = c.tokens.clone().map(|mut v| {
+                if v.last().is_some_and(|&l| tok.is_stop(l)) {
+                    v.pop();
+                }
+                v
+            });
+            msgs.push(ChatMessage {
+                role: "assistant".into(),
+                content: c.text.clone(),
+            });
+            out.push(PeerTurn {
+                c,
+                ids: gen_ids,
+                eos,
+                prompt_tokens: ids.len(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A peer's turns against plain decoding's: same ids (or, without ids, the
+/// same text), else where they first differ and plain's top-2 margin there.
+fn peer_checks(
+    runs: &[PeerTurn],
+    plain: Option<&[TurnRun]>,
+    sampled: bool,
+) -> Vec<(Check, Option<usize>, Option<f32>)> {
+    let mut out = Vec::new();
+    let mut differed = false;
+    for (t, r) in runs.iter().enumerate() {
+        let p = plain.and_then(|p| p.get(t));
+        let Some(p) = p.filter(|_| !sampled) else {
+            out.push((
+                if sampled {
+                    Check::Sampled
+                } else {
+                    Check::Unchecked
+                },
+                None,
+                None,
+            ));
+            continue;
+        };
+        if differed {
+            // Its conversation already left plain decoding's.
+            out.push((Check::PeerDiffers, None, None));
+            continue;
+        }
+        let (same, at) = match &r.ids {
+            Some(ids) => {
+                let at = ids
+                    .iter()
+                    .zip(&p.g.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (ids == &p.g.tokens, at)
+            }
+            None => (r.c.text == p.g.text, 0),
+        };
+        if same {
+            out.push((Check::PeerSame, None, None));
+        } else {
+            differed = true;
+            let at = r.ids.as_ref().map(|_| at);
+            let margin = at.and_then(|a| p.g.margins.get(a).copied());
+            out.push((Check::PeerDiffers, at, margin));
+        }
+    }
+    out
+}
+
+fn peer_record(
+    item: &Item,
+    turn: usize,
+    repeat: usize,
+    method: &str,
+    r: &PeerTurn,
+    check: (Check, Option<usize>, Option<f32>),
+) -> PromptRecord {
+    let c = &r.c;
+    let new_tokens = r.ids.as_ref().map_or_else(
+        || (c.predicted_n as usize).saturating_sub(usize::from(r.eos)),
+        Vec::len,
+    );
+    let mat_tokens = new_tokens + usize::from(r.eos);
+    let accepted = c.draft.map_or(0, |d| d.accepted as usize);
+    // Every llama.cpp step yields one token of its own plus the drafts it
+    // accepted; the first comes from the prompt's forward, as in treespec.
+    let steps = mat_tokens.saturating_sub(accepted).max(1);
+    PromptRecord {
+        dataset: item.dataset.clone(),
+        question_id: item.question_id.clone(),
+        category: item.category.clone(),
+        raw_category: item.raw_category.clone(),
+        turn,
+        repeat,
+        method: method.to_string(),
+        prompt_tokens: r.prompt_tokens,
+        prefilled_tokens: c.prompt_n as usize,
+        new_tokens,
+        mat_tokens,
+        steps,
+        wall_s: (c.prompt_ms + c.predicted_ms) / 1e3,
+        prefill_ms: c.prompt_ms,
+        decode_ms: c.predicted_ms,
+        mat: mat_tokens as f64 / steps as f64,
+        drafted_tokens: c.draft.map_or(0, |d| d.drafted as usize),
+        accepted_tokens: accepted,
+        accepted_per_depth: Vec::new(),
+        draft_ms: 0.0,
+        verify_ms: 0.0,
+        stop: c.stop.clone().unwrap_or_default(),
+        check: check.0,
+        first_diff: check.1,
+        diff_margin: check.2,
+    }
+}
+
+/// Starts the peer's servers (one per mode) on the model treespec runs.
+fn start_peer(a: &SuiteArgs, model: &Model, out_dir: &Path) -> Result<Option<Peer>> {
+    let Some(spec) = &a.peer else {
+        return Ok(None);
+    };
+    let home = treespec::registry::treespec_home();
+    let found = LlamaCpp::locate(spec, &home)?;
+    if !model.path.is_file() {
+        bail!(
+            "--peer needs a .gguf model file for llama.cpp, not {}",
+            model.path.display()
+        );
+    }
+    let draft = a
+        .peer_draft_model
+        .as_deref()
+        .map(|m| {
+            treespec::registry::resolve_model(m, &home, true)
+                .with_context(|| format!("--peer-draft-model `{m}`"))
+        })
+        .transpose()?;
+    let mut modes: Vec<String> = a
+        .peer_modes
+        .iter()
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
+    if draft.is_some() && !modes.iter().any(|m| m == "draft") {
+        modes.push("draft".into());
+    }
+    let cfg = ServerConfig {
+        model: model.path.clone(),
+        threads: treespec::kernels::threads(),
+        ctx_size: a.model.ctx_size.min(model.config().context_length.max(1)),
+        log_dir: out_dir.to_path_buf(),
+    };
+    let mut servers = Vec::new();
+    for m in &modes {
+        eprintln!("starting llama-server ({m}) …");
+        servers.push(LlamaServer::start(&found, &cfg, m, draft.as_deref())?);
+    }
+    Ok(Some(Peer {
+        run: PeerRun {
+            name: PEER.into(),
+            version: found.version.clone(),
+            binary: found.bin_dir.join("llama-server").display().to_string(),
+            modes: modes.iter().map(|m| format!("{PEER}:{m}")).collect(),
+            draft_model: draft.map(|d| d.display().to_string()),
+        },
+        servers,
+    }))
 }
 
 /// Compares a method's turns with plain decoding's: the first difference
@@ -421,6 +656,9 @@ pub fn run(a: SuiteArgs) -> Result<()> {
         )
     };
 
+    // After the curve, so loading the peer's model does not disturb it.
+    let live_peer = start_peer(&a, &model, &out_dir)?;
+
     let mut results = BenchResults {
         info: bench::RunInfo {
             command: std::env::args().collect(),
@@ -451,6 +689,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                 limit: a.limit,
                 ctx_size: a.model.ctx_size,
                 items: items.len(),
+                peer: live_peer.as_ref().map(|p| p.run.clone()),
             },
             forward_curve,
             started_unix: SystemTime::now()
@@ -497,6 +736,12 @@ pub fn run(a: SuiteArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
     };
     let n_methods = methods.len();
+    let servers: &[LlamaServer] = live_peer.as_ref().map_or(&[], |p| &p.servers);
+    let peer_labels: Vec<String> = live_peer
+        .as_ref()
+        .map_or(Vec::new(), |p| p.run.modes.clone());
+    // Every treespec method and every peer mode, in one rotation.
+    let n_slots = n_methods + servers.len();
 
     // Warm-up: first turns of the first items, every method, not recorded.
     for item in items.iter().take(a.warmup) {
@@ -508,10 +753,15 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                 tracing::warn!("warm-up on {} {}: {e}", item.dataset, item.id_text());
             }
         }
+        for s in servers {
+            if let Err(e) = runner.peer_conversation(s, item, 1) {
+                tracing::warn!("peer warm-up on {} {}: {e:#}", item.dataset, item.id_text());
+            }
+        }
     }
 
     let repeats = a.repeats.max(1);
-    let bar = progress_bar((items.len() * repeats * n_methods) as u64);
+    let bar = progress_bar((items.len() * repeats * n_slots) as u64);
     let sampled = a.temperature > 0.0;
     let mut interrupted = STOP.load(Ordering::SeqCst);
     let mut round = 0usize;
@@ -523,11 +773,38 @@ pub fn run(a: SuiteArgs) -> Result<()> {
         }
         for repeat in 0..repeats {
             // Rotate the order so slow drift in machine speed hits every method alike.
-            let order: Vec<usize> = (0..n_methods).map(|k| (k + round) % n_methods).collect();
+            let order: Vec<usize> = (0..n_slots).map(|k| (k + round) % n_slots).collect();
             round += 1;
             let mut runs: Vec<Option<Vec<TurnRun>>> = (0..n_methods).map(|_| None).collect();
+            let mut peer_runs: Vec<Option<Vec<PeerTurn>>> =
+                (0..servers.len()).map(|_| None).collect();
             let mut failed = None;
             for &mi in &order {
+                if mi >= n_methods {
+                    let pi = mi - n_methods;
+                    bar.set_message(format!(
+                        "{} {} {}",
+                        item.category,
+                        item.id_text(),
+                        peer_labels[pi]
+                    ));
+                    // A peer failure costs that peer's row, not the item.
+                    match runner.peer_conversation(&servers[pi], item, usize::MAX) {
+                        Ok(r) => peer_runs[pi] = Some(r),
+                        Err(e) => bar.println(format!(
+                            "peer {} on {} {}: {e:#}",
+                            peer_labels[pi],
+                            item.dataset,
+                            item.id_text()
+                        )),
+                    }
+                    bar.inc(1);
+                    if STOP.load(Ordering::SeqCst) {
+                        interrupted = true;
+                        break;
+                    }
+                    continue;
+                }
                 bar.set_message(format!(
                     "{} {} {}",
                     item.category,
@@ -551,7 +828,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                 // The prompt itself is unusable (e.g. longer than the context):
                 // skip the item for every method rather than stop the benchmark.
                 bar.println(format!("skipping {} {}: {e}", item.dataset, item.id_text()));
-                bar.inc(((repeats - repeat) * n_methods) as u64);
+                bar.inc(((repeats - repeat) * n_slots) as u64);
                 continue 'items;
             }
             let plain_idx = methods.iter().position(|m| m.label == BASELINE);
@@ -579,6 +856,14 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                     results
                         .records
                         .push(record(item, t, repeat, &methods[mi].label, tr, ck));
+                }
+            }
+            for (pi, r) in peer_runs.iter().enumerate() {
+                let Some(r) = r else { continue };
+                for (t, (tr, ck)) in r.iter().zip(peer_checks(r, plain, sampled)).enumerate() {
+                    results
+                        .records
+                        .push(peer_record(item, t, repeat, &peer_labels[pi], tr, ck));
                 }
             }
             results.info.elapsed_s = started.elapsed().as_secs_f64();

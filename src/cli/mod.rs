@@ -34,7 +34,7 @@ pub enum Command {
     /// Fetch a catalogued model into the cache ($TREESPEC_HOME).
     Pull(PullArgs),
     /// Benchmarks.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Serve an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
 }

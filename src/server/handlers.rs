@@ -147,12 +147,16 @@ async fn tokenize(
         Some(_) => Err(ApiError::param(key, format!("`{key}` must be a boolean"))),
     };
     let (add_special, parse_special) = (flag("add_special")?, flag("parse_special")?);
-    let tok = &engine.model.tokenizer;
-    let tokens = if add_special {
-        text_prompt_ids(tok, content, parse_special)?
-    } else {
-        tok.encode(content, parse_special)?
-    };
+    let (engine, content) = (engine.clone(), content.clone());
+    let tokens = off_runtime(move || {
+        let tok = &engine.model.tokenizer;
+        Ok(if add_special {
+            text_prompt_ids(tok, &content, parse_special)?
+        } else {
+            tok.encode(&content, parse_special)?
+        })
+    })
+    .await?;
     Ok(Json(json!({ "tokens": tokens })))
 }
 
@@ -181,8 +185,21 @@ async fn detokenize(
             .collect::<Result<_, _>>()?,
         _ => return Err(bad()),
     };
-    let content = engine.model.tokenizer.decode(&ids)?;
+    let engine = engine.clone();
+    let content = off_runtime(move || Ok(engine.model.tokenizer.decode(&ids)?)).await?;
     Ok(Json(json!({ "content": content })))
+}
+
+/// Runs CPU work of a request (tokenizing, rendering the chat template,
+/// detokenizing) on tokio's blocking pool: a long prompt takes milliseconds
+/// to tokenize, and on the runtime's few worker threads that would stall
+/// every other connection's streaming meanwhile.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -238,12 +255,19 @@ async fn run_generation(
     if st.draining.load(Ordering::SeqCst) {
         return Err(ApiError::shutting_down());
     }
-    let map = params::parse_json(&body)?;
-    let p = match kind {
-        Kind::Chat => params::chat(&map)?,
-        Kind::Completion => params::completion(&map)?,
+    // Parsing, template rendering and tokenizing: off the runtime.
+    let (prompt, p) = {
+        let engine = engine.clone();
+        off_runtime(move || {
+            let map = params::parse_json(&body)?;
+            let p = match kind {
+                Kind::Chat => params::chat(&map)?,
+                Kind::Completion => params::completion(&map)?,
+            };
+            Ok((prompt_ids(&engine, &p)?, p))
+        })
+        .await?
     };
-    let prompt = prompt_ids(&engine, &p)?;
     let speculate = engine.has_drafter()
         && p.speculative.enabled != Some(false)
         && p.speculative.max_nodes != Some(0);
