@@ -303,13 +303,29 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
 /// Tokens per second of method `a` over method `b` on the generations both
 /// ran (same item, turn, repeat), prefill included; None without overlap.
 pub fn tok_s_ratio(results: &BenchResults, a: &str, b: &str) -> Option<f64> {
+    ratio_on_common(results, a, b, |r| r.wall_s)
+}
+
+/// Like [`tok_s_ratio`] over decode time only (prefill left out): the
+/// engines' prefill speeds can differ far more than their decode speeds,
+/// and long prompts would let prefill alone decide the ratio.
+pub fn decode_tok_s_ratio(results: &BenchResults, a: &str, b: &str) -> Option<f64> {
+    ratio_on_common(results, a, b, |r| r.decode_ms / 1e3)
+}
+
+fn ratio_on_common(
+    results: &BenchResults,
+    a: &str,
+    b: &str,
+    secs: impl Fn(&super::record::PromptRecord) -> f64,
+) -> Option<f64> {
     use std::collections::HashMap;
     let of = |m: &str| -> HashMap<_, (usize, f64)> {
         results
             .records
             .iter()
             .filter(|r| r.method == m)
-            .map(|r| (r.key(), (r.new_tokens, r.wall_s)))
+            .map(|r| (r.key(), (r.new_tokens, secs(r))))
             .collect()
     };
     let (ra, rb) = (of(a), of(b));
@@ -334,17 +350,28 @@ fn peer_section(results: &BenchResults, agg: &Aggregate, peer: &super::record::P
         "\n## {} in the same run\n\n{} `{}` ({}), started by the benchmark on a loopback port per mode, same model file, threads and context, prompts sent as treespec's token ids, greedy; its own `timings` (prompt + decode ms) are its wall time. MAT for a peer = (tokens + end-of-generation) / (that − accepted draft tokens).\n",
         peer.name, peer.name, peer.binary, peer.version
     );
-    md.push_str("| Mode | generations | tok/s | MAT | drafted | accepted/drafted | same tokens as treespec plain | differ | of which at a near-tie |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| Mode | generations | tok/s | decode tok/s | MAT | drafted | accepted/drafted | same tokens as treespec plain | differ | of which at a near-tie |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for m in &peer.modes {
         let Some(c) = agg.cell(m, OVERALL) else {
             continue;
         };
+        let decode_s: f64 = results
+            .records
+            .iter()
+            .filter(|r| &r.method == m)
+            .map(|r| r.decode_ms / 1e3)
+            .sum();
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             m,
             c.generations,
             c.tok_s,
+            if decode_s > 0.0 {
+                format!("{:.1}", c.new_tokens as f64 / decode_s)
+            } else {
+                "–".into()
+            },
             c.mat.map_or("–".into(), |x| format!("{x:.2}")),
             c.drafted_tokens,
             if c.drafted_tokens > 0 {
@@ -386,10 +413,16 @@ fn peer_section(results: &BenchResults, agg: &Aggregate, peer: &super::record::P
             };
             let _ = write!(md, "| {name} |");
             for m in &modes {
-                let _ = write!(md, " {} |", speedup(tok_s_ratio(results, o, m)));
+                let _ = write!(
+                    md,
+                    " {} (decode {}) |",
+                    speedup(tok_s_ratio(results, o, m)),
+                    speedup(decode_tok_s_ratio(results, o, m))
+                );
             }
             md.push('\n');
         }
+        md.push_str("\nFirst figure: prefill + decode, as the Spec-Bench table; in brackets: decode only (new tokens over decode time), since the two engines' prefill speeds differ more than their decode speeds.\n");
     }
     // Where the peer's output first differs, and how close plain decoding
     // was to a tie there: a small margin is float noise, a large one a

@@ -85,10 +85,17 @@ unsafe fn nibbles(rec: *const u8, c0: usize, half: usize, w: &mut [__m256i; 8]) 
 
 /// Σ codes × activations over 8 chunks (4 K-values × 8 rows each) against
 /// the 32 activation values at i32 elements `8 r..8 r + 8` of `a`; `GRP`
-/// chunk products are summed in i16 first.
+/// chunk products are summed in i16 first, then pairs of them to i32 by
+/// `vpmaddwd` with `mul` (ones, or a per-row i16 factor in both halves of
+/// each row's lane: a sub-block scale applied for free, where `vpmulld` on
+/// the sums would cost a slow multiply per sub-block and row group).
 #[inline(always)]
-unsafe fn dot8<const GRP: usize>(w: &[__m256i; 8], a: *const i8, r: usize) -> __m256i {
-    let ones = _mm256_set1_epi16(1);
+unsafe fn dot8<const GRP: usize>(
+    w: &[__m256i; 8],
+    a: *const i8,
+    r: usize,
+    mul: __m256i,
+) -> __m256i {
     let mut s = _mm256_setzero_si256();
     let mut c0 = 0;
     while c0 < 8 {
@@ -96,7 +103,7 @@ unsafe fn dot8<const GRP: usize>(w: &[__m256i; 8], a: *const i8, r: usize) -> __
         for c in c0 + 1..c0 + GRP {
             p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[c], bcast_i32(a, 8 * r + c)));
         }
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, mul));
         c0 += GRP;
     }
     s
@@ -197,6 +204,7 @@ unsafe fn k32<const G: usize>(fmt: Fmt, cx: &Ctx, w: *const u8, n0: usize) {
     let mut acc = [_mm256_setzero_ps(); G];
     let mut rec = w;
     let (mut qs, mut d, mut bias, mut fsum) = (p.qs, p.d, p.bias, p.fsum);
+    let ones = _mm256_set1_epi16(1);
     let d_off = match fmt {
         Fmt::Q4_0 | Fmt::Q4_1 => off::Q4_D,
         Fmt::Q5_0 => off::Q5_D,
@@ -229,8 +237,8 @@ unsafe fn k32<const G: usize>(fmt: Fmt, cx: &Ctx, w: *const u8, n0: usize) {
         for_g!(G, |g| {
             let s = match fmt {
                 Fmt::Q8_0 => dot8_signed(&wv, qs, g),
-                Fmt::Q4_1 => dot8::<4>(&wv, qs, g),
-                _ => _mm256_add_epi32(dot8::<4>(&wv, qs, g), bcast_i32(bias, g)),
+                Fmt::Q4_1 => dot8::<4>(&wv, qs, g, ones),
+                _ => _mm256_add_epi32(dot8::<4>(&wv, qs, g, ones), bcast_i32(bias, g)),
             };
             let scale = _mm256_mul_ps(dw, bcast_f32(d, g));
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[g]);
@@ -265,9 +273,13 @@ unsafe fn kq4k<const G: usize>(cx: &Ctx, w: *const u8, n0: usize) {
                 rec,
                 off::Q4K_SC / 8 + 2 * j + h,
             )));
+            // Each row's 6-bit scale in both i16 halves of its lane. Bounds:
+            // an i16 sum of 4 chunk products is ≤ 4·2·15·128 = 15360, times
+            // a scale ≤ 63, twice: < 2^21 per lane, < 2^25 over 8 sub-blocks.
+            let sc16 = _mm256_or_si256(sc, _mm256_slli_epi32::<16>(sc));
             for_g!(G, |g| {
-                let s = dot8::<4>(&wv, qs, 8 * g + j);
-                isum[g] = _mm256_add_epi32(isum[g], _mm256_mullo_epi32(s, sc));
+                let s = dot8::<4>(&wv, qs, 8 * g + j, sc16);
+                isum[g] = _mm256_add_epi32(isum[g], s);
             });
         }
         let dw = f16x8(rec, off::Q4K_D / 16 + h);
