@@ -149,8 +149,18 @@ fn maths_changing_metadata_is_refused_by_name() {
         ),
         ("rope_freqs.weight", vec![], true),
         (
-            "llama.attention.key_length",
-            vec![("llama.attention.key_length", V::U32(16))],
+            "llama.attention.value_length",
+            vec![("llama.attention.value_length", V::U32(16))],
+            false,
+        ),
+        (
+            // A head size of its own is implemented, a rotary part of a
+            // head is not.
+            "llama.rope.dimension_count",
+            vec![
+                ("llama.attention.key_length", V::U32(16)),
+                ("llama.rope.dimension_count", V::U32(8)),
+            ],
             false,
         ),
         (

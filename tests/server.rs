@@ -266,6 +266,11 @@ fn streamed_text(r: &Resp, chat: bool) -> (String, Vec<Value>) {
 }
 
 fn generate_json(prompt: &str, chat: bool, max_tokens: usize) -> Value {
+    generate_with(prompt, chat, max_tokens, &[])
+}
+
+/// `treespec generate --json` (with `--chat` and `--stop`s as asked): its one JSON line.
+fn generate_with(prompt: &str, chat: bool, max_tokens: usize, stops: &[&str]) -> Value {
     let mut cmd = Command::new(BIN);
     cmd.args([
         "generate",
@@ -278,10 +283,13 @@ fn generate_json(prompt: &str, chat: bool, max_tokens: usize) -> Value {
     if chat {
         cmd.arg("--chat");
     }
+    for s in stops {
+        cmd.args(["--stop", s]);
+    }
     let out = cmd.arg(prompt).output().expect("run treespec generate");
     assert!(
         out.status.success(),
-        "{}",
+        "generate (stops {stops:?}): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let line = String::from_utf8(out.stdout).expect("UTF-8");
@@ -507,6 +515,73 @@ fn serves_the_openai_api() {
 
     let status = srv.terminate();
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// `generate --json` with stop strings: (text, finish reason).
+fn generate_with_stops(prompt: &str, max_tokens: usize, stops: &[&str]) -> (String, String) {
+    let v = generate_with(prompt, false, max_tokens, stops);
+    (
+        v["text"].as_str().unwrap().to_string(),
+        v["stop"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Stop strings over Japanese and emoji output, in the CLI and the server,
+/// streamed and not: a stop that never matches leaves the text whole (it
+/// used to panic, slicing inside a character: the scan started at
+/// `emitted - stop.len()` bytes), and a multibyte stop taken from the
+/// output, whose tokens split characters, cuts right before it.
+#[test]
+fn stop_strings_cut_non_ascii_output_on_character_boundaries() {
+    let srv = Server::start(&[]);
+    for prompt in [
+        "日本の首都は東京です。中国の首都は北京です。韓国の首都は",
+        "My favourite emojis are 😀 😂 🎉 and",
+    ] {
+        let body = json!({"prompt": prompt, "max_tokens": N, "temperature": 0});
+        let full = srv.post("/v1/completions", &body).json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let wide: Vec<char> = full.chars().filter(|c| c.len_utf8() > 1).collect();
+        assert!(
+            wide.len() >= 3,
+            "expected non-ASCII output for {prompt:?}: {full:?}"
+        );
+        // The third wide character: its first occurrence is past the start.
+        let stop = wide[2].to_string();
+        let cut = full[..].find(&stop).unwrap();
+        let expected = &full[..cut];
+        for (stops, want, reason) in [
+            (vec!["zz", "🛑x"], full.as_str(), None),
+            (vec![stop.as_str(), "zz"], expected, Some("stop")),
+        ] {
+            for stream in [false, true] {
+                let mut b = body.clone();
+                b["stop"] = json!(stops);
+                b["stream"] = json!(stream);
+                let r = srv.post("/v1/completions", &b);
+                let text = if stream {
+                    streamed_text(&r, false).0
+                } else {
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    let v = r.json();
+                    if let Some(reason) = reason {
+                        assert_eq!(v["choices"][0]["finish_reason"], reason);
+                    }
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                };
+                assert_eq!(text, want, "server, stream {stream}, stops {stops:?}");
+            }
+            let (text, why) = generate_with_stops(prompt, N, &stops);
+            assert_eq!(text, want, "CLI, stops {stops:?}");
+            if reason.is_some() {
+                assert_eq!(why, "stop_string", "CLI stop reason");
+            }
+        }
+    }
+    // The server is still whole after all that.
+    assert_eq!(srv.get("/health").status, 200);
 }
 
 fn temp_path(name: &str) -> PathBuf {

@@ -226,6 +226,7 @@ mod tests {
                 let (mut q1, mut q2) = (vec![0i8; bs], vec![0i8; bs]);
                 let (mut s1, mut s2) = (vec![0i32; bs / 16], vec![0i32; bs / 16]);
                 let d1 = quantize_block_scalar(&x, &mut q1, &mut s1);
+                // SAFETY: the test runs this only where AVX-512 was detected.
                 let d2 = unsafe { quantize_block_avx512(&x, &mut q2, &mut s2) };
                 assert_eq!(d1.to_bits(), d2.to_bits());
                 assert_eq!(q1, q2);

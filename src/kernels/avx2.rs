@@ -8,6 +8,15 @@
 //! that overflow-free. Q8_0's codes span 0..255 and would saturate, so it
 //! goes through the sign trick on the signed values instead.
 
+//! # Safety (every helper here)
+//! Two obligations, both met by [`run`]'s callers: the CPU has AVX2, FMA
+//! and F16C (`kernels::isa()` chose this path from `is_x86_feature_detected!`),
+//! and every offset a helper reads at lies inside the tile's records or the
+//! activation buffers: `run` walks exactly `m.blocks` records of a tile
+//! that [`Tiles::tile_ptr`] places inside the matrix, and `QAct` holds
+//! `act.n` rows of `m.blocks` blocks each. Stores are masked to the tile's
+//! valid rows (`lanes`). Loads go through `kernels::unaligned`.
+
 // Indexed loops over register arrays read closer to the instruction stream.
 #![allow(clippy::needless_range_loop)]
 

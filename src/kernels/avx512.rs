@@ -6,6 +6,13 @@
 //! per block is vectorised over the 16 rows. Activation rows are processed
 //! in groups small enough that all accumulators stay in registers (the group
 //! loop is unrolled at compile time through the `G` parameter).
+//!
+//! # Safety (every helper here)
+//! As in the AVX2 path: the CPU has AVX-512 F/BW/VL/VNNI (`kernels::isa()`
+//! chose this path from `is_x86_feature_detected!`), every record offset is
+//! inside one of the `m.blocks` records of a tile [`Tiles::tile_ptr`] placed
+//! inside the matrix, every activation offset inside `QAct`'s `act.n` rows,
+//! and stores are masked to the tile's valid rows.
 
 // Indexed loops over register arrays read closer to the instruction stream.
 #![allow(clippy::needless_range_loop)]

@@ -13,8 +13,11 @@ pub(crate) struct AlignedBuf {
     len: usize,
 }
 
-// The buffer is plain bytes, written only while being built (`&mut self`).
+// SAFETY: the buffer owns its allocation (no aliasing pointer escapes but
+// through `&self` / `&mut self` borrows) and holds plain bytes, so moving it
+// to another thread or reading it from several is as safe as for a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: as above; mutation needs `&mut self`.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
@@ -26,6 +29,7 @@ impl AlignedBuf {
         let size = (len + 64).div_ceil(align) * align;
         let layout = Layout::from_size_align(size, align).expect("valid layout");
         // Not `alloc_zeroed`: the pages must be advised before first touch.
+        // SAFETY: `layout` has a non-zero size (≥ 64 bytes, rounded up).
         let ptr = unsafe { alloc(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
@@ -33,19 +37,25 @@ impl AlignedBuf {
         #[cfg(target_os = "linux")]
         if huge && std::env::var_os("TREESPEC_NO_HUGEPAGES").is_none() {
             // Advisory only: failure just means 4 KB pages.
+            // SAFETY: `ptr..ptr + size` is the allocation just made, aligned
+            // to a huge page; madvise only changes how it is backed.
             unsafe {
                 libc::madvise(ptr as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
             }
         }
+        // SAFETY: `ptr` is a live allocation of `size` bytes.
         unsafe { std::ptr::write_bytes(ptr, 0, size) };
         AlignedBuf { ptr, layout, len }
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len ≤ size` bytes from `ptr` are allocated and were
+        // zero-initialised in `zeroed`; the borrow of `self` keeps them alive.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only borrow.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
@@ -60,6 +70,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc(self.layout)` and is freed once.
         unsafe { dealloc(self.ptr, self.layout) }
     }
 }

@@ -117,6 +117,9 @@ fn prefetch_to_l1(rows: usize) -> bool {
 /// Prefetches the `len` bytes `pf` bytes past `rec` into L1 (`l1`) or L2
 /// (no-op if `pf` is 0). Prefetches never fault, so running past the buffer
 /// is harmless.
+///
+/// # Safety
+/// Needs SSE (every x86-64 has it); the addresses are only hints.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn prefetch_rec(rec: *const u8, len: usize, pf: usize, l1: bool) {
@@ -192,7 +195,8 @@ impl Tiles {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn tile_ptr(&self, t: usize) -> *const u8 {
         debug_assert!((t + 1) * self.tile_bytes() <= self.buf.len());
-        unsafe { self.buf.as_ptr().add(t * self.tile_bytes()) }
+        // Only the kernels dereference it, inside the tile (their contract).
+        self.buf.as_ptr().wrapping_add(t * self.tile_bytes())
     }
 
     fn pack(fmt: Fmt, out: usize, inp: usize, data: &[u8]) -> Tiles {

@@ -66,6 +66,7 @@ mod tests {
     #[test]
     fn unaligned_round_trip_at_odd_offsets() {
         let mut buf = vec![0u8; 1 + 4 * 8];
+        // SAFETY: offset 1 of a 33-byte buffer.
         let base = unsafe { buf.as_mut_ptr().add(1) };
         for i in 0..8 {
             // SAFETY: base + (i + 1) * 4 <= 1 + 32 bytes of `buf`.

@@ -1,6 +1,7 @@
 //! Hyperparameters of the decoder, read from GGUF metadata or an HF
-//! `config.json`. Llama and Qwen2 share one decoder; what differs between them
-//! is data here (biases, tied embeddings, rope layout), not code.
+//! `config.json`. Llama, Qwen2 and Qwen3 share one decoder; what differs
+//! between them is data here (biases, per-head q/k norms, a head size of its
+//! own, tied embeddings, rope layout), not code.
 
 use std::path::Path;
 
@@ -12,6 +13,10 @@ use crate::error::{Error, Result};
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen2's layout without q/k/v biases, with an RMSNorm over each head
+    /// of q and k before RoPE, and a head size of its own (128 whatever the
+    /// hidden size).
+    Qwen3,
 }
 
 impl Arch {
@@ -19,6 +24,7 @@ impl Arch {
         match name {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
             _ => None,
         }
     }
@@ -27,6 +33,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -38,6 +45,8 @@ pub struct ModelConfig {
     pub hidden: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Size of one attention head; `n_heads * head_dim` may differ from
+    /// `hidden` (Qwen3: 16 heads of 128 over a 1024 hidden size).
     pub head_dim: usize,
     pub ffn_dim: usize,
     pub vocab_size: usize,
@@ -47,6 +56,9 @@ pub struct ModelConfig {
     pub rms_eps: f64,
     /// Qwen2 has biases on q, k and v.
     pub qkv_bias: bool,
+    /// Qwen3: q and k are RMS-normalised per head (learned `head_dim`
+    /// weights) before RoPE.
+    pub qk_norm: bool,
     /// GGUF llama files store q/k rows permuted so that rotary pairs are
     /// adjacent (llama.cpp's "normal" rope); HF files and qwen2 rotate halves.
     pub rope_interleaved: bool,
@@ -103,7 +115,9 @@ impl ModelConfig {
         let arch = Arch::parse(&arch_name).ok_or_else(|| {
             Error::model(
                 path,
-                format!("unsupported architecture `{arch_name}` (treespec runs llama and qwen2)"),
+                format!(
+                    "unsupported architecture `{arch_name}` (treespec runs llama, qwen2 and qwen3)"
+                ),
             )
         })?;
         let a = arch.name();
@@ -111,6 +125,12 @@ impl ModelConfig {
         let n_heads = meta_usize(ct, &format!("{a}.attention.head_count"), path)?;
         let n_kv_heads =
             meta_usize(ct, &format!("{a}.attention.head_count_kv"), path).unwrap_or(n_heads);
+        // The head size: `key_length` where the file gives it (Qwen3 does),
+        // else hidden / heads. A different `value_length` is refused below.
+        let head_dim = match meta_usize(ct, &format!("{a}.attention.key_length"), path) {
+            Ok(k) => k,
+            Err(_) => hidden.checked_div(n_heads).unwrap_or(0),
+        };
         let vocab_size = match meta_usize(ct, &format!("{a}.vocab_size"), path) {
             Ok(v) => v,
             Err(_) => ct
@@ -125,7 +145,7 @@ impl ModelConfig {
             hidden,
             n_heads,
             n_kv_heads,
-            head_dim: hidden.checked_div(n_heads).unwrap_or(0),
+            head_dim,
             ffn_dim: meta_usize(ct, &format!("{a}.feed_forward_length"), path)?,
             vocab_size,
             context_length: meta_usize(ct, &format!("{a}.context_length"), path)?,
@@ -133,6 +153,7 @@ impl ModelConfig {
                 as f32,
             rms_eps: meta_f64(ct, &format!("{a}.attention.layer_norm_rms_epsilon"), path)?,
             qkv_bias: arch == Arch::Qwen2,
+            qk_norm: arch == Arch::Qwen3,
             rope_interleaved: arch == Arch::Llama,
         };
         cfg.check(path)?;
@@ -160,10 +181,11 @@ impl ModelConfig {
         let arch = match (archs, model_type) {
             ("LlamaForCausalLM", _) | (_, "llama") => Arch::Llama,
             ("Qwen2ForCausalLM", _) | (_, "qwen2") => Arch::Qwen2,
+            ("Qwen3ForCausalLM", _) | (_, "qwen3") => Arch::Qwen3,
             _ => {
                 return Err(Error::model(
                     path,
-                    format!("unsupported architecture `{archs}` / model_type `{model_type}` (treespec runs llama and qwen2)"),
+                    format!("unsupported architecture `{archs}` / model_type `{model_type}` (treespec runs llama, qwen2 and qwen3)"),
                 ))
             }
         };
@@ -188,6 +210,7 @@ impl ModelConfig {
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1e-6),
             qkv_bias: arch == Arch::Qwen2,
+            qk_norm: arch == Arch::Qwen3,
             rope_interleaved: false,
         };
         cfg.check(path)?;
@@ -205,9 +228,12 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) || self.head_dim * self.n_heads != self.hidden {
+        // Even: RoPE rotates pairs. `n_heads * head_dim` need not be the
+        // hidden size (Qwen3, Mistral Nemo): q and the attention output are
+        // shaped by the heads, the projections map between the two.
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
-                "head dim {} does not fit hidden size {} with {} heads",
+                "head dim {} (hidden size {}, {} heads) is not a positive even number",
                 self.head_dim, self.hidden, self.n_heads
             ));
         }
@@ -219,7 +245,7 @@ impl ModelConfig {
 /// naming the key: loading it anyway would give subtly wrong logits with no
 /// warning (a Llama 3.x file's `rope_freqs` ignored, say). A key set to its
 /// neutral value (scaling type `none`, factor 1, a head size equal to
-/// hidden / heads) is accepted.
+/// the head size) is accepted.
 fn refuse_unimplemented_gguf_maths(
     ct: &gguf_file::Content,
     a: &str,
@@ -258,17 +284,14 @@ fn refuse_unimplemented_gguf_maths(
             "per-dimension RoPE frequency factors (Llama 3.x rope scaling) are not implemented",
         );
     }
-    for key in [
-        "attention.key_length",
-        "attention.value_length",
-        "rope.dimension_count",
-    ] {
+    // `key_length` is the head size itself (read above).
+    for key in ["attention.value_length", "rope.dimension_count"] {
         let key = format!("{a}.{key}");
         if let Some(n) = num(&key) {
             if n as usize != head_dim {
                 return refuse(
                     &key,
-                    &format!("{n} differs from hidden size / heads = {head_dim} (separate head sizes and partial rotary are not implemented)"),
+                    &format!("{n} differs from the head size {head_dim} (separate key and value sizes and partial rotary are not implemented)"),
                 );
             }
         }

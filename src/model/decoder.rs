@@ -1,10 +1,12 @@
-//! The decoder shared by Llama and Qwen2, and its one entry point: a forward
-//! over N new tokens arranged as a tree, returning logits for the rows asked.
+//! The decoder shared by Llama, Qwen2 and Qwen3, and its one entry point: a
+//! forward over N new tokens arranged as a tree, returning logits for the
+//! rows asked.
 //!
 //! Per layer (pre-norm transformer):
-//!   h = x + Wo · Attn(RoPE(Wq·n), RoPE(Wk·n), Wv·n),  n = RMSNorm(x)
-//!   x' = h + Wdown · (SiLU(Wgate·m) ⊙ Wup·m),          m = RMSNorm(h)
-//! and logits = Wout · RMSNorm(x_L).
+//!   h = x + Wo · Attn(RoPE(Q), RoPE(K), Wv·n),  n = RMSNorm(x)
+//!   x' = h + Wdown · (SiLU(Wgate·m) ⊙ Wup·m),   m = RMSNorm(h)
+//! with Q = Wq·n and K = Wk·n, each head RMS-normalised first where the
+//! architecture says so (Qwen3's q/k norms), and logits = Wout · RMSNorm(x_L).
 
 use super::attention::{tree_attention, AttentionShape, TreeMask};
 use super::config::ModelConfig;
@@ -29,6 +31,7 @@ struct Work {
     out: Vec<f32>,
     gate_up: Vec<f32>,
     gate: Vec<f32>,
+    heads: Vec<f32>,
 }
 
 thread_local! {
@@ -49,6 +52,14 @@ pub struct Layer {
     /// Gate and up projections (one stacked matmul).
     pub gate_up: Projections,
     pub w_down: Linear,
+    /// Per-head RMSNorm weights of q and k (Qwen3), applied before RoPE.
+    pub qk_norm: Option<QkNorm>,
+}
+
+/// Qwen3's per-head RMSNorm weights (`head_dim` each).
+pub struct QkNorm {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
 }
 
 impl Layer {
@@ -67,6 +78,7 @@ impl Layer {
             ffn_norm,
             gate_up: Projections::new(vec![w_gate, w_up]),
             w_down,
+            qk_norm: None,
         }
     }
 }
@@ -303,6 +315,15 @@ impl Decoder {
                 columns(&w.qkv, width, qd..qd + kd, &mut w.k);
                 columns(&w.qkv, width, qd + kd..width, &mut w.v);
                 clock.lap(Stage::Qkv);
+                if let Some(qk) = &layer.qk_norm {
+                    // Every head of every row is one RMSNorm row.
+                    w.heads.resize(w.q.len(), 0.0);
+                    rms_norm(&w.q, &qk.q, eps, &mut w.heads);
+                    std::mem::swap(&mut w.q, &mut w.heads);
+                    w.heads.resize(w.k.len(), 0.0);
+                    rms_norm(&w.k, &qk.k, eps, &mut w.heads);
+                    std::mem::swap(&mut w.k, &mut w.heads);
+                }
                 self.rope.apply(&mut w.q, c.n_heads, positions);
                 self.rope.apply(&mut w.k, c.n_kv_heads, positions);
                 cache.write(l, &w.k, &w.v);

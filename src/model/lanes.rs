@@ -439,6 +439,7 @@ mod tests {
         let mut got = gate.clone();
         silu_mul(&mut got, &up);
         let mut scalar = gate.clone();
+        // SAFETY: the scalar level needs no CPU feature; equal lengths.
         unsafe { silu_mul_with::<Scalar>(&mut scalar, &up) };
         for i in 0..gate.len() {
             let (g, u) = (gate[i] as f64, up[i] as f64);
@@ -485,6 +486,8 @@ mod tests {
             acc.store(out.as_mut_ptr());
             out.iter().map(|f| f.to_bits()).collect()
         }
+        // SAFETY (the three calls): `run` touches only `xs` and its own
+        // buffer in whole 16-float chunks; each level runs where detected.
         let want = unsafe { run::<Scalar>(&xs) };
         if std::arch::is_x86_feature_detected!("avx2") {
             #[target_feature(enable = "avx2")]

@@ -11,7 +11,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
-use super::decoder::{Decoder, Embedding, Layer};
+use super::decoder::{Decoder, Embedding, Layer, QkNorm};
 use super::linear::Linear;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -126,26 +126,35 @@ fn load_gguf(path: &Path) -> Result<Model> {
         device: Device::Cpu,
     };
     let c = config.clone();
-    let (hd, kv) = (c.hidden, c.n_kv_heads * c.head_dim);
+    // q and the attention output are `heads × head_dim` wide, which is the
+    // hidden size except where the architecture sets its own head size.
+    let (hd, q, kv) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let tok_embd = g.qtensor("token_embd.weight", &[c.vocab_size, hd])?;
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
-        layers.push(Layer::new(
+        let mut layer = Layer::new(
             g.dense(&format!("{p}.attn_norm.weight"), &[hd])?,
             [
-                g.linear(&format!("{p}.attn_q"), hd, hd, c.qkv_bias)?,
+                g.linear(&format!("{p}.attn_q"), q, hd, c.qkv_bias)?,
                 g.linear(&format!("{p}.attn_k"), kv, hd, c.qkv_bias)?,
                 g.linear(&format!("{p}.attn_v"), kv, hd, c.qkv_bias)?,
             ],
-            g.linear(&format!("{p}.attn_output"), hd, hd, false)?,
+            g.linear(&format!("{p}.attn_output"), hd, q, false)?,
             g.dense(&format!("{p}.ffn_norm.weight"), &[hd])?,
             [
                 g.linear(&format!("{p}.ffn_gate"), c.ffn_dim, hd, false)?,
                 g.linear(&format!("{p}.ffn_up"), c.ffn_dim, hd, false)?,
             ],
             g.linear(&format!("{p}.ffn_down"), hd, c.ffn_dim, false)?,
-        ));
+        );
+        if c.qk_norm {
+            layer.qk_norm = Some(QkNorm {
+                q: g.dense(&format!("{p}.attn_q_norm.weight"), &[c.head_dim])?,
+                k: g.dense(&format!("{p}.attn_k_norm.weight"), &[c.head_dim])?,
+            });
+        }
+        layers.push(layer);
     }
     let output_norm = g.dense("output_norm.weight", &[hd])?;
     // Tied embeddings: a file without `output.weight` reuses the token table.
@@ -225,7 +234,7 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
     };
     let vec = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let c = config.clone();
-    let (hd, kv) = (c.hidden, c.n_kv_heads * c.head_dim);
+    let (hd, q, kv) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let embed = get("model.embed_tokens.weight", &[c.vocab_size, hd])?;
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
@@ -239,21 +248,28 @@ fn load_hf_dir(dir: &Path) -> Result<Model> {
             };
             Linear::dense(&w, b)
         };
-        let wq = lin("self_attn.q_proj", hd, hd, c.qkv_bias)?;
+        let wq = lin("self_attn.q_proj", q, hd, c.qkv_bias)?;
         let wk = lin("self_attn.k_proj", kv, hd, c.qkv_bias)?;
         let wv = lin("self_attn.v_proj", kv, hd, c.qkv_bias)?;
-        let wo = lin("self_attn.o_proj", hd, hd, false)?;
+        let wo = lin("self_attn.o_proj", hd, q, false)?;
         let w_gate = lin("mlp.gate_proj", c.ffn_dim, hd, false)?;
         let w_up = lin("mlp.up_proj", c.ffn_dim, hd, false)?;
         let w_down = lin("mlp.down_proj", hd, c.ffn_dim, false)?;
-        layers.push(Layer::new(
+        let mut layer = Layer::new(
             vec(get(&format!("{p}.input_layernorm.weight"), &[hd])?)?,
             [wq, wk, wv],
             wo,
             vec(get(&format!("{p}.post_attention_layernorm.weight"), &[hd])?)?,
             [w_gate, w_up],
             w_down,
-        ));
+        );
+        if c.qk_norm {
+            layer.qk_norm = Some(QkNorm {
+                q: vec(get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?)?,
+                k: vec(get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?)?,
+            });
+        }
+        layers.push(layer);
     }
     let output_norm = vec(get("model.norm.weight", &[hd])?)?;
     let lm_head = if tied || !has_lm_head {

@@ -2,6 +2,16 @@
 //! probability-weighted sums of value rows, each lane one fused multiply-add
 //! chain in position order whatever the grouping (what keeps a token's
 //! result independent of the rows it is computed with).
+//!
+//! # Safety (every function here)
+//! They run [`F32x16`] operations, so the caller must have picked `V` for
+//! a CPU that has its instructions (`attention::forward` dispatches on the
+//! detected ISA), and they read and write through raw pointers into the
+//! query, KV-cache and output buffers of one [`super::Call`]: the offsets
+//! they are given (rows `r0..r1`, key tiles, head `g`) must lie inside those
+//! buffers, which `attention::forward` checks once per call (shapes and
+//! lengths) before it splits the work into tasks. Whole 16-float chunks
+//! only; the buffers' lengths are multiples of 16 (`LANES`).
 
 use super::{PV_ROWS, QK_ROWS};
 use crate::kernels::unaligned::load_at;
