@@ -143,6 +143,18 @@ pub fn write_results(dir: &Path, results: &BenchResults, plots: bool) -> Result<
     Ok(written)
 }
 
+/// Accepted over drafted tokens, as a percentage ("–" without drafts).
+fn acceptance(c: &Cell) -> String {
+    if c.drafted_tokens > 0 {
+        format!(
+            "{:.1}%",
+            100.0 * c.accepted_tokens as f64 / c.drafted_tokens as f64
+        )
+    } else {
+        "–".into()
+    }
+}
+
 fn speedup(v: Option<f64>) -> String {
     v.map_or("–".into(), |s| format!("{s:.2}×"))
 }
@@ -265,14 +277,7 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
             c.steps,
             c.mat.map_or("–".into(), |m| format!("{m:.2}")),
             c.drafted_tokens as f64 / steps,
-            if c.drafted_tokens > 0 {
-                format!(
-                    "{:.1}%",
-                    100.0 * c.accepted_tokens as f64 / c.drafted_tokens as f64
-                )
-            } else {
-                "–".into()
-            },
+            acceptance(c),
             c.draft_ms / steps,
             c.verify_ms / steps,
             c.tok_s,
@@ -374,14 +379,7 @@ fn peer_section(results: &BenchResults, agg: &Aggregate, peer: &super::record::P
             },
             c.mat.map_or("–".into(), |x| format!("{x:.2}")),
             c.drafted_tokens,
-            if c.drafted_tokens > 0 {
-                format!(
-                    "{:.1}%",
-                    100.0 * c.accepted_tokens as f64 / c.drafted_tokens as f64
-                )
-            } else {
-                "–".into()
-            },
+            acceptance(c),
             c.peer_same,
             c.peer_differs,
             c.peer_differs_near_tie,

@@ -374,6 +374,44 @@ fn peer_checks(
     out
 }
 
+/// A record of one generation of `item` with its identity and check set
+/// and every figure zero: the two record builders fill in the figures.
+fn blank_record(
+    item: &Item,
+    turn: usize,
+    repeat: usize,
+    method: &str,
+    check: (Check, Option<usize>, Option<f32>),
+) -> PromptRecord {
+    PromptRecord {
+        dataset: item.dataset.clone(),
+        question_id: item.question_id.clone(),
+        category: item.category.clone(),
+        raw_category: item.raw_category.clone(),
+        turn,
+        repeat,
+        method: method.to_string(),
+        prompt_tokens: 0,
+        prefilled_tokens: 0,
+        new_tokens: 0,
+        mat_tokens: 0,
+        steps: 0,
+        wall_s: 0.0,
+        prefill_ms: 0.0,
+        decode_ms: 0.0,
+        mat: 0.0,
+        drafted_tokens: 0,
+        accepted_tokens: 0,
+        accepted_per_depth: Vec::new(),
+        draft_ms: 0.0,
+        verify_ms: 0.0,
+        stop: String::new(),
+        check: check.0,
+        first_diff: check.1,
+        diff_margin: check.2,
+    }
+}
+
 fn peer_record(
     item: &Item,
     turn: usize,
@@ -393,13 +431,6 @@ fn peer_record(
     // accepted; the first comes from the prompt's forward, as in treespec.
     let steps = mat_tokens.saturating_sub(accepted).max(1);
     PromptRecord {
-        dataset: item.dataset.clone(),
-        question_id: item.question_id.clone(),
-        category: item.category.clone(),
-        raw_category: item.raw_category.clone(),
-        turn,
-        repeat,
-        method: method.to_string(),
         prompt_tokens: r.prompt_tokens,
         prefilled_tokens: c.prompt_n as usize,
         new_tokens,
@@ -411,13 +442,8 @@ fn peer_record(
         mat: mat_tokens as f64 / steps as f64,
         drafted_tokens: c.draft.map_or(0, |d| d.drafted as usize),
         accepted_tokens: accepted,
-        accepted_per_depth: Vec::new(),
-        draft_ms: 0.0,
-        verify_ms: 0.0,
         stop: c.stop.clone().unwrap_or_default(),
-        check: check.0,
-        first_diff: check.1,
-        diff_margin: check.2,
+        ..blank_record(item, turn, repeat, method, check)
     }
 }
 
@@ -537,13 +563,6 @@ fn record(
 ) -> PromptRecord {
     let g = &r.g;
     PromptRecord {
-        dataset: item.dataset.clone(),
-        question_id: item.question_id.clone(),
-        category: item.category.clone(),
-        raw_category: item.raw_category.clone(),
-        turn,
-        repeat,
-        method: method.to_string(),
         prompt_tokens: g.stats.prompt_tokens,
         prefilled_tokens: g.stats.prefilled_tokens,
         new_tokens: g.tokens.len(),
@@ -562,9 +581,7 @@ fn record(
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-        check: check.0,
-        first_diff: check.1,
-        diff_margin: check.2,
+        ..blank_record(item, turn, repeat, method, check)
     }
 }
 
