@@ -39,6 +39,13 @@ pub enum Error {
     #[error("recycle state {}: {msg}", path.display())]
     RecycleState { path: PathBuf, msg: String },
 
+    #[error("{kind} state {}: {msg}", path.display())]
+    DrafterState {
+        kind: &'static str,
+        path: PathBuf,
+        msg: String,
+    },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

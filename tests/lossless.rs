@@ -51,6 +51,13 @@ fn methods() -> Vec<(&'static str, SpecConfig)> {
         ("recycle tr-16", cfg(SpecMethod::Recycle, "tr-16", 16)),
         ("recycle dynamic", cfg(SpecMethod::Recycle, "dynamic", 8)),
         ("hybrid dynamic", cfg(SpecMethod::Hybrid, "dynamic", 12)),
+        // Long chains (up to 32 nodes) from the request and from earlier
+        // prompts' outputs (the drafter is kept across prompts).
+        ("suffix", cfg(SpecMethod::Suffix, "", 32)),
+        (
+            "hybrid-pld dynamic",
+            cfg(SpecMethod::HybridPld, "dynamic", 12),
+        ),
     ]
 }
 

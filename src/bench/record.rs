@@ -36,13 +36,21 @@ impl MethodSpec {
             })?),
             None => None,
         };
-        let uses_tree = matches!(method, SpecMethod::Recycle | SpecMethod::Hybrid);
-        if !uses_tree && tree_given.is_some() {
+        let uses_tree = method.uses_tree();
+        // The suffix drafter grows its own tree; `suffix:auto` lets the
+        // budget controller choose its size per step.
+        let auto_only = method == SpecMethod::Suffix && tree_given == Some("auto");
+        if !uses_tree && tree_given.is_some() && !auto_only {
             return Err(Error::Invalid(format!(
-                "method `{s}`: only recycle and hybrid take a tree shape"
+                "method `{s}`: only recycle and the hybrids take a tree shape (suffix takes `auto`)"
             )));
         }
-        let tree = tree_given.unwrap_or(default_tree).to_string();
+        let tree = match (uses_tree, tree_given) {
+            (false, Some(t)) => t,
+            (false, None) => "",
+            (true, t) => t.unwrap_or(default_tree),
+        }
+        .to_string();
         let max_draft = match method {
             SpecMethod::None => 0,
             _ => budget_given
@@ -64,7 +72,7 @@ impl MethodSpec {
         Ok(MethodSpec {
             label,
             method: method.name().into(),
-            tree: if uses_tree { tree } else { String::new() },
+            tree,
             max_draft,
         })
     }

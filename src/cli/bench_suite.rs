@@ -650,6 +650,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                     max_draft: m.max_draft,
                     seed_from_prompt: !a.no_prompt_seed,
                     recycle_state: None,
+                    ..Default::default()
                 },
                 vocab,
             )
@@ -743,6 +744,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                     max_draft: m.max_draft,
                     seed_from_prompt: !a.no_prompt_seed,
                     recycle_state: None,
+                    ..Default::default()
                 };
                 super::auto_budget(&model, &cfg)
             })

@@ -107,7 +107,8 @@ impl ModelArgs {
 /// Speculative decoding options every generating command shares.
 #[derive(Args, Debug, Clone)]
 pub struct SpecArgs {
-    /// Speculative method: none, pld, recycle, hybrid.
+    /// Speculative method: none, pld, recycle, suffix, hybrid (suffix +
+    /// prompt lookup + recycling), hybrid-pld (prompt lookup + recycling).
     #[arg(long, env = "TREESPEC_SPEC", default_value = "hybrid")]
     pub spec: String,
     /// Tree shape for recycle/hybrid: `auto` (dynamic tree with the budget
@@ -120,10 +121,19 @@ pub struct SpecArgs {
     /// Draft nodes per step besides the root (the cap, with --tree auto).
     #[arg(long, env = "TREESPEC_SPEC_MAX_NODES", default_value_t = treespec::engine::spec::DEFAULT_MAX_DRAFT)]
     pub spec_max_nodes: usize,
+    /// With --tree auto: the cap on draft nodes in steps where the drafter
+    /// has a long confident match (a suffix copy), where long chains pay.
+    #[arg(long, env = "TREESPEC_SPEC_MAX_LONG", default_value_t = treespec::engine::spec::DEFAULT_MAX_LONG_DRAFT)]
+    pub spec_max_long: usize,
+    /// Earlier requests' outputs the suffix drafter (suffix, hybrid) keeps
+    /// in its global index (0 = only the request's own text).
+    #[arg(long, env = "TREESPEC_SUFFIX_CACHE_REQUESTS", default_value_t = treespec::draft::suffix::DEFAULT_CACHE_REQUESTS)]
+    pub suffix_cache_requests: usize,
     /// Do not seed the recycling matrix from the prompt's bigrams.
     #[arg(long)]
     pub no_prompt_seed: bool,
-    /// Load the recycling matrix from FILE at start and save it there at the end.
+    /// Load the recycling matrix from FILE at start and save it there at the
+    /// end (the suffix drafter's cache goes to FILE.suffix).
     #[arg(long, env = "TREESPEC_RECYCLE_STATE")]
     pub recycle_state: Option<PathBuf>,
 }
@@ -134,6 +144,8 @@ impl SpecArgs {
             method: treespec::engine::spec::SpecMethod::parse(&self.spec)?,
             tree: self.tree.clone(),
             max_draft: self.spec_max_nodes,
+            max_long_draft: self.spec_max_long.max(self.spec_max_nodes),
+            suffix_cache_requests: self.suffix_cache_requests,
             seed_from_prompt: !self.no_prompt_seed,
             recycle_state: self.recycle_state.clone(),
         })

@@ -1,13 +1,17 @@
-//! Prompt lookup + Token Recycling in one tree.
+//! Suffix decoding + prompt lookup + Token Recycling in one tree.
 //!
 //! PLD is strong when the output copies the context (long, exact chains) and
-//! silent otherwise; Token Recycling always has something, but shallow. One
-//! tree holds both, so one verify pass scores both guesses, and where they
-//! agree (the chain's first tokens are often TR's rank-0 path) the shared
-//! prefix is stored once.
+//! silent otherwise; Token Recycling always has something, but shallow; the
+//! suffix drafter matches long suffixes over this request and earlier
+//! outputs and drafts long only where its match is long and its counts
+//! confident. One tree holds all three, so one verify pass scores every
+//! guess, and where they agree (the chain's first tokens are often TR's
+//! rank-0 path, and the suffix draft's) the shared prefix is stored once.
+//! Without the suffix drafter this is the earlier `hybrid-pld`.
 
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{TokenRecycler, TreeBuilder};
+use crate::draft::suffix::SuffixDrafter;
 use crate::draft::{DraftTree, Drafter, NodeTopK};
 
 /// Default share of the node budget reserved for the PLD chain.
@@ -15,7 +19,12 @@ pub const DEFAULT_CHAIN_SHARE: f32 = 0.5;
 
 /// The hybrid drafter.
 ///
-/// Budget split for `max_draft = B`: the PLD chain first gets up to
+/// Budget split for `max_draft = B`: the suffix draft (when there is one)
+/// goes in first, whole: it is already capped by its match length and its
+/// minimum probability, so it is long only where a long copy is under way
+/// (and the budget controller learns, per outlook class, whether the big
+/// budgets that lets through pay). Of what remains, the PLD chain first
+/// gets up to
 /// `max(1, ceil(B * chain_share))` nodes (half by default: the chain is a
 /// single path, so past its first miss every node is wasted, while TR spends
 /// nodes on breadth). Then the TR tree (proposed with the full budget B)
@@ -28,6 +37,7 @@ pub const DEFAULT_CHAIN_SHARE: f32 = 0.5;
 pub struct Hybrid {
     recycler: TokenRecycler,
     lookup: PromptLookup,
+    suffix: Option<SuffixDrafter>,
     chain_share: f32,
     builder: TreeBuilder,
     node_of: Vec<Option<usize>>,
@@ -38,10 +48,25 @@ impl Hybrid {
         Hybrid {
             recycler,
             lookup,
+            suffix: None,
             chain_share: DEFAULT_CHAIN_SHARE,
             builder: TreeBuilder::new(0),
             node_of: Vec::new(),
         }
+    }
+
+    /// Adds the suffix drafter's tree as a third source.
+    pub fn with_suffix(mut self, suffix: SuffixDrafter) -> Self {
+        self.suffix = Some(suffix);
+        self
+    }
+
+    pub fn suffix(&self) -> Option<&SuffixDrafter> {
+        self.suffix.as_ref()
+    }
+
+    pub fn suffix_mut(&mut self) -> Option<&mut SuffixDrafter> {
+        self.suffix.as_mut()
     }
 
     /// Sets the share of the budget the chain gets first (clamped to 0..=1).
@@ -96,16 +121,50 @@ impl Hybrid {
         }
         (node, chain.len())
     }
+
+    /// Merges `tree` in BFS order: a node whose (parent, token) is already
+    /// there costs nothing, a new one costs one node, one that does not fit
+    /// is dropped with its subtree.
+    fn merge(&mut self, tree: &DraftTree, budget: usize) {
+        self.node_of.clear();
+        self.node_of.push(Some(0));
+        for i in 1..tree.len() {
+            let parent = tree.parents[i].and_then(|p| self.node_of[p]);
+            let node = parent.and_then(|p| match self.builder.child(p, tree.tokens[i]) {
+                Some(existing) => Some(existing),
+                None if self.builder.len() <= budget => Some(self.builder.add(p, tree.tokens[i])),
+                None => None,
+            });
+            self.node_of.push(node);
+        }
+    }
 }
 
 impl Drafter for Hybrid {
     fn name(&self) -> &'static str {
-        "hybrid"
+        if self.suffix.is_some() {
+            "hybrid"
+        } else {
+            "hybrid-pld"
+        }
     }
 
     fn start(&mut self, prompt: &[u32]) {
         self.lookup.start(prompt);
         self.recycler.start(prompt);
+        if let Some(s) = self.suffix.as_mut() {
+            s.start(prompt);
+        }
+    }
+
+    fn outlook(&mut self, context: &[u32]) -> usize {
+        self.suffix.as_mut().map_or(0, |s| s.outlook(context))
+    }
+
+    fn finish(&mut self, generated: &[u32]) {
+        if let Some(s) = self.suffix.as_mut() {
+            s.finish(generated);
+        }
     }
 
     fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
@@ -114,23 +173,18 @@ impl Drafter for Hybrid {
         if max_draft == 0 {
             return self.builder.build();
         }
+        if let Some(s) = self.suffix.as_mut() {
+            let tree = s.propose(context, max_draft);
+            self.merge(&tree, max_draft);
+        }
+        let left = max_draft + 1 - self.builder.len();
         let chain_range = self.lookup.find(context).unwrap_or(0..0);
         let chain = &context[chain_range];
-        let first = chain.len().min(self.chain_first(max_draft));
+        let first = chain.len().min(self.chain_first(left));
         let (chain_end, placed) = self.extend_chain(0, &chain[..first], max_draft);
 
         let tr = self.recycler.propose(context, max_draft);
-        self.node_of.clear();
-        self.node_of.push(Some(0));
-        for i in 1..tr.len() {
-            let parent = tr.parents[i].and_then(|p| self.node_of[p]);
-            let node = parent.and_then(|p| match self.builder.child(p, tr.tokens[i]) {
-                Some(existing) => Some(existing),
-                None if self.builder.len() <= max_draft => Some(self.builder.add(p, tr.tokens[i])),
-                None => None,
-            });
-            self.node_of.push(node);
-        }
+        self.merge(&tr, max_draft);
 
         // TR's leftovers go back to the chain.
         self.extend_chain(chain_end, &chain[placed..], max_draft);
@@ -270,6 +324,46 @@ mod tests {
         h.observe(&tree, &[topk(&[6]), topk(&[7])], &[0, 1]);
         assert_eq!(h.recycler().candidates(5), vec![6]);
         assert_eq!(h.recycler().candidates(6), vec![7]);
+        assert_eq!(h.name(), "hybrid-pld");
+    }
+
+    #[test]
+    fn the_suffix_draft_goes_in_whole_and_shares_with_the_others() {
+        use crate::draft::suffix::{SuffixConfig, SuffixDrafter};
+        let mut h = hybrid("[[0],[1],[0,0]]").with_suffix(SuffixDrafter::new(
+            100,
+            SuffixConfig {
+                cache_requests: 0,
+                ..Default::default()
+            },
+        ));
         assert_eq!(h.name(), "hybrid");
+        // A 20-token span copied: after its first 8 tokens the suffix (and
+        // PLD) predict the remaining 12; TR knows 5 -> {6, 7}... and the
+        // span's next token 18 -> {19, 60}.
+        let span: Vec<u32> = (10..30).collect();
+        let mut ctx = vec![1, 2];
+        ctx.extend(&span);
+        ctx.push(3);
+        ctx.extend(&span[..8]);
+        h.recycler_mut().write_row(17, &topk(&[18, 60]));
+        h.recycler_mut().write_row(18, &topk(&[19]));
+        h.start(&ctx);
+        assert_eq!(h.outlook(&ctx), crate::draft::suffix::outlook_class(8));
+        let t = h.propose(&ctx, 16);
+        t.validate().unwrap();
+        let got = paths(&t);
+        // The suffix chain: 8 matched tokens draft 8 (18..26), then PLD's
+        // chain (10 tokens, the same span) is shared and extends it to
+        // 28, and TR's 18 and 18 -> 19 are shared too; TR's 60 is new.
+        let chain: Vec<u32> = (18..28).collect();
+        for l in 1..=chain.len() {
+            assert!(got.contains(&chain[..l].to_vec()), "{got:?}");
+        }
+        assert!(got.contains(&vec![60]));
+        assert_eq!(t.num_drafted(), chain.len() + 1);
+        // A small budget: the suffix draft is placed first.
+        let t = h.propose(&ctx, 3);
+        assert_eq!(t.tokens, vec![17, 18, 19, 20]);
     }
 }

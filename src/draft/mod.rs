@@ -4,8 +4,10 @@
 //! [`crate::engine::scorer`]). A new drafting method is one file here.
 
 pub mod hybrid;
+pub(crate) mod persist;
 pub mod pld;
 pub mod recycle;
+pub mod suffix;
 pub mod template;
 pub mod tree;
 
@@ -32,6 +34,19 @@ pub trait Drafter: Send {
     /// sequence so far: prompt + generated, root last. The tree holds at most
     /// `max_draft` nodes besides the root (0 = plain decoding).
     fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree;
+
+    /// Before a step with `--tree auto`: which class of step this is for the
+    /// budget controller, which learns the best budget per class (0 = the
+    /// usual; a drafter with a long confident match, such as a suffix copy,
+    /// reports a higher class, where budgets up to the long-draft cap are
+    /// tried). Below [`suffix::OUTLOOK_CLASSES`].
+    fn outlook(&mut self, _context: &[u32]) -> usize {
+        0
+    }
+
+    /// After a request: the tokens it generated (drafters that learn across
+    /// requests, like the suffix drafter's global index, keep them).
+    fn finish(&mut self, _generated: &[u32]) {}
 
     /// After a verify step: the top-k successors of *every* node of `tree`
     /// (same order as the tree), and the accepted path (node indices, root

@@ -368,12 +368,13 @@ fn quantise(p: f32) -> u16 {
 /// A node the dynamic tree may add next. The max-heap pops the highest
 /// score; equal scores go to the earliest queued (lower `seq`), which keeps
 /// the result deterministic and favours higher-ranked siblings.
+/// Shared with the suffix drafter's best-first tree.
 #[derive(Debug, Clone, Copy)]
-struct Candidate {
-    score: f32,
-    seq: u32,
-    parent: usize,
-    token: u32,
+pub(crate) struct Candidate {
+    pub score: f32,
+    pub seq: u32,
+    pub parent: usize,
+    pub token: u32,
 }
 
 impl PartialEq for Candidate {

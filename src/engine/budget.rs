@@ -19,7 +19,9 @@ use crate::model::{LogitRows, Model};
 
 /// Budgets the controller chooses among (powers of two: c(N) is smooth, so
 /// finer steps buy little and cost exploration).
-pub const CANDIDATE_BUDGETS: [usize; 6] = [0, 2, 4, 8, 16, 32];
+/// 64 is only tried in the classes of steps with a long confident match
+/// (a suffix copy drafts up to 32+ tokens in one chain).
+pub const CANDIDATE_BUDGETS: [usize; 7] = [0, 2, 4, 8, 16, 32, 64];
 
 /// Steps each budget is tried before exploiting, and how often (in steps) the
 /// least-tried budget is retried afterwards.
@@ -250,53 +252,84 @@ struct Arm {
     pulls: u32,
 }
 
-/// Picks the budget with the best expected tokens per second.
+/// The arms of one class of steps ([`crate::draft::Drafter::outlook`]).
+#[derive(Debug, Clone)]
+struct Class {
+    arms: Vec<Arm>,
+    steps: u64,
+}
+
+impl Class {
+    fn new(max_budget: usize) -> Self {
+        Class {
+            arms: CANDIDATE_BUDGETS
+                .iter()
+                .filter(|&&b| b <= max_budget)
+                .map(|&b| Arm {
+                    budget: b,
+                    mat: 1.0,
+                    nodes: (b + 1) as f64,
+                    pulls: 0,
+                })
+                .collect(),
+            steps: 0,
+        }
+    }
+}
+
+/// Picks the budget with the best expected tokens per second, separately
+/// for each class of step: what pays when the drafter has a long confident
+/// match (a copy: a 32-node chain accepted nearly whole) is not what pays
+/// otherwise (small trees accepting ~2 tokens), and one running mean over
+/// both would average the long budgets' wins away.
 #[derive(Debug, Clone)]
 pub struct BudgetController {
-    arms: Vec<Arm>,
+    classes: Vec<Class>,
     cost: CostModel,
-    steps: u64,
     max_budget: usize,
 }
 
 impl BudgetController {
-    /// Budgets above `max_budget` are never chosen.
+    /// Budgets above `max_budget` are never chosen in class 0, above
+    /// `max_long` never in the others.
     pub fn new(cost: &CostModel, max_budget: usize) -> Self {
-        let arms = CANDIDATE_BUDGETS
-            .iter()
-            .filter(|&&b| b <= max_budget)
-            .map(|&b| Arm {
-                budget: b,
-                mat: 1.0,
-                nodes: (b + 1) as f64,
-                pulls: 0,
-            })
+        Self::with_long(cost, max_budget, max_budget)
+    }
+
+    pub fn with_long(cost: &CostModel, max_budget: usize, max_long: usize) -> Self {
+        let classes = (0..crate::draft::suffix::OUTLOOK_CLASSES)
+            .map(|c| Class::new(if c == 0 { max_budget } else { max_long }))
             .collect();
         BudgetController {
-            arms,
+            classes,
             cost: cost.clone(),
-            steps: 0,
             max_budget,
         }
     }
 
-    /// The budget for the next step, with `ctx` tokens cached.
-    pub fn choose(&mut self, ctx: usize) -> usize {
-        self.steps += 1;
-        if self.arms.is_empty() {
+    fn class(&mut self, class: usize) -> &mut Class {
+        let last = self.classes.len() - 1;
+        &mut self.classes[class.min(last)]
+    }
+
+    /// The budget for the next step of `class`, with `ctx` tokens cached.
+    pub fn choose(&mut self, ctx: usize, class: usize) -> usize {
+        let c = self.class(class);
+        c.steps += 1;
+        if c.arms.is_empty() {
             return 0;
         }
-        if let Some(a) = self.arms.iter().find(|a| a.pulls < WARMUP_STEPS) {
+        if let Some(a) = c.arms.iter().find(|a| a.pulls < WARMUP_STEPS) {
             return a.budget;
         }
-        if self.steps.is_multiple_of(EXPLORE_EVERY) {
-            return self
+        if c.steps.is_multiple_of(EXPLORE_EVERY) {
+            return c
                 .arms
                 .iter()
                 .min_by_key(|a| a.pulls)
                 .map_or(0, |a| a.budget);
         }
-        self.best(ctx)
+        self.best(ctx, class)
     }
 
     /// Expected tokens per second of an arm with `ctx` tokens cached.
@@ -304,18 +337,24 @@ impl BudgetController {
         a.mat * 1000.0 / self.cost.cost_ms(a.nodes, ctx)
     }
 
-    /// The budget with the highest estimated tokens per second.
-    pub fn best(&self, ctx: usize) -> usize {
-        self.arms
+    /// The budget of `class` with the highest estimated tokens per second.
+    pub fn best(&self, ctx: usize, class: usize) -> usize {
+        let c = &self.classes[class.min(self.classes.len() - 1)];
+        c.arms
             .iter()
             .max_by(|a, b| self.rate(a, ctx).total_cmp(&self.rate(b, ctx)))
             .map_or(0, |a| a.budget)
     }
 
-    /// What a step with `budget` yielded: tokens emitted (bonus included) by
-    /// a tree of `tree_len` nodes (root included).
-    pub fn record(&mut self, budget: usize, emitted: usize, tree_len: usize) {
-        if let Some(a) = self.arms.iter_mut().find(|a| a.budget == budget) {
+    /// What a step of `class` with `budget` yielded: tokens emitted (bonus
+    /// included) by a tree of `tree_len` nodes (root included).
+    pub fn record(&mut self, class: usize, budget: usize, emitted: usize, tree_len: usize) {
+        if let Some(a) = self
+            .class(class)
+            .arms
+            .iter_mut()
+            .find(|a| a.budget == budget)
+        {
             if a.pulls == 0 {
                 a.mat = emitted as f64;
                 a.nodes = tree_len as f64;
@@ -331,10 +370,11 @@ impl BudgetController {
         self.max_budget
     }
 
-    /// (budget, running MAT, tokens/s estimate at `ctx` cached tokens) for
-    /// logs and stats.
-    pub fn estimates(&self, ctx: usize) -> Vec<(usize, f64, f64)> {
-        self.arms
+    /// (budget, running MAT, tokens/s estimate at `ctx` cached tokens) of
+    /// `class`, for logs and stats.
+    pub fn estimates(&self, ctx: usize, class: usize) -> Vec<(usize, f64, f64)> {
+        let c = &self.classes[class.min(self.classes.len() - 1)];
+        c.arms
             .iter()
             .map(|a| (a.budget, a.mat, self.rate(a, ctx)))
             .collect()
@@ -356,7 +396,7 @@ pub fn controller_for(
     }
     let cost = cost_curve(model, home)?;
     Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(
-        BudgetController::new(&cost, spec.max_draft),
+        BudgetController::with_long(&cost, spec.max_draft, spec.max_long_draft),
     ))))
 }
 
@@ -382,7 +422,7 @@ mod tests {
 
     /// c(N) at the curve's context, and no growth with the context.
     fn curve(ms: &[f64]) -> CostModel {
-        with_slopes(ms, &[0.0; 6])
+        with_slopes(ms, &[0.0; 7])
     }
 
     fn with_slopes(ms: &[f64], per_kctx: &[f64]) -> CostModel {
@@ -402,10 +442,10 @@ mod tests {
         // unless nearly every node is accepted.
         let mut c = BudgetController::new(&curve(&[10., 30., 50., 90., 170., 330.]), 32);
         for _ in 0..400 {
-            let b = c.choose(CURVE_CTX);
-            c.record(b, 1 + (b > 0) as usize, b + 1); // one accepted draft per step at best
+            let b = c.choose(CURVE_CTX, 0);
+            c.record(0, b, 1 + (b > 0) as usize, b + 1); // one accepted draft per step at best
         }
-        assert_eq!(c.best(CURVE_CTX), 0);
+        assert_eq!(c.best(CURVE_CTX, 0), 0);
     }
 
     #[test]
@@ -420,12 +460,12 @@ mod tests {
             _ => 3,
         };
         for _ in 0..400 {
-            let b = c.choose(CURVE_CTX);
-            c.record(b, mat(b), b + 1);
+            let b = c.choose(CURVE_CTX, 0);
+            c.record(0, b, mat(b), b + 1);
         }
-        assert_eq!(c.best(CURVE_CTX), 8);
+        assert_eq!(c.best(CURVE_CTX, 0), 8);
         // Exploration keeps visiting the others.
-        assert!(c.arms.iter().all(|a| a.pulls > WARMUP_STEPS));
+        assert!(c.classes[0].arms.iter().all(|a| a.pulls > WARMUP_STEPS));
     }
 
     #[test]
@@ -452,23 +492,48 @@ mod tests {
         let mat =
             |b: usize| [1, 2, 2, 3, 3, 3][CANDIDATE_BUDGETS.iter().position(|&x| x == b).unwrap()];
         for _ in 0..400 {
-            let b = c.choose(CURVE_CTX);
-            c.record(b, mat(b), b + 1);
+            let b = c.choose(CURVE_CTX, 0);
+            c.record(0, b, mat(b), b + 1);
         }
-        assert_eq!(c.best(CURVE_CTX), 8);
+        assert_eq!(c.best(CURVE_CTX, 0), 8);
         // 8k: budget 8 costs 14 + 2.5 × 7.9 ≈ 33.8 ms for 3 tokens (89/s),
         // budget 2 costs 11 + 0.7 × 7.9 ≈ 16.5 ms for 2 (121/s).
-        assert_eq!(c.best(8192), 2);
+        assert_eq!(c.best(8192, 0), 2);
     }
 
     #[test]
     fn respects_the_max_budget() {
         let mut c = BudgetController::new(&curve(&[10., 10., 10., 10., 10., 10.]), 4);
         for _ in 0..100 {
-            let b = c.choose(CURVE_CTX);
+            let b = c.choose(CURVE_CTX, 0);
             assert!(b <= 4);
-            c.record(b, b + 1, b + 1);
+            c.record(0, b, b + 1, b + 1);
         }
-        assert_eq!(c.best(CURVE_CTX), 4);
+        assert_eq!(c.best(CURVE_CTX, 0), 4);
+    }
+
+    #[test]
+    fn classes_learn_their_own_budgets() {
+        // Class 0: small trees accept ~2 tokens, big ones no more. Class 2:
+        // a long confident copy, where a 64-node chain is accepted nearly
+        // whole. One shared mean would pick one budget for both.
+        let cost = curve(&[10., 11., 12., 14., 20., 30., 45.]);
+        let mut c = BudgetController::with_long(&cost, 16, 64);
+        let mat = |class: usize, b: usize| match class {
+            0 => 1 + (b > 0) as usize,
+            _ => 1 + b * 9 / 10,
+        };
+        for step in 0..2000 {
+            let class = if step % 3 == 0 { 2 } else { 0 };
+            let b = c.choose(CURVE_CTX, class);
+            assert!(b <= if class == 0 { 16 } else { 64 });
+            c.record(class, b, mat(class, b), b + 1);
+        }
+        assert_eq!(c.best(CURVE_CTX, 0), 2);
+        assert_eq!(c.best(CURVE_CTX, 2), 64);
+        // Class 1 was never seen: it still starts from its warm-up.
+        assert_eq!(c.choose(CURVE_CTX, 1), 0);
+        // Out-of-range classes fold into the last.
+        assert_eq!(c.best(CURVE_CTX, 9), 64);
     }
 }

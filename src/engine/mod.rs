@@ -280,12 +280,16 @@ pub fn generate(
             break StopReason::ContextFull;
         }
         let root = *context.last().expect("context is never empty");
-        let chosen = match &opts.auto_budget {
-            Some(c) if drafter.is_some() => c
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .choose(session.cache.len()),
-            _ => opts.max_draft,
+        let (class, chosen) = match (&opts.auto_budget, drafter.as_deref_mut()) {
+            (Some(c), Some(d)) => {
+                let class = d.outlook(&context);
+                let b = c
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .choose(session.cache.len(), class);
+                (class, b)
+            }
+            _ => (0, opts.max_draft),
         };
         let budget = chosen
             .min(room - 1)
@@ -309,6 +313,7 @@ pub fn generate(
         spec.record_step(tree.num_drafted(), verdict.accepted_drafts());
         if let (Some(c), Some(_)) = (&opts.auto_budget, &drafter) {
             c.lock().unwrap_or_else(|e| e.into_inner()).record(
+                class,
                 chosen,
                 verdict.emitted.len(),
                 tree.len(),
@@ -379,6 +384,9 @@ pub fn generate(
                 text: &safe,
             });
         }
+    }
+    if let Some(d) = drafter {
+        d.finish(&tokens);
     }
     // The cache may hold accepted tokens past a stop: drop them so the
     // session's cached tokens describe the cache exactly.

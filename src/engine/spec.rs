@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::draft::hybrid::Hybrid;
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{RecycleConfig, TokenRecycler, TreeShape};
+use crate::draft::suffix::{SuffixConfig, SuffixDrafter};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
 use crate::error::{Error, Result};
 
@@ -15,7 +16,12 @@ pub enum SpecMethod {
     None,
     Pld,
     Recycle,
+    Suffix,
+    /// Suffix + prompt lookup + recycling.
     Hybrid,
+    /// Prompt lookup + recycling (the hybrid before the suffix drafter).
+    #[serde(rename = "hybrid-pld")]
+    HybridPld,
 }
 
 impl SpecMethod {
@@ -24,11 +30,13 @@ impl SpecMethod {
             "none" | "off" | "plain" => SpecMethod::None,
             "pld" => SpecMethod::Pld,
             "recycle" | "tr" => SpecMethod::Recycle,
+            "suffix" => SpecMethod::Suffix,
             "hybrid" => SpecMethod::Hybrid,
+            "hybrid-pld" => SpecMethod::HybridPld,
             _ => {
                 return Err(Error::Invalid(format!(
-                    "unknown speculative method `{s}` (none, pld, recycle, hybrid)"
-                )))
+                "unknown speculative method `{s}` (none, pld, recycle, suffix, hybrid, hybrid-pld)"
+            )))
             }
         })
     }
@@ -38,8 +46,18 @@ impl SpecMethod {
             SpecMethod::None => "none",
             SpecMethod::Pld => "pld",
             SpecMethod::Recycle => "recycle",
+            SpecMethod::Suffix => "suffix",
             SpecMethod::Hybrid => "hybrid",
+            SpecMethod::HybridPld => "hybrid-pld",
         }
+    }
+
+    /// Whether the method grows a recycling tree (takes a tree shape).
+    pub fn uses_tree(self) -> bool {
+        matches!(
+            self,
+            SpecMethod::Recycle | SpecMethod::Hybrid | SpecMethod::HybridPld
+        )
     }
 }
 
@@ -50,6 +68,13 @@ impl SpecMethod {
 /// tokens-per-second optimum there. With a fixed tree it is the budget.
 pub const DEFAULT_MAX_DRAFT: usize = 16;
 
+/// Cap on draft nodes per step when the drafter reports a long confident
+/// match (`--tree auto`, outlook class > 0: a suffix copy). SuffixDecoding
+/// drafts up to 32 tokens per chain (vLLM's `num_speculative_tokens`
+/// default for `suffix`); 64 leaves room for the recycled branches beside
+/// such a chain. Whether it pays is the controller's call, from c(65).
+pub const DEFAULT_MAX_LONG_DRAFT: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct SpecConfig {
     pub method: SpecMethod,
@@ -57,6 +82,10 @@ pub struct SpecConfig {
     /// per step), `dynamic`, or a template name/file.
     pub tree: String,
     pub max_draft: usize,
+    /// The cap on steps with a long confident match (`--tree auto`).
+    pub max_long_draft: usize,
+    /// Earlier requests' outputs the suffix drafter keeps.
+    pub suffix_cache_requests: usize,
     pub seed_from_prompt: bool,
     /// Load the recycling matrix from here at start, save it here at the end.
     pub recycle_state: Option<PathBuf>,
@@ -82,6 +111,8 @@ impl Default for SpecConfig {
             method: SpecMethod::Hybrid,
             tree: "auto".into(),
             max_draft: DEFAULT_MAX_DRAFT,
+            max_long_draft: DEFAULT_MAX_LONG_DRAFT,
+            suffix_cache_requests: crate::draft::suffix::DEFAULT_CACHE_REQUESTS,
             seed_from_prompt: true,
             recycle_state: None,
         }
@@ -95,6 +126,7 @@ impl Default for SpecConfig {
 pub enum SpecDrafter {
     Pld(PromptLookup),
     Recycle(TokenRecycler),
+    Suffix(SuffixDrafter),
     Hybrid(Hybrid),
 }
 
@@ -111,11 +143,24 @@ impl SpecDrafter {
                 },
             )
         };
+        let suffix = || {
+            SuffixDrafter::new(
+                vocab,
+                SuffixConfig {
+                    cache_requests: cfg.suffix_cache_requests,
+                    ..Default::default()
+                },
+            )
+        };
         Ok(match cfg.method {
             SpecMethod::None => None,
             SpecMethod::Pld => Some(SpecDrafter::Pld(PromptLookup::default())),
             SpecMethod::Recycle => Some(SpecDrafter::Recycle(recycler()?)),
-            SpecMethod::Hybrid => Some(SpecDrafter::Hybrid(Hybrid::new(
+            SpecMethod::Suffix => Some(SpecDrafter::Suffix(suffix())),
+            SpecMethod::Hybrid => Some(SpecDrafter::Hybrid(
+                Hybrid::new(recycler()?, PromptLookup::default()).with_suffix(suffix()),
+            )),
+            SpecMethod::HybridPld => Some(SpecDrafter::Hybrid(Hybrid::new(
                 recycler()?,
                 PromptLookup::default(),
             ))),
@@ -124,16 +169,45 @@ impl SpecDrafter {
 
     pub fn recycler_mut(&mut self) -> Option<&mut TokenRecycler> {
         match self {
-            SpecDrafter::Pld(_) => None,
+            SpecDrafter::Pld(_) | SpecDrafter::Suffix(_) => None,
             SpecDrafter::Recycle(r) => Some(r),
             SpecDrafter::Hybrid(h) => Some(h.recycler_mut()),
         }
+    }
+
+    pub fn suffix_mut(&mut self) -> Option<&mut SuffixDrafter> {
+        match self {
+            SpecDrafter::Suffix(s) => Some(s),
+            SpecDrafter::Hybrid(h) => h.suffix_mut(),
+            _ => None,
+        }
+    }
+
+    /// Where the suffix drafter's global cache is kept beside a recycle
+    /// state file: `<state>.suffix`.
+    pub fn suffix_state_path(path: &Path) -> PathBuf {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".suffix");
+        path.with_file_name(name)
     }
 
     /// Hot start from a saved matrix. A missing file is not an error (first
     /// run); a foreign or corrupt one is refused with a warning and ignored,
     /// so a bad state file never stops generation.
     pub fn load_state(&mut self, path: &Path, model_id: &str) {
+        if let Some(s) = self.suffix_mut() {
+            let sp = Self::suffix_state_path(path);
+            if sp.exists() {
+                match s.load(&sp, model_id) {
+                    Ok(()) => tracing::info!(
+                        "suffix cache loaded from {} ({} outputs)",
+                        sp.display(),
+                        s.global().len()
+                    ),
+                    Err(e) => tracing::warn!("ignoring suffix cache: {e}"),
+                }
+            }
+        }
         let Some(r) = self.recycler_mut() else { return };
         if !path.exists() {
             return;
@@ -149,6 +223,9 @@ impl SpecDrafter {
     }
 
     pub fn save_state(&mut self, path: &Path, model_id: &str) -> Result<()> {
+        if let Some(s) = self.suffix_mut() {
+            s.save(&Self::suffix_state_path(path), model_id)?;
+        }
         match self.recycler_mut() {
             Some(r) => r.save(path, model_id),
             None => Ok(()),
@@ -159,6 +236,7 @@ impl SpecDrafter {
         match self {
             SpecDrafter::Pld(d) => d,
             SpecDrafter::Recycle(d) => d,
+            SpecDrafter::Suffix(d) => d,
             SpecDrafter::Hybrid(d) => d,
         }
     }
@@ -167,6 +245,7 @@ impl SpecDrafter {
         match self {
             SpecDrafter::Pld(d) => d,
             SpecDrafter::Recycle(d) => d,
+            SpecDrafter::Suffix(d) => d,
             SpecDrafter::Hybrid(d) => d,
         }
     }
@@ -187,5 +266,49 @@ impl Drafter for SpecDrafter {
     }
     fn wants_topk(&self) -> usize {
         self.inner_ref().wants_topk()
+    }
+    fn outlook(&mut self, context: &[u32]) -> usize {
+        self.inner().outlook(context)
+    }
+    fn finish(&mut self, generated: &[u32]) {
+        self.inner().finish(generated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--recycle-state F` keeps the hybrid's matrix in F and its suffix
+    /// cache in F.suffix; a fresh process loads both and drafts the earlier
+    /// output again.
+    #[test]
+    fn the_hybrid_state_carries_the_suffix_cache() {
+        let dir = std::env::temp_dir().join(format!("treespec-spec-{}", std::process::id()));
+        let path = dir.join("tr.bin");
+        let cfg = SpecConfig {
+            method: SpecMethod::Hybrid,
+            tree: "dynamic".into(),
+            ..Default::default()
+        };
+        let mut d = SpecDrafter::build(&cfg, 1000).unwrap().unwrap();
+        let answer: Vec<u32> = (500..560).collect();
+        d.start(&[1, 2, 3]);
+        d.finish(&answer);
+        d.save_state(&path, "m").unwrap();
+        assert!(SpecDrafter::suffix_state_path(&path).exists());
+
+        let mut e = SpecDrafter::build(&cfg, 1000).unwrap().unwrap();
+        e.load_state(&path, "m");
+        let ctx: Vec<u32> = [7, 8].into_iter().chain(500..520).collect();
+        e.start(&ctx[..2]);
+        let t = e.propose(&ctx, 16);
+        assert_eq!(t.tokens[1..], (520..536).collect::<Vec<u32>>()[..]);
+        assert_eq!(e.outlook(&ctx), crate::draft::suffix::outlook_class(20));
+        // Another model's files are ignored: nothing to copy.
+        let mut f = SpecDrafter::build(&cfg, 1000).unwrap().unwrap();
+        f.load_state(&path, "other");
+        assert_eq!(f.propose(&ctx, 16).len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -350,6 +350,12 @@ impl Drafter for SharedDrafter<'_> {
     fn wants_topk(&self) -> usize {
         self.topk
     }
+    fn outlook(&mut self, context: &[u32]) -> usize {
+        lock(self.inner).outlook(context)
+    }
+    fn finish(&mut self, generated: &[u32]) {
+        lock(self.inner).finish(generated)
+    }
 }
 
 /// A panic elsewhere must not take the server down with poisoned locks.

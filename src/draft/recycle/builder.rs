@@ -44,6 +44,11 @@ impl TreeBuilder {
         self.tokens[node]
     }
 
+    /// The parent of `node` (the root is its own parent).
+    pub fn parent(&self, node: usize) -> usize {
+        self.parents[node]
+    }
+
     /// The child of `parent` carrying `token`, if any. A scan: trees are a
     /// few dozen nodes.
     pub fn child(&self, parent: usize, token: u32) -> Option<usize> {

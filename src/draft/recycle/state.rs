@@ -12,14 +12,11 @@
 //! probs    vocab * k u16
 //! checksum u64      FNV-1a 64 of every byte above
 //! ```
-//! The checksum is FNV-1a, written by hand: it is a few lines, needs no
-//! dependency, and its job is to catch truncated or bit-flipped files
-//! (interrupted copies, disk trouble), not tampering. Tampering is harmless
-//! anyway: loading also checks every token id against the vocabulary.
+//! (checksum and atomic write: [`crate::draft::persist`])
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::draft::persist::{fnv1a64, write_atomic, Reader};
 
 use super::{RecycleConfig, TokenRecycler};
 use crate::draft::template::{TreeTemplate, MAX_K};
@@ -29,40 +26,10 @@ const MAGIC: &[u8; 8] = b"TSRECYC\0";
 const VERSION: u32 = 1;
 const MAX_ID_LEN: usize = 4096;
 
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 fn state_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::RecycleState {
         path: path.to_path_buf(),
         msg: msg.into(),
-    }
-}
-
-/// Reads fixed-size fields from a byte slice, failing (never panicking) on
-/// a short file.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.bytes.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
 }
 
@@ -96,29 +63,7 @@ impl TokenRecycler {
         let sum = fnv1a64(&buf);
         buf.extend_from_slice(&sum.to_le_bytes());
 
-        let tmp = tmp_path(path);
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = File::create(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, path)?;
-            // Make the rename itself durable; not every platform lets us
-            // open a directory, and the data is already safe, so best effort.
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                if let Ok(d) = File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            state_err(path, format!("cannot write: {e}"))
-        })
+        write_atomic(path, &buf).map_err(|e| state_err(path, format!("cannot write: {e}")))
     }
 
     /// Loads a matrix saved by [`TokenRecycler::save`] for model `model_id`
@@ -169,12 +114,6 @@ impl TokenRecycler {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
 type State = (usize, Vec<u32>, Vec<u16>);
 
 fn read_state(path: &Path, model_id: &str, vocab: usize) -> Result<State> {
@@ -194,7 +133,7 @@ fn read_state(path: &Path, model_id: &str, vocab: usize) -> Result<State> {
 }
 
 fn parse_state(bytes: &[u8], path: &Path, model_id: &str, vocab: usize) -> Result<State> {
-    let mut r = Reader { bytes, pos: 0 };
+    let mut r = Reader::new(bytes);
     let truncated = || state_err(path, "truncated file");
     if r.take(8).ok_or_else(truncated)? != MAGIC {
         return Err(state_err(path, "not a treespec recycle state (bad magic)"));
@@ -267,8 +206,10 @@ fn parse_state(bytes: &[u8], path: &Path, model_id: &str, vocab: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::draft::persist::tmp_path;
     use crate::draft::recycle::TreeShape;
     use crate::draft::{Drafter, NodeTopK};
+    use std::path::PathBuf;
 
     struct TempDir(PathBuf);
 
