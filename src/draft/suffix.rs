@@ -86,6 +86,8 @@ pub struct SuffixIndex {
     /// map is probed O(depth) times per token, where SipHash's cost shows.
     edges: FxHashMap<u64, u32>,
     dead: usize,
+    /// The next active list, kept so appending a token does not allocate.
+    scratch: Vec<u32>,
 }
 
 fn edge(parent: u32, token: u32) -> u64 {
@@ -104,6 +106,7 @@ impl SuffixIndex {
             token: vec![NONE],
             edges: FxHashMap::default(),
             dead: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -168,7 +171,8 @@ impl SuffixIndex {
     /// Appends `token` to a text whose suffixes are the nodes `active`
     /// (shortest first): every suffix, and the empty one, grows by `token`.
     fn push(&mut self, active: &mut Vec<u32>, token: u32) {
-        let mut next = Vec::with_capacity(active.len() + 1);
+        let mut next = std::mem::take(&mut self.scratch);
+        next.clear();
         let c = self.child_or_add(0, token);
         self.bump(c);
         next.push(c);
@@ -179,7 +183,7 @@ impl SuffixIndex {
                 next.push(c);
             }
         }
-        *active = next;
+        self.scratch = std::mem::replace(active, next);
     }
 
     /// Counts every substring of `text` (one more occurrence each).
