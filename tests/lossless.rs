@@ -10,19 +10,9 @@ use std::collections::HashMap;
 use treespec::draft::{DraftTree, Drafter};
 use treespec::engine::spec::{SpecConfig, SpecDrafter, SpecMethod};
 use treespec::engine::{generate, GenerateOptions, Session};
-use treespec::model::{LogitRows, Logits, Model};
+use treespec::model::{common_prefix_len, LogitRows, Logits, Model};
 use treespec::sampling::{Sampler, SamplingParams, NEAR_TIE};
-use treespec::tokenizer::ChatMessage;
 use treespec::verify::{verify, Verdict};
-
-fn chat_prompt(model: &Model, text: &str) -> Vec<u32> {
-    let msgs = [ChatMessage {
-        role: "user".into(),
-        content: text.into(),
-    }];
-    let t = model.tokenizer.apply_chat_template(&msgs, true).unwrap();
-    model.tokenizer.encode(&t, true).unwrap()
-}
 
 fn spec_bench_first_turns() -> Vec<(String, String)> {
     let path = common::shared_dir().join("datasets/spec_bench.jsonl");
@@ -85,7 +75,7 @@ fn check_greedy(model_name: &str, prompts: &[(String, String)], new_tokens: usiz
                 started.elapsed().as_secs_f64()
             );
         }
-        let prompt = chat_prompt(&model, text);
+        let prompt = common::chat_prompt(&model, text);
         let plain_opts = GenerateOptions {
             max_new_tokens: new_tokens,
             record_margins: true,
@@ -125,12 +115,7 @@ fn check_greedy(model_name: &str, prompts: &[(String, String)], new_tokens: usiz
                 continue;
             }
             all_exact = false;
-            let at = out
-                .tokens
-                .iter()
-                .zip(&plain.tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
+            let at = common_prefix_len(&out.tokens, &plain.tokens);
             let margin = plain.margins.get(at).copied().unwrap_or(1.0);
             let what = format!("prompt {pi} ({cat}), {name}: first difference at token {at}, plain top-2 margin {margin:.4}");
             if margin < NEAR_TIE {

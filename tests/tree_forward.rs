@@ -123,6 +123,43 @@ fn check_at(name: &str, model: &Model, prompt: &[u32]) {
         prompt.len() - 1
     );
 
+    // The same tree grown one depth per forward (a draft model's tree):
+    // each level attends to the levels still pending from the forwards
+    // before it, and its logits equal the one-shot tree's bit for bit.
+    let mut grown = cache.clone();
+    let base_len = grown.len();
+    for depth in 0..=tree.max_depth() {
+        let level: Vec<usize> = (0..tree.len())
+            .filter(|&i| tree.depths[i] == depth)
+            .collect();
+        let end = level.last().unwrap() + 1;
+        let toks: Vec<u32> = level.iter().map(|&i| tree.tokens[i]).collect();
+        let pos: Vec<usize> = level.iter().map(|&i| base_len + tree.depths[i]).collect();
+        let l = model
+            .decoder
+            .forward_extend(
+                &mut grown,
+                &toks,
+                &pos,
+                &tree.parents[..end],
+                LogitRows::All,
+            )
+            .unwrap();
+        assert_eq!(grown.pending(), end);
+        for (r, &node) in level.iter().enumerate() {
+            let d = max_abs_diff(l.row(r), logits.row(node));
+            assert_eq!(
+                d, 0.0,
+                "{name}: depth {depth} node {node} grown differs by {d}"
+            );
+        }
+    }
+    // A parent list that does not cover the pending nodes is refused.
+    assert!(model
+        .decoder
+        .forward_extend(&mut grown, &[root], &[base_len], &[None], LogitRows::All)
+        .is_err());
+
     // Keep a deep path, then the next token's logits equal plain decoding's.
     let leaf = (0..tree.len())
         .rev()
@@ -131,12 +168,19 @@ fn check_at(name: &str, model: &Model, prompt: &[u32]) {
     let path = tree.path_to(leaf);
     tree_cache.keep(&path).unwrap();
     assert_eq!(tree_cache.len(), cache.len() + path.len());
+    grown.keep(&path).unwrap();
     let toks: Vec<u32> = path.iter().map(|&i| tree.tokens[i]).collect();
     let mut plain = cache.clone();
     sequential(model, &mut plain, &toks);
     let next = 1234u32;
     let a = sequential(model, &mut tree_cache, &[next]);
     let b = sequential(model, &mut plain, &[next]);
+    let g = sequential(model, &mut grown, &[next]);
+    assert_eq!(
+        max_abs_diff(&g[0], &b[0]),
+        0.0,
+        "{name}: grown tree, kept path"
+    );
     let d = max_abs_diff(&a[0], &b[0]);
     println!("{name}: after keep, next-step max |logit diff| = {d:e}");
     assert_eq!(d, 0.0, "{name}: after keep the next step differs by {d}");

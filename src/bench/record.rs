@@ -39,10 +39,13 @@ impl MethodSpec {
         let uses_tree = method.uses_tree();
         // The suffix drafter grows its own tree; `suffix:auto` lets the
         // budget controller choose its size per step.
-        let auto_only = method == SpecMethod::Suffix && tree_given == Some("auto");
+        let auto_only = matches!(
+            method,
+            SpecMethod::Suffix | SpecMethod::Draft | SpecMethod::DraftTree
+        ) && tree_given == Some("auto");
         if !uses_tree && tree_given.is_some() && !auto_only {
             return Err(Error::Invalid(format!(
-                "method `{s}`: only recycle and the hybrids take a tree shape (suffix takes `auto`)"
+                "method `{s}`: only recycle and the hybrids take a tree shape (suffix and the draft methods take `auto`)"
             )));
         }
         let tree = match (uses_tree, tree_given) {

@@ -18,7 +18,7 @@ use treespec::bench::{self, BenchResults, Check, Item, MethodSpec, PeerFigures, 
 use treespec::draft::Drafter;
 use treespec::engine::spec::{SpecConfig, SpecDrafter, SpecMethod, DEFAULT_MAX_DRAFT};
 use treespec::engine::{self, GenerateOptions, Generation, Session};
-use treespec::model::Model;
+use treespec::model::{common_prefix_len, Model};
 use treespec::sampling::{SamplingParams, NEAR_TIE};
 use treespec::tokenizer::ChatMessage;
 
@@ -100,9 +100,16 @@ pub struct SuiteArgs {
     )]
     pub peer_modes: Vec<String>,
     /// Draft model for the peer's `draft` mode (catalogue name or .gguf);
-    /// adds that mode when not listed.
+    /// adds that mode when not listed. Defaults to --draft-model.
     #[arg(long, value_name = "MODEL")]
     pub peer_draft_model: Option<String>,
+    /// Draft model for the methods draft, draft-tree and hybrid-draft
+    /// (catalogue name, .gguf or HF directory; same tokenizer as --model).
+    #[arg(long, value_name = "MODEL")]
+    pub draft_model: Option<String>,
+    /// The draft model's floor on path probability.
+    #[arg(long, default_value_t = treespec::draft::draft_model::DEFAULT_P_MIN)]
+    pub draft_p_min: f32,
     /// Rewrite the outputs from an earlier results.json instead of running
     /// (with --compare, adds or replaces the peer).
     #[arg(long, value_name = "RESULTS_JSON", conflicts_with = "datasets")]
@@ -353,11 +360,7 @@ fn peer_checks(
         }
         let (same, at) = match &r.ids {
             Some(ids) => {
-                let at = ids
-                    .iter()
-                    .zip(&p.g.tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
+                let at = common_prefix_len(ids, &p.g.tokens);
                 (ids == &p.g.tokens, at)
             }
             None => (r.c.text == p.g.text, 0),
@@ -463,6 +466,7 @@ fn start_peer(a: &SuiteArgs, model: &Model, out_dir: &Path) -> Result<Option<Pee
     let draft = a
         .peer_draft_model
         .as_deref()
+        .or(a.draft_model.as_deref())
         .map(|m| {
             treespec::registry::resolve_model(m, &home, true)
                 .with_context(|| format!("--peer-draft-model `{m}`"))
@@ -528,12 +532,7 @@ fn checks(
             out.push((Check::Exact, None, None));
             continue;
         }
-        let at =
-            r.g.tokens
-                .iter()
-                .zip(&p.g.tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
+        let at = common_prefix_len(&r.g.tokens, &p.g.tokens);
         let margin = p.g.margins.get(at).copied();
         let c = if margin.unwrap_or(1.0) < NEAR_TIE {
             Check::NearTie
@@ -640,21 +639,36 @@ pub fn run(a: SuiteArgs) -> Result<()> {
     sampling.validate()?;
     let model = a.model.load()?;
     let vocab = model.config().vocab_size;
+    let draft_model = match &a.draft_model {
+        Some(name) => {
+            let home = treespec::registry::treespec_home();
+            let path = treespec::registry::resolve_model(name, &home, true)
+                .with_context(|| format!("--draft-model `{name}`"))?;
+            Some(
+                treespec::engine::spec::load_draft_model(&path, &model)
+                    .with_context(|| format!("--draft-model `{name}`"))?,
+            )
+        }
+        None => None,
+    };
+    let spec_config = |m: &MethodSpec| -> treespec::Result<SpecConfig> {
+        let method = SpecMethod::parse(&m.method)?;
+        Ok(SpecConfig {
+            method,
+            tree: m.tree.clone(),
+            max_draft: m.max_draft,
+            seed_from_prompt: !a.no_prompt_seed,
+            recycle_state: None,
+            // Only the methods named for it: `hybrid` stays the model-free
+            // hybrid in a table that also has `hybrid-draft`.
+            draft_model: draft_model.clone().filter(|_| method.needs_draft_model()),
+            draft_p_min: a.draft_p_min,
+            ..Default::default()
+        })
+    };
     let drafters = methods
         .iter()
-        .map(|m| {
-            SpecDrafter::build(
-                &SpecConfig {
-                    method: SpecMethod::parse(&m.method)?,
-                    tree: m.tree.clone(),
-                    max_draft: m.max_draft,
-                    seed_from_prompt: !a.no_prompt_seed,
-                    recycle_state: None,
-                    ..Default::default()
-                },
-                vocab,
-            )
-        })
+        .map(|m| SpecDrafter::build(&spec_config(m)?, vocab))
         .collect::<treespec::Result<Vec<_>>>()?;
 
     let forward_curve = if a.no_curve {
@@ -737,17 +751,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
         ),
         budgets: methods
             .iter()
-            .map(|m| {
-                let cfg = SpecConfig {
-                    method: SpecMethod::parse(&m.method)?,
-                    tree: m.tree.clone(),
-                    max_draft: m.max_draft,
-                    seed_from_prompt: !a.no_prompt_seed,
-                    recycle_state: None,
-                    ..Default::default()
-                };
-                super::auto_budget(&model, &cfg)
-            })
+            .map(|m| super::auto_budget(&model, &spec_config(m)?))
             .collect::<anyhow::Result<Vec<_>>>()?,
         methods: methods.clone(),
         drafters,

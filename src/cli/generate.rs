@@ -107,8 +107,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let spec = a.spec.config()?;
+    let mut spec = a.spec.config()?;
     let model = a.model.load()?;
+    spec.draft_model = a.spec.load_draft(&model)?;
     let mut drafter = SpecDrafter::build(&spec, model.config().vocab_size)?;
     if let (Some(d), Some(p)) = (drafter.as_mut(), &spec.recycle_state) {
         d.load_state(p, &model.identity);

@@ -136,6 +136,17 @@ pub struct SpecArgs {
     /// end (the suffix drafter's cache goes to FILE.suffix).
     #[arg(long, env = "TREESPEC_RECYCLE_STATE")]
     pub recycle_state: Option<PathBuf>,
+    /// A smaller model with the same tokenizer that drafts for `--spec
+    /// draft` (a chain) and `draft-tree` (several candidates per position),
+    /// and adds its tree to `--spec hybrid`: catalogue name, .gguf file or
+    /// HF directory.
+    #[arg(long, env = "TREESPEC_DRAFT_MODEL")]
+    pub draft_model: Option<String>,
+    /// The draft model proposes a token only while the product of its
+    /// probabilities from the root stays at or above this (llama.cpp's flag
+    /// of the same name tests each token alone).
+    #[arg(long, env = "TREESPEC_DRAFT_P_MIN", default_value_t = treespec::draft::draft_model::DEFAULT_P_MIN)]
+    pub draft_p_min: f32,
 }
 
 impl SpecArgs {
@@ -148,7 +159,37 @@ impl SpecArgs {
             suffix_cache_requests: self.suffix_cache_requests,
             seed_from_prompt: !self.no_prompt_seed,
             recycle_state: self.recycle_state.clone(),
+            draft_model: None,
+            draft_p_min: self.draft_p_min,
         })
+    }
+
+    /// `--draft-model`, loaded and checked against `target`'s vocabulary.
+    pub fn load_draft(
+        &self,
+        target: &Model,
+    ) -> Result<Option<treespec::draft::draft_model::DraftModel>> {
+        let Some(name) = &self.draft_model else {
+            return Ok(None);
+        };
+        let method = treespec::engine::spec::SpecMethod::parse(&self.spec)?;
+        if !method.needs_draft_model() && method != treespec::engine::spec::SpecMethod::Hybrid {
+            tracing::warn!(
+                "--draft-model is unused by --spec {} (draft, draft-tree and the hybrids use it)",
+                method.name()
+            );
+            return Ok(None);
+        }
+        let path = registry::resolve_model(name, &registry::treespec_home(), true)
+            .with_context(|| format!("draft model `{name}`"))?;
+        let d = treespec::engine::spec::load_draft_model(&path, target)
+            .with_context(|| format!("draft model `{name}`"))?;
+        tracing::info!(
+            "draft model {} ({} layers)",
+            path.display(),
+            d.0.config().n_layers
+        );
+        Ok(Some(d))
     }
 }
 

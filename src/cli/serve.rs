@@ -63,9 +63,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
         grace: Duration::from_secs_f64(a.grace),
     };
     let model_args = a.model.clone();
+    let spec_args = a.spec.clone();
     server::run(
         config,
-        Box::new(move || model_args.load().map_err(|e| format!("{e:#}"))),
+        Box::new(move || {
+            let load = || -> Result<_> {
+                let model = model_args.load()?;
+                let draft = spec_args.load_draft(&model)?;
+                Ok((model, draft))
+            };
+            load().map_err(|e| format!("{e:#}"))
+        }),
     )?;
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! rank-0 path, and the suffix draft's) the shared prefix is stored once.
 //! Without the suffix drafter this is the earlier `hybrid-pld`.
 
+use crate::draft::draft_model::ModelDrafter;
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{TokenRecycler, TreeBuilder};
 use crate::draft::suffix::SuffixDrafter;
@@ -38,6 +39,7 @@ pub struct Hybrid {
     recycler: TokenRecycler,
     lookup: PromptLookup,
     suffix: Option<SuffixDrafter>,
+    draft: Option<ModelDrafter>,
     chain_share: f32,
     builder: TreeBuilder,
     node_of: Vec<Option<usize>>,
@@ -49,6 +51,7 @@ impl Hybrid {
             recycler,
             lookup,
             suffix: None,
+            draft: None,
             chain_share: DEFAULT_CHAIN_SHARE,
             builder: TreeBuilder::new(0),
             node_of: Vec::new(),
@@ -58,6 +61,15 @@ impl Hybrid {
     /// Adds the suffix drafter's tree as a third source.
     pub fn with_suffix(mut self, suffix: SuffixDrafter) -> Self {
         self.suffix = Some(suffix);
+        self
+    }
+
+    /// Adds a draft model's tree as a source (`--spec hybrid --draft-model`).
+    /// It gets what the suffix draft leaves, up to half of the budget (the
+    /// chain share): its guesses are the best informed of the four, but each
+    /// of its depths costs a draft forward, and PLD/TR fill the rest free.
+    pub fn with_draft(mut self, draft: ModelDrafter) -> Self {
+        self.draft = Some(draft);
         self
     }
 
@@ -142,10 +154,10 @@ impl Hybrid {
 
 impl Drafter for Hybrid {
     fn name(&self) -> &'static str {
-        if self.suffix.is_some() {
-            "hybrid"
-        } else {
-            "hybrid-pld"
+        match (&self.suffix, &self.draft) {
+            (_, Some(_)) => "hybrid-draft",
+            (Some(_), None) => "hybrid",
+            (None, None) => "hybrid-pld",
         }
     }
 
@@ -154,6 +166,9 @@ impl Drafter for Hybrid {
         self.recycler.start(prompt);
         if let Some(s) = self.suffix.as_mut() {
             s.start(prompt);
+        }
+        if let Some(d) = self.draft.as_mut() {
+            d.start(prompt);
         }
     }
 
@@ -176,6 +191,14 @@ impl Drafter for Hybrid {
         if let Some(s) = self.suffix.as_mut() {
             let tree = s.propose(context, max_draft);
             self.merge(&tree, max_draft);
+        }
+        if self.draft.is_some() {
+            let left = max_draft + 1 - self.builder.len();
+            let share = self.chain_first(left);
+            if let Some(d) = self.draft.as_mut() {
+                let tree = d.propose(context, share);
+                self.merge(&tree, max_draft);
+            }
         }
         let left = max_draft + 1 - self.builder.len();
         let chain_range = self.lookup.find(context).unwrap_or(0..0);

@@ -249,6 +249,10 @@ struct Arm {
     /// drafter may propose fewer nodes than the budget allows).
     mat: f64,
     nodes: f64,
+    /// Running mean of the drafter's own time per step (ms): a draft model's
+    /// forwards, the top-k pass Token Recycling learns from. Measured, so a
+    /// budget whose drafting costs more than its accepted tokens save loses.
+    draft_ms: f64,
     pulls: u32,
 }
 
@@ -269,6 +273,7 @@ impl Class {
                     budget: b,
                     mat: 1.0,
                     nodes: (b + 1) as f64,
+                    draft_ms: 0.0,
                     pulls: 0,
                 })
                 .collect(),
@@ -334,7 +339,7 @@ impl BudgetController {
 
     /// Expected tokens per second of an arm with `ctx` tokens cached.
     fn rate(&self, a: &Arm, ctx: usize) -> f64 {
-        a.mat * 1000.0 / self.cost.cost_ms(a.nodes, ctx)
+        a.mat * 1000.0 / (self.cost.cost_ms(a.nodes, ctx) + a.draft_ms)
     }
 
     /// The budget of `class` with the highest estimated tokens per second.
@@ -347,8 +352,16 @@ impl BudgetController {
     }
 
     /// What a step of `class` with `budget` yielded: tokens emitted (bonus
-    /// included) by a tree of `tree_len` nodes (root included).
-    pub fn record(&mut self, class: usize, budget: usize, emitted: usize, tree_len: usize) {
+    /// included) by a tree of `tree_len` nodes (root included), and what
+    /// drafting it took (ms, besides the verify forward).
+    pub fn record(
+        &mut self,
+        class: usize,
+        budget: usize,
+        emitted: usize,
+        tree_len: usize,
+        draft_ms: f64,
+    ) {
         if let Some(a) = self
             .class(class)
             .arms
@@ -358,9 +371,11 @@ impl BudgetController {
             if a.pulls == 0 {
                 a.mat = emitted as f64;
                 a.nodes = tree_len as f64;
+                a.draft_ms = draft_ms;
             } else {
                 a.mat = (1.0 - EMA) * a.mat + EMA * emitted as f64;
                 a.nodes = (1.0 - EMA) * a.nodes + EMA * tree_len as f64;
+                a.draft_ms = (1.0 - EMA) * a.draft_ms + EMA * draft_ms;
             }
             a.pulls = a.pulls.saturating_add(1);
         }
@@ -443,7 +458,7 @@ mod tests {
         let mut c = BudgetController::new(&curve(&[10., 30., 50., 90., 170., 330.]), 32);
         for _ in 0..400 {
             let b = c.choose(CURVE_CTX, 0);
-            c.record(0, b, 1 + (b > 0) as usize, b + 1); // one accepted draft per step at best
+            c.record(0, b, 1 + (b > 0) as usize, b + 1, 0.0); // one accepted draft per step at best
         }
         assert_eq!(c.best(CURVE_CTX, 0), 0);
     }
@@ -461,11 +476,33 @@ mod tests {
         };
         for _ in 0..400 {
             let b = c.choose(CURVE_CTX, 0);
-            c.record(0, b, mat(b), b + 1);
+            c.record(0, b, mat(b), b + 1, 0.0);
         }
         assert_eq!(c.best(CURVE_CTX, 0), 8);
         // Exploration keeps visiting the others.
         assert!(c.classes[0].arms.iter().all(|a| a.pulls > WARMUP_STEPS));
+    }
+
+    /// A draft model's forwards are paid per step: the budget that wins with
+    /// a free drafter loses to a smaller one at 1 ms per drafted node, and
+    /// at 6 ms per node (a draft forward costing 0.6 of the target's 10-ms
+    /// step) plain decoding wins: drafting costs more than it saves.
+    #[test]
+    fn the_drafters_own_cost_counts() {
+        let cost = curve(&[10., 11., 12., 14., 25., 50.]);
+        let mat =
+            |b: usize| [1, 2, 3, 4, 4, 4][CANDIDATE_BUDGETS.iter().position(|&x| x == b).unwrap()];
+        let run = |ms_per_node: f64| {
+            let mut c = BudgetController::new(&cost, 32);
+            for _ in 0..400 {
+                let b = c.choose(CURVE_CTX, 0);
+                c.record(0, b, mat(b), b + 1, ms_per_node * b as f64);
+            }
+            c.best(CURVE_CTX, 0)
+        };
+        assert_eq!(run(0.0), 8, "free drafting: 4 tokens per 14 ms");
+        assert_eq!(run(1.0), 4, "1 ms per node: 3 per 16 ms beats 4 per 22");
+        assert_eq!(run(6.0), 0, "a draft forward per node of 6 ms never pays");
     }
 
     #[test]
@@ -493,7 +530,7 @@ mod tests {
             |b: usize| [1, 2, 2, 3, 3, 3][CANDIDATE_BUDGETS.iter().position(|&x| x == b).unwrap()];
         for _ in 0..400 {
             let b = c.choose(CURVE_CTX, 0);
-            c.record(0, b, mat(b), b + 1);
+            c.record(0, b, mat(b), b + 1, 0.0);
         }
         assert_eq!(c.best(CURVE_CTX, 0), 8);
         // 8k: budget 8 costs 14 + 2.5 × 7.9 ≈ 33.8 ms for 3 tokens (89/s),
@@ -507,7 +544,7 @@ mod tests {
         for _ in 0..100 {
             let b = c.choose(CURVE_CTX, 0);
             assert!(b <= 4);
-            c.record(0, b, b + 1, b + 1);
+            c.record(0, b, b + 1, b + 1, 0.0);
         }
         assert_eq!(c.best(CURVE_CTX, 0), 4);
     }
@@ -527,7 +564,7 @@ mod tests {
             let class = if step % 3 == 0 { 2 } else { 0 };
             let b = c.choose(CURVE_CTX, class);
             assert!(b <= if class == 0 { 16 } else { 64 });
-            c.record(class, b, mat(class, b), b + 1);
+            c.record(class, b, mat(class, b), b + 1, 0.0);
         }
         assert_eq!(c.best(CURVE_CTX, 0), 2);
         assert_eq!(c.best(CURVE_CTX, 2), 64);

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use crate::draft::{DraftTree, Drafter, NodeTopK};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, LogitRows, Logits, Model};
+use crate::model::{common_prefix_len, KvCache, LogitRows, Logits, Model};
 use crate::sampling::{top2_margin, top_k_probs, Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 use crate::verify::{verify, Verdict};
@@ -229,13 +229,7 @@ pub fn generate(
     // tree root; reuse the longest cached prefix.
     let t0 = Instant::now();
     let body = &prompt[..prompt.len() - 1];
-    let reuse = session
-        .cached
-        .iter()
-        .zip(body)
-        .take_while(|(a, b)| a == b)
-        .count()
-        .min(session.cache.len());
+    let reuse = common_prefix_len(&session.cached, body).min(session.cache.len());
     session.cache.truncate(reuse);
     session.cached.truncate(reuse);
     for chunk in body[reuse..].chunks(PREFILL_CHUNK) {
@@ -299,7 +293,7 @@ pub fn generate(
             Some(d) if budget > 0 => d.propose(&context, budget),
             _ => DraftTree::root(root),
         };
-        spec.draft_ms += td.elapsed().as_secs_f64() * 1e3;
+        let mut step_draft_ms = td.elapsed().as_secs_f64() * 1e3;
         debug_assert!(tree.validate().is_ok() && tree.tokens[0] == root);
 
         let tv = Instant::now();
@@ -311,14 +305,6 @@ pub fn generate(
             .extend(verdict.path.iter().map(|&i| tree.tokens[i]));
         spec.verify_ms += tv.elapsed().as_secs_f64() * 1e3;
         spec.record_step(tree.num_drafted(), verdict.accepted_drafts());
-        if let (Some(c), Some(_)) = (&opts.auto_budget, &drafter) {
-            c.lock().unwrap_or_else(|e| e.into_inner()).record(
-                class,
-                chosen,
-                verdict.emitted.len(),
-                tree.len(),
-            );
-        }
 
         if let Some(d) = drafter.as_deref_mut() {
             let k = d.wants_topk();
@@ -342,8 +328,18 @@ pub fn generate(
                     .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
                     .collect();
                 d.observe(&tree, &topk, &verdict.path);
-                spec.draft_ms += td.elapsed().as_secs_f64() * 1e3;
+                step_draft_ms += td.elapsed().as_secs_f64() * 1e3;
             }
+        }
+        spec.draft_ms += step_draft_ms;
+        if let (Some(c), Some(_)) = (&opts.auto_budget, &drafter) {
+            c.lock().unwrap_or_else(|e| e.into_inner()).record(
+                class,
+                chosen,
+                verdict.emitted.len(),
+                tree.len(),
+                step_draft_ms,
+            );
         }
 
         for (i, &tok) in verdict.emitted.iter().enumerate() {

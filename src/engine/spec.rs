@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::draft::draft_model::{DraftModel, DraftModelConfig, ModelDrafter, TREE_WIDTH};
 use crate::draft::hybrid::Hybrid;
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{RecycleConfig, TokenRecycler, TreeShape};
@@ -22,6 +23,15 @@ pub enum SpecMethod {
     /// Prompt lookup + recycling (the hybrid before the suffix drafter).
     #[serde(rename = "hybrid-pld")]
     HybridPld,
+    /// A draft model's chain (`--draft-model`).
+    Draft,
+    /// A draft model's multi-candidate tree.
+    #[serde(rename = "draft-tree")]
+    DraftTree,
+    /// The hybrid with the draft model's tree as a fourth source (what
+    /// `hybrid` becomes when `--draft-model` is given).
+    #[serde(rename = "hybrid-draft")]
+    HybridDraft,
 }
 
 impl SpecMethod {
@@ -33,9 +43,12 @@ impl SpecMethod {
             "suffix" => SpecMethod::Suffix,
             "hybrid" => SpecMethod::Hybrid,
             "hybrid-pld" => SpecMethod::HybridPld,
+            "draft" | "draft-chain" => SpecMethod::Draft,
+            "draft-tree" => SpecMethod::DraftTree,
+            "hybrid-draft" => SpecMethod::HybridDraft,
             _ => {
                 return Err(Error::Invalid(format!(
-                "unknown speculative method `{s}` (none, pld, recycle, suffix, hybrid, hybrid-pld)"
+                "unknown speculative method `{s}` (none, pld, recycle, suffix, hybrid, hybrid-pld, draft, draft-tree, hybrid-draft)"
             )))
             }
         })
@@ -49,14 +62,28 @@ impl SpecMethod {
             SpecMethod::Suffix => "suffix",
             SpecMethod::Hybrid => "hybrid",
             SpecMethod::HybridPld => "hybrid-pld",
+            SpecMethod::Draft => "draft",
+            SpecMethod::DraftTree => "draft-tree",
+            SpecMethod::HybridDraft => "hybrid-draft",
         }
+    }
+
+    /// Whether the method needs `--draft-model`.
+    pub fn needs_draft_model(self) -> bool {
+        matches!(
+            self,
+            SpecMethod::Draft | SpecMethod::DraftTree | SpecMethod::HybridDraft
+        )
     }
 
     /// Whether the method grows a recycling tree (takes a tree shape).
     pub fn uses_tree(self) -> bool {
         matches!(
             self,
-            SpecMethod::Recycle | SpecMethod::Hybrid | SpecMethod::HybridPld
+            SpecMethod::Recycle
+                | SpecMethod::Hybrid
+                | SpecMethod::HybridPld
+                | SpecMethod::HybridDraft
         )
     }
 }
@@ -89,6 +116,11 @@ pub struct SpecConfig {
     pub seed_from_prompt: bool,
     /// Load the recycling matrix from here at start, save it here at the end.
     pub recycle_state: Option<PathBuf>,
+    /// `--draft-model`: drafts for `draft`/`draft-tree`, and a fourth source
+    /// of the hybrid.
+    pub draft_model: Option<DraftModel>,
+    /// The draft's floor on path probability (`--draft-p-min`).
+    pub draft_p_min: f32,
 }
 
 impl SpecConfig {
@@ -115,8 +147,18 @@ impl Default for SpecConfig {
             suffix_cache_requests: crate::draft::suffix::DEFAULT_CACHE_REQUESTS,
             seed_from_prompt: true,
             recycle_state: None,
+            draft_model: None,
+            draft_p_min: crate::draft::draft_model::DEFAULT_P_MIN,
         }
     }
+}
+
+/// Loads `path` as a draft model for `target`: refused when the two
+/// vocabularies differ.
+pub fn load_draft_model(path: &Path, target: &crate::model::Model) -> Result<DraftModel> {
+    let draft = crate::model::Model::load(path)?;
+    crate::draft::draft_model::check_vocabularies(&target.tokenizer, &draft.tokenizer)?;
+    Ok(DraftModel(std::sync::Arc::new(draft)))
 }
 
 /// The drafter behind a [`SpecMethod`], with access to its recycler (for
@@ -128,6 +170,7 @@ pub enum SpecDrafter {
     Recycle(TokenRecycler),
     Suffix(SuffixDrafter),
     Hybrid(Hybrid),
+    Model(ModelDrafter),
 }
 
 impl SpecDrafter {
@@ -152,14 +195,46 @@ impl SpecDrafter {
                 },
             )
         };
+        let draft = |width: usize| -> Result<Option<ModelDrafter>> {
+            let Some(m) = &cfg.draft_model else {
+                return Ok(None);
+            };
+            if !(cfg.draft_p_min.is_finite() && (0.0..1.0).contains(&cfg.draft_p_min)) {
+                return Err(Error::Invalid("--draft-p-min must be in [0, 1)".into()));
+            }
+            let dcfg = DraftModelConfig {
+                width,
+                p_min: cfg.draft_p_min,
+                ..Default::default()
+            };
+            Ok(Some(ModelDrafter::new(m.clone(), dcfg, vocab)))
+        };
+        let need_draft = |width: usize| -> Result<ModelDrafter> {
+            draft(width)?.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "--spec {} needs --draft-model NAME|PATH",
+                    cfg.method.name()
+                ))
+            })
+        };
         Ok(match cfg.method {
             SpecMethod::None => None,
+            SpecMethod::Draft => Some(SpecDrafter::Model(need_draft(1)?)),
+            SpecMethod::DraftTree => Some(SpecDrafter::Model(need_draft(TREE_WIDTH)?)),
             SpecMethod::Pld => Some(SpecDrafter::Pld(PromptLookup::default())),
             SpecMethod::Recycle => Some(SpecDrafter::Recycle(recycler()?)),
             SpecMethod::Suffix => Some(SpecDrafter::Suffix(suffix())),
-            SpecMethod::Hybrid => Some(SpecDrafter::Hybrid(
-                Hybrid::new(recycler()?, PromptLookup::default()).with_suffix(suffix()),
-            )),
+            SpecMethod::Hybrid | SpecMethod::HybridDraft => {
+                let h = Hybrid::new(recycler()?, PromptLookup::default()).with_suffix(suffix());
+                let d = match cfg.method {
+                    SpecMethod::HybridDraft => Some(need_draft(TREE_WIDTH)?),
+                    _ => draft(TREE_WIDTH)?,
+                };
+                Some(SpecDrafter::Hybrid(match d {
+                    Some(d) => h.with_draft(d),
+                    None => h,
+                }))
+            }
             SpecMethod::HybridPld => Some(SpecDrafter::Hybrid(Hybrid::new(
                 recycler()?,
                 PromptLookup::default(),
@@ -169,7 +244,7 @@ impl SpecDrafter {
 
     pub fn recycler_mut(&mut self) -> Option<&mut TokenRecycler> {
         match self {
-            SpecDrafter::Pld(_) | SpecDrafter::Suffix(_) => None,
+            SpecDrafter::Pld(_) | SpecDrafter::Suffix(_) | SpecDrafter::Model(_) => None,
             SpecDrafter::Recycle(r) => Some(r),
             SpecDrafter::Hybrid(h) => Some(h.recycler_mut()),
         }
@@ -238,6 +313,7 @@ impl SpecDrafter {
             SpecDrafter::Recycle(d) => d,
             SpecDrafter::Suffix(d) => d,
             SpecDrafter::Hybrid(d) => d,
+            SpecDrafter::Model(d) => d,
         }
     }
 
@@ -247,6 +323,7 @@ impl SpecDrafter {
             SpecDrafter::Recycle(d) => d,
             SpecDrafter::Suffix(d) => d,
             SpecDrafter::Hybrid(d) => d,
+            SpecDrafter::Model(d) => d,
         }
     }
 }

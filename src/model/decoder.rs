@@ -255,8 +255,9 @@ impl Decoder {
     /// - new token i attends to the whole committed cache plus its ancestors
     ///   and itself.
     ///
-    /// The N keys/values are appended to `cache` as pending entries: follow
-    /// with `cache.keep(path)` or `cache.keep_all()`.
+    /// The N keys/values are appended to `cache` as pending entries (any
+    /// earlier pending ones are dropped): follow with `cache.keep(path)` or
+    /// `cache.keep_all()`.
     pub fn forward(
         &self,
         cache: &mut KvCache,
@@ -265,9 +266,43 @@ impl Decoder {
         parents: &[Option<usize>],
         want: LogitRows,
     ) -> Result<Logits> {
+        self.run(cache, tokens, positions, parents, want, false)
+    }
+
+    /// Runs N more nodes of a tree whose earlier nodes are already pending
+    /// in `cache` (a draft model growing its tree one depth per forward).
+    /// `parents` covers the whole tree: `cache.pending()` earlier nodes, then
+    /// the N new ones, each parent before its children. The N entries are
+    /// appended after the pending ones.
+    pub fn forward_extend(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        positions: &[usize],
+        parents: &[Option<usize>],
+        want: LogitRows,
+    ) -> Result<Logits> {
+        if parents.len() != cache.pending() + tokens.len() {
+            return Err(Error::Invalid(
+                "forward_extend needs a parent for every pending and new token".into(),
+            ));
+        }
+        self.run(cache, tokens, positions, parents, want, true)
+    }
+
+    fn run(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        positions: &[usize],
+        parents: &[Option<usize>],
+        want: LogitRows,
+        extend: bool,
+    ) -> Result<Logits> {
         let c = &self.config;
         let n = tokens.len();
-        if n == 0 || positions.len() != n || parents.len() != n {
+        let prior = parents.len().saturating_sub(n);
+        if n == 0 || positions.len() != n || (!extend && parents.len() != n) {
             return Err(Error::Invalid(
                 "forward needs one position and one parent per token".into(),
             ));
@@ -290,7 +325,12 @@ impl Decoder {
                 return Err(Error::Invalid(format!("token {i}'s parent comes after it")));
             }
         }
-        cache.begin(n)?;
+        debug_assert!(prior == 0 || extend);
+        if extend {
+            cache.extend(n)?;
+        } else {
+            cache.begin(n)?;
+        }
 
         let mask = TreeMask::from_parents(parents);
         let shape = AttentionShape {

@@ -36,6 +36,9 @@ pub struct KvCache {
     v: Vec<Vec<u16>>,
     committed: usize,
     pending: usize,
+    /// The last `fresh` pending entries are the ones the current forward
+    /// writes (the rest were appended by earlier forwards of one draft tree).
+    fresh: usize,
 }
 
 /// One layer's keys and values for the committed + pending positions.
@@ -93,6 +96,7 @@ impl KvCache {
             v: vec![Vec::new(); n_layers * n_kv_heads],
             committed: 0,
             pending: 0,
+            fresh: 0,
         }
     }
 
@@ -123,7 +127,15 @@ impl KvCache {
     /// Starts a forward of `n` new entries: drops any earlier pending ones and
     /// makes room. Fails when the context is full.
     pub fn begin(&mut self, n: usize) -> Result<()> {
-        let need = self.committed + n;
+        self.pending = 0;
+        self.extend(n)
+    }
+
+    /// Starts a forward of `n` more entries after the pending ones, which
+    /// stay (a draft tree grown one depth per forward: each level attends to
+    /// the levels already pending). Fails when the context is full.
+    pub fn extend(&mut self, n: usize) -> Result<()> {
+        let need = self.committed + self.pending + n;
         if need > self.capacity {
             return Err(Error::ContextLength {
                 prompt: need,
@@ -139,13 +151,17 @@ impl KvCache {
             }
         }
         for buf in &mut self.v {
-            buf.resize(value_floats, 0);
+            if buf.len() < value_floats {
+                buf.resize(value_floats, 0);
+            }
         }
-        self.pending = n;
+        self.pending += n;
+        self.fresh = n;
         Ok(())
     }
 
-    /// Writes pending entries of one layer: `k`, `v` hold `pending()` rows of
+    /// Writes the current forward's entries of one layer (the last `n` pending
+    /// ones of [`KvCache::begin`]/[`KvCache::extend`]): `k`, `v` hold `n` rows of
     /// `[n_kv_heads][head_dim]`, stored rounded to f16 precision.
     ///
     /// # Panics
@@ -153,8 +169,9 @@ impl KvCache {
     /// caller's bug, not input: the decoder sizes both).
     pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let (h, d) = (self.n_kv_heads, self.head_dim);
-        for i in 0..self.pending {
-            let p = self.committed + i;
+        let first = self.committed + self.pending - self.fresh;
+        for i in 0..self.fresh {
+            let p = first + i;
             for g in 0..h {
                 let src = (i * h + g) * d;
                 let key_base = self.key_at(p, 0);
@@ -288,6 +305,12 @@ impl KvCache {
             .map(|b| b.capacity() * 2)
             .sum()
     }
+}
+
+/// How many leading tokens `a` and `b` share: the part of a cached sequence
+/// that a new one may reuse, or where two decodes first differ.
+pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 #[cfg(test)]

@@ -45,7 +45,14 @@ pub struct ServerConfig {
 }
 
 /// Loads the model (on a background thread, after the port is bound).
-pub type ModelLoader = Box<dyn FnOnce() -> std::result::Result<Model, String> + Send>;
+/// Loads the target model and, with `--draft-model`, the draft model
+/// (in the background, while the server already answers health checks).
+pub type ModelLoader = Box<
+    dyn FnOnce() -> std::result::Result<
+            (Model, Option<crate::draft::draft_model::DraftModel>),
+            String,
+        > + Send,
+>;
 
 pub struct AppState {
     pub config: ServerConfig,
@@ -106,10 +113,12 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
                 // A panic while loading must still end the server with an error.
                 let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
                     .unwrap_or_else(|_| Err("the model loader panicked".into()));
-                let started = loaded.and_then(|m| {
+                let started = loaded.and_then(|(m, draft)| {
+                    let mut spec = c.spec.clone();
+                    spec.draft_model = draft;
                     Engine::start(
                         m,
-                        c.spec.clone(),
+                        spec,
                         c.ctx_size,
                         c.max_concurrent,
                         c.queue,

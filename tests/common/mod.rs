@@ -126,3 +126,13 @@ pub fn write_smollm2_hf_tokenizer(dir: &std::path::Path) {
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json.to_string()).unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
+
+/// `text` as one user turn in the model's chat template, tokenized.
+pub fn chat_prompt(model: &treespec::model::Model, text: &str) -> Vec<u32> {
+    let msgs = [treespec::tokenizer::ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }];
+    let t = model.tokenizer.apply_chat_template(&msgs, true).unwrap();
+    model.tokenizer.encode(&t, true).unwrap()
+}

@@ -70,7 +70,10 @@ pub struct AttentionShape {
 }
 
 /// `q`: `[N][n_heads][head_dim]` (rotated). `kv`: the layer's cache, whose
-/// last N positions are the new tokens. Returns `[N][n_heads][head_dim]`.
+/// last `mask.len()` positions are pending tree nodes: the N new tokens are
+/// the last N of them (the ones before were appended by earlier forwards of
+/// the same tree, [`crate::model::KvCache::extend`]). Returns
+/// `[N][n_heads][head_dim]`.
 pub fn tree_attention(
     shape: &AttentionShape,
     q: &[f32],
@@ -82,8 +85,10 @@ pub fn tree_attention(
         n_kv_heads,
         head_dim: d,
     } = *shape;
-    let n = mask.len();
-    let ctx = kv.len() - n;
+    let n = q.len() / (n_heads * d);
+    debug_assert!(n >= 1 && n <= mask.len() && q.len() == n * n_heads * d);
+    let first = mask.len() - n;
+    let ctx = kv.len() - mask.len();
     let group = n_heads / n_kv_heads;
     let rows_per_head = n * group;
     let full = ctx / CHUNK;
@@ -111,6 +116,7 @@ pub fn tree_attention(
         qs: &qs,
         kv,
         mask,
+        first,
         n_heads,
         d,
         ctx,
@@ -174,6 +180,9 @@ struct Call<'a> {
     qs: &'a [f32],
     kv: &'a LayerKv<'a>,
     mask: &'a TreeMask,
+    /// The mask's node of query row 0 (pending nodes before it came from
+    /// earlier forwards of the tree).
+    first: usize,
     n_heads: usize,
     d: usize,
     ctx: usize,
@@ -458,7 +467,7 @@ unsafe fn rows_to_end<V: F32x16>(
     let token = |r: usize| (r0 + r) / group;
     let last_token = token(rows - 1);
     let start = c.full * CHUNK;
-    let span = (ctx + last_token + 1 - start).div_ceil(KEY_TILE) * KEY_TILE;
+    let span = (ctx + c.first + last_token + 1 - start).div_ceil(KEY_TILE) * KEY_TILE;
     let keys = &c.kv.keys(g)[start * d..(start + span) * d];
     let stride = score_stride(span);
     let mut scratch = take_scratch(Scratch::Scores, rows * stride);
@@ -471,7 +480,7 @@ unsafe fn rows_to_end<V: F32x16>(
     // come in depth order and a slot is never below its depth, so moving
     // forward in place is safe); the rest is -inf.
     let pre = ctx - start;
-    let ancestors = |r: usize| c.mask.ancestors(token(r));
+    let ancestors = |r: usize| c.mask.ancestors(c.first + token(r));
     for r in 0..rows {
         let row = &mut s[r * stride..(r + 1) * stride];
         let anc = ancestors(r);

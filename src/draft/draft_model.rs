@@ -1,0 +1,301 @@
+//! Drafting with a smaller model of the same vocabulary (llama.cpp `-md`,
+//! vLLM `draft_model`): a chain (standard speculative decoding) or a tree
+//! of several candidates per position (SpecInfer / MCSD), grown one
+//! tree-masked draft forward per depth.
+//!
+//! The draft keeps its own KV cache in step with the target's sequence:
+//! before each proposal it rolls back to the longest prefix it shares with
+//! the context (the target's accepted path differs from what the draft
+//! guessed past the first miss) and runs what is new, the accepted tokens
+//! and the root, in ONE forward. The tree's nodes are appended as pending
+//! entries level after level ([`crate::model::Decoder::forward_extend`]:
+//! each level attends to its ancestors still pending) and dropped at the
+//! end, so the draft's cache only ever holds the committed sequence.
+//!
+//! Tree growth, best first by the draft's path probability (the product of
+//! its probabilities from the root): the draft accepts a node with roughly
+//! that probability when it is calibrated to the target, so the most
+//! probable candidates are the ones worth a verify row. At each depth the
+//! `width` most probable new nodes are run through the draft and offer their
+//! `width` most likely successors; nodes are added while the budget lasts
+//! and their path probability is at least `p_min`. The budget (the node
+//! count, from `--tree auto` or `--spec-max-nodes`) bounds the depth, hence
+//! the number of draft forwards; the controller pays for them out of the
+//! measured draft time of each step.
+
+use std::sync::Arc;
+
+use crate::draft::{DraftTree, Drafter};
+use crate::error::{Error, Result};
+use crate::model::{common_prefix_len, KvCache, LogitRows, Model};
+use crate::sampling::top_k_probs;
+use crate::tokenizer::Tokenizer;
+
+/// Path probability below which a draft node is not proposed. vLLM's
+/// suffix decoding and its tree drafters use the same floor (0.1) on path
+/// probability; unlike llama.cpp's `--draft-p-min`, which tests each
+/// token's own probability, a path test also stops a chain after several
+/// middling tokens (0.6⁵ ≈ 0.08), where acceptance has become unlikely.
+pub const DEFAULT_P_MIN: f32 = 0.1;
+
+/// Candidates per expanded node and nodes expanded per depth in tree mode:
+/// MCSD and SpecInfer report most of the multi-candidate gain from the
+/// first 2-4 candidates per position; 4 keeps a draft forward at most 4
+/// rows (c(4)/c(1) ≈ 1.3 here).
+pub const TREE_WIDTH: usize = 4;
+
+/// Draft forwards per proposal at most (llama.cpp's `--draft-max` default).
+pub const DEFAULT_MAX_DEPTH: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct DraftModelConfig {
+    /// 1 = a chain; more = a tree with this many candidates per expanded node.
+    pub width: usize,
+    pub p_min: f32,
+    pub max_depth: usize,
+}
+
+impl Default for DraftModelConfig {
+    fn default() -> Self {
+        DraftModelConfig {
+            width: 1,
+            p_min: DEFAULT_P_MIN,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+/// A loaded draft model, shared by every drafter built from it.
+#[derive(Clone)]
+pub struct DraftModel(pub Arc<Model>);
+
+impl std::fmt::Debug for DraftModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DraftModel({})", self.0.identity)
+    }
+}
+
+/// Checks that the draft speaks the target's vocabulary: the same number of
+/// tokens and the same bytes for every id (two vocabularies of one size can
+/// still number their tokens differently, and then every draft would be
+/// garbage to the target).
+pub fn check_vocabularies(target: &Tokenizer, draft: &Tokenizer) -> Result<()> {
+    let (a, b) = (target.vocab_size(), draft.vocab_size());
+    if a != b {
+        return Err(Error::Invalid(format!(
+            "the draft model's vocabulary has {b} tokens, the target's {a}: \
+             a draft model must share the target's tokenizer"
+        )));
+    }
+    for id in 0..a as u32 {
+        let (x, y) = (target.piece(id).ok(), draft.piece(id).ok());
+        if x != y {
+            let show = |p: Option<&[u8]>| p.map(|p| format!("{:?}", String::from_utf8_lossy(p)));
+            return Err(Error::Invalid(format!(
+                "the draft model's vocabulary differs from the target's at token {id} \
+                 ({} in the target, {} in the draft): a draft model must share the \
+                 target's tokenizer",
+                show(x).unwrap_or_else(|| "none".into()),
+                show(y).unwrap_or_else(|| "none".into()),
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct ModelDrafter {
+    model: Arc<Model>,
+    cfg: DraftModelConfig,
+    /// Ids the target accepts (its embedding rows): a draft with a larger
+    /// padded vocabulary never proposes beyond them.
+    target_vocab: usize,
+    cache: KvCache,
+    /// The tokens `cache` holds, in order.
+    cached: Vec<u32>,
+    /// Draft forwards and the tokens they ran (prefill included), for stats.
+    pub forwards: u64,
+    pub tokens_run: u64,
+    warned: bool,
+}
+
+impl std::fmt::Debug for ModelDrafter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelDrafter")
+            .field("model", &self.model.identity)
+            .field("cfg", &self.cfg)
+            .field("cached", &self.cached.len())
+            .finish()
+    }
+}
+
+impl ModelDrafter {
+    pub fn new(model: DraftModel, cfg: DraftModelConfig, target_vocab: usize) -> Self {
+        let cache = model.0.decoder.new_cache(model.0.config().context_length);
+        ModelDrafter {
+            model: model.0,
+            cfg: DraftModelConfig {
+                width: cfg.width.max(1),
+                ..cfg
+            },
+            target_vocab,
+            cache,
+            cached: Vec::new(),
+            forwards: 0,
+            tokens_run: 0,
+            warned: false,
+        }
+    }
+
+    pub fn config(&self) -> &DraftModelConfig {
+        &self.cfg
+    }
+
+    /// Brings the cache to hold exactly `seq`, reusing the longest common
+    /// prefix; returns the draft's logits after `seq`'s last token when
+    /// `want_logits` (that token is then always run, even if cached).
+    fn sync(&mut self, seq: &[u32], want_logits: bool) -> Result<Option<Vec<f32>>> {
+        let mut keep = common_prefix_len(&self.cached, seq).min(self.cache.len());
+        if want_logits && keep == seq.len() {
+            keep = seq.len().saturating_sub(1);
+        }
+        self.cache.truncate(keep);
+        self.cached.truncate(keep);
+        let dec = &self.model.decoder;
+        let mut last = None;
+        let rest = &seq[keep..];
+        let chunks = rest.len().div_ceil(crate::engine::PREFILL_CHUNK);
+        for (k, chunk) in rest.chunks(crate::engine::PREFILL_CHUNK).enumerate() {
+            let base = self.cache.len();
+            let pos: Vec<usize> = (base..base + chunk.len()).collect();
+            let par: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
+            let want = if want_logits && k + 1 == chunks {
+                LogitRows::Last
+            } else {
+                LogitRows::None
+            };
+            let l = dec.forward(&mut self.cache, chunk, &pos, &par, want)?;
+            self.cache.keep_all();
+            self.cached.extend_from_slice(chunk);
+            self.forwards += 1;
+            self.tokens_run += chunk.len() as u64;
+            if want == LogitRows::Last {
+                last = Some(l.row(0).to_vec());
+            }
+        }
+        Ok(last)
+    }
+
+    fn grow(&mut self, context: &[u32], budget: usize) -> Result<DraftTree> {
+        let root = *context.last().unwrap_or(&0);
+        let mut tree = DraftTree::root(root);
+        let Some(root_logits) = self.sync(context, true)? else {
+            return Ok(tree);
+        };
+        let width = self.cfg.width;
+        let base = self.cache.len(); // the root's position + 1
+        let mut score = vec![1.0f32];
+        // Per node run through the draft: its index among the pending
+        // entries (the root is committed, so it has none).
+        let mut slot: Vec<Option<usize>> = vec![None];
+        let mut pending_parents: Vec<Option<usize>> = Vec::new();
+        // Nodes whose successors are known: (node, draft logits after it).
+        let mut frontier = vec![(0usize, root_logits)];
+        for depth in 1.. {
+            let mut cands: Vec<(usize, u32, f32)> = Vec::new();
+            for (node, logits) in &frontier {
+                let (ids, probs) = top_k_probs(logits, width);
+                for (id, p) in ids.into_iter().zip(probs) {
+                    if (id as usize) < self.target_vocab {
+                        cands.push((*node, id, score[*node] * p));
+                    }
+                }
+            }
+            cands.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let mut added = Vec::new();
+            for (parent, id, s) in cands {
+                if tree.num_drafted() >= budget || s < self.cfg.p_min {
+                    break;
+                }
+                added.push(tree.push(parent, id));
+                score.push(s);
+                slot.push(None);
+            }
+            if added.is_empty() || tree.num_drafted() >= budget || depth >= self.cfg.max_depth {
+                break;
+            }
+            // Run the most probable new nodes to learn their successors.
+            let expand: Vec<usize> = added.into_iter().take(width).collect();
+            let toks: Vec<u32> = expand.iter().map(|&n| tree.tokens[n]).collect();
+            let pos = vec![base - 1 + depth; expand.len()];
+            for &n in &expand {
+                let parent = tree.parents[n].and_then(|p| slot[p]);
+                slot[n] = Some(pending_parents.len());
+                pending_parents.push(parent);
+            }
+            let logits = self.model.decoder.forward_extend(
+                &mut self.cache,
+                &toks,
+                &pos,
+                &pending_parents,
+                LogitRows::All,
+            )?;
+            self.forwards += 1;
+            self.tokens_run += toks.len() as u64;
+            frontier = expand
+                .iter()
+                .enumerate()
+                .map(|(r, &n)| (n, logits.row(r).to_vec()))
+                .collect();
+        }
+        Ok(tree)
+    }
+}
+
+impl Drafter for ModelDrafter {
+    fn name(&self) -> &'static str {
+        if self.cfg.width > 1 {
+            "draft-tree"
+        } else {
+            "draft"
+        }
+    }
+
+    /// The prompt goes through the draft while the target's prefill is
+    /// counted, not at the first step.
+    fn start(&mut self, prompt: &[u32]) {
+        let body = &prompt[..prompt.len().saturating_sub(1)];
+        if let Err(e) = self.sync(body, false) {
+            self.warn(&e);
+        }
+    }
+
+    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
+        let root = *context.last().unwrap_or(&0);
+        if max_draft == 0 || context.is_empty() {
+            return DraftTree::root(root);
+        }
+        let out = self.grow(context, max_draft);
+        // Drop the tree's pending entries: only the sequence stays cached.
+        let len = self.cache.len();
+        self.cache.truncate(len);
+        match out {
+            Ok(t) => t,
+            Err(e) => {
+                // A draft that cannot run (its context is shorter than the
+                // target's, say) only stops drafting; the target goes on.
+                self.warn(&e);
+                DraftTree::root(root)
+            }
+        }
+    }
+}
+
+impl ModelDrafter {
+    fn warn(&mut self, e: &Error) {
+        if !self.warned {
+            tracing::warn!("draft model stops drafting: {e}");
+            self.warned = true;
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Draft-model speculation (`--draft-model`): lossless against plain
+//! decoding, the draft's cache kept in step with the target's (a model
+//! drafting for itself has every draft accepted), and refused when the
+//! vocabularies differ.
+
+mod common;
+
+use treespec::draft::draft_model::{check_vocabularies, DraftModel};
+use treespec::draft::Drafter;
+use treespec::engine::spec::{load_draft_model, SpecConfig, SpecDrafter, SpecMethod};
+use treespec::engine::{generate, GenerateOptions, Generation, Session};
+use treespec::model::{common_prefix_len, Model};
+use treespec::sampling::{SamplingParams, NEAR_TIE};
+use treespec::tokenizer::Tokenizer;
+
+const PROMPTS: [&str; 3] = [
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "Explain in three sentences why the sky is blue.",
+    "List five prime numbers and say what makes a number prime.",
+];
+
+fn run(
+    model: &Model,
+    drafter: Option<&mut SpecDrafter>,
+    prompt: &[u32],
+    n: usize,
+    max_draft: usize,
+    sampling: SamplingParams,
+) -> Generation {
+    let mut session = Session::new(model, 2048);
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        max_draft,
+        sampling,
+        record_margins: true,
+        ..Default::default()
+    };
+    generate(
+        model,
+        &mut session,
+        drafter.map(|d| d as &mut dyn Drafter),
+        prompt,
+        &opts,
+        &mut |_| true,
+    )
+    .unwrap()
+}
+
+fn drafter(method: SpecMethod, draft: &DraftModel, vocab: usize) -> SpecDrafter {
+    let cfg = SpecConfig {
+        method,
+        tree: "dynamic".into(),
+        draft_model: Some(draft.clone()),
+        ..Default::default()
+    };
+    SpecDrafter::build(&cfg, vocab).unwrap().unwrap()
+}
+
+/// The same model as its own draft computes the target's logits bit for
+/// bit (tree forward = sequential, `tests/tree_forward.rs`), so a draft is
+/// rejected only if the draft's cache is out of step with the sequence:
+/// every drafted token must be accepted, over several requests through one
+/// drafter (its cache rolls back to each new prompt).
+#[test]
+fn smollm2_drafting_for_itself_accepts_every_draft() {
+    let path = common::model_path("smollm2-135m");
+    let model = Model::load(&path).unwrap();
+    let draft = load_draft_model(&path, &model).unwrap();
+    let vocab = model.config().vocab_size;
+    for method in [SpecMethod::Draft, SpecMethod::DraftTree] {
+        let mut d = drafter(method, &draft, vocab);
+        assert_eq!(d.name(), method.name());
+        let (mut drafted, mut accepted, mut steps, mut tokens) = (0, 0, 0, 0);
+        for text in PROMPTS {
+            let prompt = common::chat_prompt(&model, text);
+            let plain = run(&model, None, &prompt, 40, 0, SamplingParams::greedy());
+            let out = run(
+                &model,
+                Some(&mut d),
+                &prompt,
+                40,
+                6,
+                SamplingParams::greedy(),
+            );
+            assert_eq!(out.tokens, plain.tokens, "{}: {text}", method.name());
+            drafted += out.spec.drafted_tokens;
+            accepted += out.spec.accepted_tokens;
+            steps += out.spec.steps;
+            tokens += out.tokens.len();
+            // Sampling: the verifier draws one token per visited node from
+            // the same random stream plain sampling uses, seed for seed.
+            for seed in 0..3 {
+                let s = SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.95,
+                    seed,
+                    ..Default::default()
+                };
+                let plain = run(&model, None, &prompt, 24, 0, s.clone());
+                let out = run(&model, Some(&mut d), &prompt, 24, 6, s);
+                assert_eq!(out.tokens, plain.tokens, "{} seed {seed}", method.name());
+            }
+        }
+        let mat = tokens as f64 / steps as f64;
+        println!(
+            "{}: drafted {drafted}, accepted {accepted}, MAT {mat:.2}",
+            method.name()
+        );
+        assert!(drafted > 0);
+        assert!(mat > 2.0, "{}: MAT {mat:.2}", method.name());
+    }
+    // Greedy: the path-probability floor may stop a draft early, but the
+    // target never rejects one (under sampling it may draw another token).
+    let mut d = drafter(SpecMethod::Draft, &draft, vocab);
+    for text in PROMPTS {
+        let prompt = common::chat_prompt(&model, text);
+        let out = run(
+            &model,
+            Some(&mut d),
+            &prompt,
+            40,
+            6,
+            SamplingParams::greedy(),
+        );
+        assert_eq!(
+            out.spec.accepted_tokens, out.spec.drafted_tokens,
+            "a self-draft was rejected: the draft cache is out of step"
+        );
+    }
+}
+
+/// A real draft: Qwen2.5-Coder-0.5B for the 1.5B (same tokenizer). Greedy
+/// output is token-identical to plain decoding (past a detected near-tie,
+/// reported), for the chain, the tree and the hybrid with the draft's tree.
+#[test]
+fn qwen_0_5b_drafting_for_1_5b_is_lossless() {
+    let target_path = common::model_path("qwen2.5-coder-1.5b");
+    let draft_path = common::model_path("qwen2.5-coder-0.5b");
+    let pulled = target_path.exists() && draft_path.exists();
+    if !pulled && !common::under_ci() {
+        eprintln!("skipped: the Qwen models are not pulled");
+        return;
+    }
+    let model = Model::load(&target_path).unwrap();
+    let draft = load_draft_model(&draft_path, &model).unwrap();
+    let vocab = model.config().vocab_size;
+    let prompt = common::chat_prompt(&model, PROMPTS[0]);
+    let plain = run(&model, None, &prompt, 32, 0, SamplingParams::greedy());
+    for method in [SpecMethod::Draft, SpecMethod::DraftTree, SpecMethod::Hybrid] {
+        let mut d = drafter(method, &draft, vocab);
+        let out = run(
+            &model,
+            Some(&mut d),
+            &prompt,
+            32,
+            8,
+            SamplingParams::greedy(),
+        );
+        println!(
+            "{}: MAT {:.2}, accepted {}/{} drafted",
+            d.name(),
+            out.spec.mean_accepted_tokens,
+            out.spec.accepted_tokens,
+            out.spec.drafted_tokens
+        );
+        if out.tokens != plain.tokens {
+            let at = common_prefix_len(&out.tokens, &plain.tokens);
+            let margin = plain.margins.get(at).copied().unwrap_or(1.0);
+            assert!(
+                margin < NEAR_TIE,
+                "{}: NOT LOSSLESS at token {at} (plain top-2 margin {margin:.4})",
+                d.name()
+            );
+            println!("  near-tie at token {at} (margin {margin:.4})");
+        }
+        assert!(
+            out.spec.accepted_tokens > 0,
+            "{}: nothing accepted",
+            d.name()
+        );
+    }
+}
+
+#[test]
+fn a_draft_with_another_vocabulary_is_refused() {
+    let smol = Model::load(&common::model_path("smollm2-135m")).unwrap();
+    let qwen = common::model_path("qwen2.5-coder-0.5b");
+    let e = load_draft_model(&qwen, &smol).unwrap_err().to_string();
+    assert!(e.contains("vocabulary") && e.contains("49152"), "{e}");
+
+    // Same size, two tokens swapped: caught by comparing token strings.
+    let dir = std::env::temp_dir().join(format!("treespec-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    common::write_smollm2_hf_tokenizer(&dir);
+    let same = Tokenizer::from_hf_dir(&dir).unwrap();
+    check_vocabularies(&smol.tokenizer, &same).unwrap();
+    let path = dir.join("tokenizer.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = j["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (
+        smol.tokenizer.token_text(1000).unwrap().to_string(),
+        smol.tokenizer.token_text(1001).unwrap().to_string(),
+    );
+    vocab.insert(a, 1001.into());
+    vocab.insert(b, 1000.into());
+    std::fs::write(&path, j.to_string()).unwrap();
+    let swapped = Tokenizer::from_hf_dir(&dir).unwrap();
+    let e = check_vocabularies(&smol.tokenizer, &swapped)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at token 1000"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Asking for a draft method without a draft model is a clear error.
+    let cfg = SpecConfig {
+        method: SpecMethod::Draft,
+        ..Default::default()
+    };
+    let e = SpecDrafter::build(&cfg, 49152).err().unwrap().to_string();
+    assert!(e.contains("--draft-model"), "{e}");
+}
