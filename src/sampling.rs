@@ -125,6 +125,7 @@ pub fn top2_margin(logits: &[f32]) -> f32 {
 pub const NEAR_TIE: f32 = 0.02;
 
 /// Draws tokens. Owns the random state so a seed reproduces a whole run.
+#[derive(Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -186,6 +187,42 @@ impl Sampler {
             }
         }
         candidates.last().map(|c| c.0).unwrap_or(0)
+    }
+
+    /// The processed distribution after `context` (repetition penalty,
+    /// temperature, top-k, top-p, min-p): what [`Sampler::sample`] draws
+    /// from, as (token, probability) pairs summing to 1.
+    pub fn processed(&mut self, logits: &[f32], context: &[u32]) -> Vec<(u32, f32)> {
+        if self.params.repeat_penalty != 1.0 {
+            let mut l = logits.to_vec();
+            self.penalize(&mut l, context);
+            return self.distribution(&l).to_vec();
+        }
+        self.distribution(logits).to_vec()
+    }
+
+    /// A uniform draw in [0, 1) from this sampler's stream.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random()
+    }
+
+    /// An index drawn in proportion to `weights` (not necessarily summing to
+    /// 1; non-negative, not all zero, or the last index comes back).
+    pub fn draw_weighted(&mut self, weights: &[f32]) -> usize {
+        let total: f32 = weights.iter().sum();
+        let r = self.uniform() * total;
+        let mut acc = 0.0;
+        let mut last = weights.len().saturating_sub(1);
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                acc += w;
+                last = i;
+                if r < acc {
+                    return i;
+                }
+            }
+        }
+        last
     }
 
     /// The processed distribution (temperature, top-k, top-p, min-p), as

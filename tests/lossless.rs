@@ -7,8 +7,9 @@ mod common;
 
 use std::collections::HashMap;
 
+use treespec::draft::draft_model::{DraftModelConfig, ModelDrafter};
 use treespec::draft::{DraftTree, Drafter};
-use treespec::engine::spec::{SpecConfig, SpecDrafter, SpecMethod};
+use treespec::engine::spec::{load_draft_model, SpecConfig, SpecDrafter, SpecMethod};
 use treespec::engine::{generate, GenerateOptions, Session};
 use treespec::model::{common_prefix_len, LogitRows, Logits, Model};
 use treespec::sampling::{Sampler, SamplingParams, NEAR_TIE};
@@ -210,7 +211,7 @@ fn exact_distribution(model: &Model, prompt: &[u32]) -> HashMap<Vec<u32>, f64> {
 fn sample_distribution(
     model: &Model,
     prompt: &[u32],
-    drafter: Option<&mut SpecDrafter>,
+    drafter: Option<&mut dyn Drafter>,
     verifier: treespec::engine::VerifyFn,
     n: usize,
 ) -> HashMap<Vec<u32>, f64> {
@@ -225,7 +226,7 @@ fn sample_distribution(
 fn sample_runs(
     model: &Model,
     prompt: &[u32],
-    drafter: Option<&mut SpecDrafter>,
+    drafter: Option<&mut dyn Drafter>,
     verifier: treespec::engine::VerifyFn,
     n: usize,
 ) -> Vec<Vec<u32>> {
@@ -246,7 +247,7 @@ fn sample_runs(
             verifier,
             ..Default::default()
         };
-        let d = drafter.as_deref_mut().map(|d| d as &mut dyn Drafter);
+        let d = drafter.as_mut().map(|d| &mut **d as &mut dyn Drafter);
         let out = generate(model, &mut session, d, prompt, &opts, &mut |_| true).unwrap();
         runs.push(out.tokens);
     }
@@ -343,13 +344,31 @@ fn sampling_speculation_keeps_the_target_distribution() {
         .unwrap()
         .unwrap();
     // Warm the matrix so the drafts are the likely tokens (the hard case).
-    sample_distribution(&model, &prompt, Some(&mut rec), verify, 20);
-    let recycled_runs = sample_runs(&model, &prompt, Some(&mut rec), verify, n);
+    sample_distribution(
+        &model,
+        &prompt,
+        Some(&mut rec as &mut dyn Drafter),
+        verify,
+        20,
+    );
+    let recycled_runs = sample_runs(
+        &model,
+        &prompt,
+        Some(&mut rec as &mut dyn Drafter),
+        verify,
+        n,
+    );
     let mut recycled = HashMap::new();
     for r in &recycled_runs {
         *recycled.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
     }
-    let wrong_runs = sample_runs(&model, &prompt, Some(&mut rec), biased_verify, n);
+    let wrong_runs = sample_runs(
+        &model,
+        &prompt,
+        Some(&mut rec as &mut dyn Drafter),
+        biased_verify,
+        n,
+    );
     let mut wrong = HashMap::new();
     for r in &wrong_runs {
         *wrong.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
@@ -368,6 +387,32 @@ fn sampling_speculation_keeps_the_target_distribution() {
     assert!(
         diff_wrong > 0,
         "the seed-by-seed check cannot tell a wrong verifier"
+    );
+
+    // A draft model that samples its candidates (SmolLM2 for itself, at
+    // another temperature so that its q differs from the target's p and
+    // rejections and residuals happen): accepted by rejection sampling.
+    let draft = load_draft_model(&common::model_path("smollm2-135m"), &model).unwrap();
+    let mut sampled = ModelDrafter::new(
+        draft,
+        DraftModelConfig {
+            width: 2,
+            temperature: Some(2.0),
+            ..Default::default()
+        },
+        model.config().vocab_size,
+    );
+    let draft_runs = sample_runs(&model, &prompt, Some(&mut sampled), verify, n);
+    let mut drawn = HashMap::new();
+    for r in &draft_runs {
+        *drawn.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
+    }
+    assert!(sampled.forwards > n as u64, "the draft model did not draft");
+    let tv_draft = total_variation(&drawn, &exact);
+    println!("TV of sampled draft-model candidates (width 2, draft temperature 2): {tv_draft:.3} ({} draft forwards)", sampled.forwards);
+    assert!(
+        tv_draft < bound,
+        "rejection sampling over drawn candidates is NOT lossless: {tv_draft}"
     );
 
     let (tv_plain, tv_rec, tv_wrong) = (

@@ -22,13 +22,22 @@
 //! count, from `--tree auto` or `--spec-max-nodes`) bounds the depth, hence
 //! the number of draft forwards; the controller pays for them out of the
 //! measured draft time of each step.
+//!
+//! Under sampling the candidates are *drawn* from the draft's processed
+//! distribution (the target's sampling parameters), `width` per expanded
+//! node without replacement, and handed to the verifier as a
+//! [`Proposal`]: rejection sampling against it keeps the target's
+//! distribution exactly and accepts a candidate with probability about
+//! 1 - TV(target, draft), where a chosen (top-k) candidate is kept only
+//! with its own target probability. The tree's shape is still chosen best
+//! first by the drawn tokens' path probabilities.
 
 use std::sync::Arc;
 
-use crate::draft::{DraftTree, Drafter};
+use crate::draft::{DraftTree, Drafter, Proposal};
 use crate::error::{Error, Result};
 use crate::model::{common_prefix_len, KvCache, LogitRows, Model};
-use crate::sampling::top_k_probs;
+use crate::sampling::{top_k_probs, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 /// Path probability below which a draft node is not proposed. vLLM's
@@ -47,12 +56,27 @@ pub const TREE_WIDTH: usize = 4;
 /// Draft forwards per proposal at most (llama.cpp's `--draft-max` default).
 pub const DEFAULT_MAX_DEPTH: usize = 16;
 
+/// Under sampling, a proposal distribution keeps the draft's most probable
+/// tokens only: any proposal keeps the output exact, so this only bounds
+/// the memory a tree carries (64 entries, not 150k) at the cost of the mass
+/// beyond them (a few percent at temperatures <= 1), which rejection then
+/// leaves to the target's residual.
+pub const PROPOSAL_TOP: usize = 64;
+
+/// Salt of the draft's random stream: seeded from the request's seed, apart
+/// from the verifier's (which plain sampling shares).
+const DRAFT_SEED_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
 #[derive(Debug, Clone)]
 pub struct DraftModelConfig {
     /// 1 = a chain; more = a tree with this many candidates per expanded node.
     pub width: usize,
     pub p_min: f32,
     pub max_depth: usize,
+    /// Under sampling, the draft's own temperature for its candidates
+    /// (`None` or <= 0: the target's). Any value keeps the output exact; it
+    /// only moves how often candidates are accepted.
+    pub temperature: Option<f32>,
 }
 
 impl Default for DraftModelConfig {
@@ -61,6 +85,7 @@ impl Default for DraftModelConfig {
             width: 1,
             p_min: DEFAULT_P_MIN,
             max_depth: DEFAULT_MAX_DEPTH,
+            temperature: None,
         }
     }
 }
@@ -116,6 +141,8 @@ pub struct ModelDrafter {
     /// Draft forwards and the tokens they ran (prefill included), for stats.
     pub forwards: u64,
     pub tokens_run: u64,
+    /// Set under sampling: candidates are drawn, not chosen.
+    sampler: Option<Sampler>,
     warned: bool,
 }
 
@@ -143,6 +170,7 @@ impl ModelDrafter {
             cached: Vec::new(),
             forwards: 0,
             tokens_run: 0,
+            sampler: None,
             warned: false,
         }
     }
@@ -204,12 +232,30 @@ impl ModelDrafter {
         for depth in 1.. {
             let mut cands: Vec<(usize, u32, f32)> = Vec::new();
             for (node, logits) in &frontier {
-                let (ids, probs) = top_k_probs(logits, width);
-                for (id, p) in ids.into_iter().zip(probs) {
-                    if (id as usize) < self.target_vocab {
+                let logits = &logits[..self.target_vocab.min(logits.len())];
+                let Some(sampler) = self.sampler.as_mut() else {
+                    let (ids, probs) = top_k_probs(logits, width);
+                    for (id, p) in ids.into_iter().zip(probs) {
                         cands.push((*node, id, score[*node] * p));
                     }
+                    continue;
+                };
+                // Drawn now, whatever the budget keeps below: the verifier
+                // weighs every drawn token against `dist`.
+                let dist = proposal_distribution(sampler, logits, context);
+                let mut weights: Vec<f32> = dist.iter().map(|d| d.1).collect();
+                let mut drawn = Vec::with_capacity(width);
+                while drawn.len() < width && weights.iter().any(|&w| w > 0.0) {
+                    let i = sampler.draw_weighted(&weights);
+                    weights[i] = 0.0;
+                    drawn.push(dist[i].0);
+                    cands.push((*node, dist[i].0, score[*node] * dist[i].1));
                 }
+                tree.proposals.push(Proposal {
+                    node: *node,
+                    dist,
+                    drawn,
+                });
             }
             cands.sort_by(|a, b| b.2.total_cmp(&a.2));
             let mut added = Vec::new();
@@ -261,6 +307,20 @@ impl Drafter for ModelDrafter {
         }
     }
 
+    fn set_sampling(&mut self, params: &SamplingParams) {
+        self.sampler = (!params.is_greedy()).then(|| {
+            let temperature = match self.cfg.temperature {
+                Some(t) if t > 0.0 => t,
+                _ => params.temperature,
+            };
+            Sampler::new(SamplingParams {
+                temperature,
+                seed: params.seed ^ DRAFT_SEED_SALT,
+                ..params.clone()
+            })
+        });
+    }
+
     /// The prompt goes through the draft while the target's prefill is
     /// counted, not at the first step.
     fn start(&mut self, prompt: &[u32]) {
@@ -289,6 +349,24 @@ impl Drafter for ModelDrafter {
             }
         }
     }
+}
+
+/// The draft's processed distribution after `context`, cut to its
+/// [`PROPOSAL_TOP`] most probable tokens and renormalized.
+fn proposal_distribution(
+    sampler: &mut Sampler,
+    logits: &[f32],
+    context: &[u32],
+) -> Vec<(u32, f32)> {
+    let mut dist = sampler.processed(logits, context);
+    if dist.len() > PROPOSAL_TOP {
+        dist.select_nth_unstable_by(PROPOSAL_TOP - 1, |a, b| b.1.total_cmp(&a.1));
+        dist.truncate(PROPOSAL_TOP);
+    }
+    dist.retain(|d| d.1 > 0.0);
+    let total: f32 = dist.iter().map(|d| d.1).sum();
+    dist.iter_mut().for_each(|d| d.1 /= total);
+    dist
 }
 
 impl ModelDrafter {

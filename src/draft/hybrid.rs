@@ -13,7 +13,7 @@ use crate::draft::draft_model::ModelDrafter;
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{TokenRecycler, TreeBuilder};
 use crate::draft::suffix::SuffixDrafter;
-use crate::draft::{DraftTree, Drafter, NodeTopK};
+use crate::draft::{DraftTree, Drafter, NodeTopK, Proposal};
 
 /// Default share of the node budget reserved for the PLD chain.
 pub const DEFAULT_CHAIN_SHARE: f32 = 0.5;
@@ -149,6 +149,11 @@ impl Hybrid {
             });
             self.node_of.push(node);
         }
+        for p in &tree.proposals {
+            if let Some(node) = self.node_of[p.node] {
+                self.builder.add_proposal(Proposal { node, ..p.clone() });
+            }
+        }
     }
 }
 
@@ -169,6 +174,12 @@ impl Drafter for Hybrid {
         }
         if let Some(d) = self.draft.as_mut() {
             d.start(prompt);
+        }
+    }
+
+    fn set_sampling(&mut self, params: &crate::sampling::SamplingParams) {
+        if let Some(d) = self.draft.as_mut() {
+            d.set_sampling(params);
         }
     }
 

@@ -12,7 +12,7 @@ pub mod suffix;
 pub mod template;
 pub mod tree;
 
-pub use tree::DraftTree;
+pub use tree::{DraftTree, Proposal};
 
 /// The model's top-k successors of one scored tree node, most likely first,
 /// with their probabilities under the raw (temperature 1) softmax.
@@ -29,6 +29,11 @@ pub trait Drafter: Send {
 
     /// Called once per request, before any proposal, with the prompt tokens.
     fn start(&mut self, _prompt: &[u32]) {}
+
+    /// Called once per request, before [`Drafter::start`], with the request's
+    /// sampling parameters. A drafter that samples its candidates (and says
+    /// so with a [`Proposal`]) needs them; the others choose theirs.
+    fn set_sampling(&mut self, _params: &crate::sampling::SamplingParams) {}
 
     /// Proposes a tree rooted at `context.last()` (the token the engine has
     /// produced but not yet run through the model). `context` is the whole

@@ -9,7 +9,24 @@
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Children that a drafter *sampled* at `node` from its own distribution
+/// (a draft model under sampling) rather than chose: the verifier accepts
+/// them by rejection sampling against `dist` ([`crate::verify`]), which
+/// keeps the target's distribution while accepting far more often than a
+/// chosen token's own probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal {
+    pub node: usize,
+    /// The distribution drawn from: (token, probability), summing to 1.
+    pub dist: Vec<(u32, f32)>,
+    /// Tokens drawn from `dist` without replacement, in draw order. A drawn
+    /// token need not be a child of `node` (the budget may have cut it):
+    /// the verifier may still accept it, as the step's last token. What is
+    /// drawn must not depend on what the budget then keeps.
+    pub drawn: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct DraftTree {
     /// Token of each node; `tokens[0]` is the root.
     pub tokens: Vec<u32>,
@@ -17,6 +34,8 @@ pub struct DraftTree {
     pub parents: Vec<Option<usize>>,
     /// Depth of each node (root = 0). A node sits at position `cache_len + depth`.
     pub depths: Vec<usize>,
+    /// Nodes whose children were sampled (empty for chosen drafts).
+    pub proposals: Vec<Proposal>,
 }
 
 impl DraftTree {
@@ -26,6 +45,7 @@ impl DraftTree {
             tokens: vec![token],
             parents: vec![None],
             depths: vec![0],
+            proposals: Vec::new(),
         }
     }
 
@@ -62,6 +82,11 @@ impl DraftTree {
         // nodes), so a scan beats maintaining child lists.
         (node + 1..self.tokens.len())
             .find(|&i| self.parents[i] == Some(node) && self.tokens[i] == token)
+    }
+
+    /// The sampled children of `node`, if a drafter sampled them.
+    pub fn proposal(&self, node: usize) -> Option<&Proposal> {
+        self.proposals.iter().find(|p| p.node == node)
     }
 
     /// Indices of `node`'s children, in order.
@@ -114,6 +139,22 @@ impl DraftTree {
                     "node {i} duplicates a sibling's token {}",
                     self.tokens[i]
                 )));
+            }
+        }
+        for (k, p) in self.proposals.iter().enumerate() {
+            if p.node >= n || self.proposals[..k].iter().any(|o| o.node == p.node) {
+                return Err(Error::Draft(format!(
+                    "proposal {k} names node {} twice or out of the tree",
+                    p.node
+                )));
+            }
+            for (j, t) in p.drawn.iter().enumerate() {
+                if p.drawn[..j].contains(t) || !p.dist.iter().any(|d| d.0 == *t && d.1 > 0.0) {
+                    return Err(Error::Draft(format!(
+                        "token {t} drawn at node {} twice or outside its distribution",
+                        p.node
+                    )));
+                }
             }
         }
         Ok(())

@@ -248,6 +248,7 @@ pub fn generate(
     }
     stats.prefilled_tokens = body.len() - reuse + 1;
     if let Some(d) = drafter.as_deref_mut() {
+        d.set_sampling(&opts.sampling);
         d.start(prompt);
     }
     stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -335,6 +335,9 @@ impl Drafter for SpecDrafter {
     fn start(&mut self, prompt: &[u32]) {
         self.inner().start(prompt)
     }
+    fn set_sampling(&mut self, params: &crate::sampling::SamplingParams) {
+        self.inner().set_sampling(params)
+    }
     fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
         self.inner().propose(context, max_draft)
     }

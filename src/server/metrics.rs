@@ -58,6 +58,10 @@ pub struct Metrics {
     drafts: AtomicU64,
     draft_tokens: AtomicU64,
     accepted_tokens: AtomicU64,
+    /// Drafting and verifying time, microseconds (a draft model's drafting
+    /// is a real cost, which the budget controller pays out of).
+    draft_us: AtomicU64,
+    verify_us: AtomicU64,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     requests_ok: AtomicU64,
@@ -74,6 +78,8 @@ impl Default for Metrics {
             drafts: AtomicU64::new(0),
             draft_tokens: AtomicU64::new(0),
             accepted_tokens: AtomicU64::new(0),
+            draft_us: AtomicU64::new(0),
+            verify_us: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             requests_ok: AtomicU64::new(0),
@@ -130,6 +136,10 @@ impl Metrics {
             .fetch_add(s.drafted_tokens as u64, Ordering::Relaxed);
         self.accepted_tokens
             .fetch_add(s.accepted_tokens as u64, Ordering::Relaxed);
+        self.draft_us
+            .fetch_add((s.draft_ms * 1e3) as u64, Ordering::Relaxed);
+        self.verify_us
+            .fetch_add((s.verify_ms * 1e3) as u64, Ordering::Relaxed);
         let mut pos = lock(&self.per_pos);
         if pos.len() < s.accepted_per_depth.len() {
             pos.resize(s.accepted_per_depth.len(), 0);
@@ -166,6 +176,24 @@ impl Metrics {
             "Draft tokens the model accepted.",
             get(&self.accepted_tokens),
         );
+        let seconds = |a: &AtomicU64| get(a) as f64 / 1e6;
+        for (name, help, v) in [
+            (
+                "treespec_spec_decode_draft_seconds_total",
+                "Time spent drafting (a draft model's forwards included).",
+                seconds(&self.draft_us),
+            ),
+            (
+                "treespec_spec_decode_verify_seconds_total",
+                "Time spent in verify forwards.",
+                seconds(&self.verify_us),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v:.6}"
+            );
+        }
         let name = "treespec_spec_decode_num_accepted_tokens_per_pos_total";
         let _ = writeln!(
             out,
@@ -246,6 +274,7 @@ mod tests {
             drafted_tokens: 12,
             accepted_tokens: 4,
             accepted_per_depth: vec![3, 1],
+            draft_ms: 250.0,
             ..Default::default()
         };
         m.finish_request(5, Some(&s), Outcome::Ok);
@@ -258,6 +287,7 @@ mod tests {
         ));
         assert!(t.contains("treespec_spec_decode_num_draft_tokens_total 12\n"));
         assert!(t.contains("treespec_generation_tokens_total 7\n"));
+        assert!(t.contains("treespec_spec_decode_draft_seconds_total 0.250000\n"));
         assert!(t.contains("treespec_num_requests_waiting 2\n"));
     }
 }

@@ -1,7 +1,7 @@
 //! Collects draft nodes in any order (best-first, merged sources) and emits
 //! them as a [`DraftTree`] in the BFS order the scorer needs.
 
-use crate::draft::DraftTree;
+use crate::draft::{DraftTree, Proposal};
 
 /// An unordered tree under construction. Node 0 is the root; a parent is
 /// always added before its children, siblings never share a token.
@@ -12,6 +12,8 @@ pub struct TreeBuilder {
     depths: Vec<usize>,
     order: Vec<usize>,
     new_index: Vec<usize>,
+    /// Sampled children, `node` in this builder's numbering.
+    proposals: Vec<Proposal>,
 }
 
 impl TreeBuilder {
@@ -29,6 +31,7 @@ impl TreeBuilder {
         self.tokens.push(root);
         self.parents.push(0);
         self.depths.push(0);
+        self.proposals.clear();
     }
 
     /// Number of nodes, root included.
@@ -66,6 +69,16 @@ impl TreeBuilder {
         self.tokens.len() - 1
     }
 
+    /// Records that `proposal.node`'s children were sampled (the first
+    /// proposal for a node wins: a second sampling source's tokens stay as
+    /// ordinary children, which the verifier treats as chosen).
+    pub fn add_proposal(&mut self, proposal: Proposal) {
+        debug_assert!(proposal.node < self.tokens.len());
+        if !self.proposals.iter().any(|p| p.node == proposal.node) {
+            self.proposals.push(proposal);
+        }
+    }
+
     /// Emits the nodes in BFS order: by depth, insertion order within a depth.
     pub fn build(&mut self) -> DraftTree {
         let n = self.tokens.len();
@@ -82,6 +95,14 @@ impl TreeBuilder {
         for &old in &self.order[1..] {
             tree.push(self.new_index[self.parents[old]], self.tokens[old]);
         }
+        tree.proposals = self
+            .proposals
+            .drain(..)
+            .map(|p| Proposal {
+                node: self.new_index[p.node],
+                ..p
+            })
+            .collect();
         tree
     }
 }
@@ -109,5 +130,29 @@ mod tests {
         );
         b.reset(7);
         assert_eq!(b.build(), DraftTree::root(7));
+    }
+
+    #[test]
+    fn proposals_follow_their_node_into_bfs_order() {
+        let mut b = TreeBuilder::new(9);
+        let a = b.add(0, 1);
+        let aa = b.add(a, 2);
+        let c = b.add(0, 4); // before aa in BFS order
+        let prop = |node, drawn: Vec<u32>| Proposal {
+            node,
+            dist: vec![(2, 0.5), (3, 0.3), (6, 0.2)],
+            drawn,
+        };
+        b.add_proposal(prop(c, vec![6, 3]));
+        b.add_proposal(prop(c, vec![2])); // a second source at `c`: ignored
+        b.add(c, 6);
+        let t = b.build();
+        t.validate().unwrap();
+        assert_eq!(t.tokens, vec![9, 1, 4, 2, 6]);
+        assert_eq!((a, aa, c), (1, 2, 3));
+        // `c` is node 2 of the tree: its proposal moved with it.
+        assert_eq!(t.proposals, vec![prop(2, vec![6, 3])]);
+        b.reset(7);
+        assert!(b.build().proposals.is_empty());
     }
 }
