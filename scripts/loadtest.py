@@ -5,9 +5,15 @@ peak RSS) unless --url is given.
 
     python3 scripts/loadtest.py --spec hybrid
     python3 scripts/loadtest.py --spec none --clients 16 --requests 10
+    python3 scripts/loadtest.py --bin target/release/treespec --model qwen2.5-coder-0.5b \
+        --clients 1,4,8 --requests 2 --ignore-eos --llama-server PATH/llama-server
 
-Reports wall time, generated tokens per second, TTFT p50/p99, errors by
-kind, and the server's peak RSS (VmHWM). Only the standard library is used.
+Per point (client count, target): wall time, aggregate generated tokens per
+second, TTFT and inter-token latency p50/p99, errors by kind, mean batch
+size (treespec's /metrics) and the server's peak RSS (VmHWM); then a table
+of every point with its throughput over the first point's. Servers are
+started fresh per point with as many slots as clients. Loopback only; only
+the standard library is used.
 """
 
 import argparse
@@ -68,25 +74,27 @@ def peak_rss_mb(pid):
 
 
 def one_request(host, port, prompt, args):
-    """Returns (ttft_s, completion_tokens, error or None)."""
-    body = json.dumps(
-        {
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": args.max_tokens,
-            "temperature": args.temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
+    """Returns (ttft_s, completion_tokens, inter-token gaps, error or None)."""
+    req = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.ignore_eos:
+        req["ignore_eos"] = True
+    body = json.dumps(req)
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=args.request_timeout)
+    gaps = []
     try:
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             resp.read()
-            return None, 0, f"http {resp.status}"
-        ttft, tokens, done = None, 0, False
+            return None, 0, gaps, f"http {resp.status}"
+        ttft, tokens, done, last = None, 0, False, None
         for raw in resp:
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data: "):
@@ -97,15 +105,20 @@ def one_request(host, port, prompt, args):
                 break
             chunk = json.loads(data)
             if "error" in chunk:
-                return ttft, tokens, "stream error"
+                return ttft, tokens, gaps, "stream error"
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):
-                if c.get("delta", {}).get("content") and ttft is None:
-                    ttft = time.perf_counter() - t0
-        return ttft, tokens, None if done else "no [DONE]"
+                if c.get("delta", {}).get("content"):
+                    now = time.perf_counter()
+                    if ttft is None:
+                        ttft = now - t0
+                    else:
+                        gaps.append(now - last)
+                    last = now
+        return ttft, tokens, gaps, None if done else "no [DONE]"
     except (OSError, http.client.HTTPException, ValueError) as e:
-        return None, 0, type(e).__name__
+        return None, 0, gaps, type(e).__name__
     finally:
         conn.close()
 
@@ -118,39 +131,34 @@ def percentile(xs, p):
     return xs[k]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="existing server as host:port (default: start one)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--spec", default="hybrid", help="server --spec (none, pld, recycle, hybrid)")
-    ap.add_argument("--max-concurrent", type=int, default=1)
-    ap.add_argument("--queue", type=int, default=16)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=10, help="per client")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--time-limit", type=float, default=900, help="no new requests after this many seconds")
-    ap.add_argument("--request-timeout", type=float, default=600)
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "treespec"))
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra `treespec serve` argument (repeatable), e.g. --server-arg=--spec-max-nodes=4")
-    args = ap.parse_args()
+def model_file(name):
+    home = os.environ.get("TREESPEC_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "treespec")
+    return os.path.join(home, "models", f"{name}.gguf")
 
-    proc = None
-    if args.url:
-        host, port = args.url.rsplit(":", 1)
-        port = int(port)
-    else:
-        host, port = "127.0.0.1", free_port()
+
+def start_server(args, target, clients, port):
+    """Starts treespec serve or llama-server with `clients` slots."""
+    log = open(os.devnull, "w") if not os.environ.get("LOADTEST_LOG") else None
+    if target == "treespec":
         cmd = [
             args.bin, "serve", "-m", args.model, "--port", str(port), "--spec", args.spec,
-            "--max-concurrent", str(args.max_concurrent), "--queue", str(args.queue),
-            *args.server_arg,
+            "--max-concurrent", str(args.max_concurrent or clients), "--queue", str(args.queue),
+            "-c", str(args.ctx_size), *args.server_arg,
         ]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(os.devnull, "w") if not os.environ.get("LOADTEST_LOG") else None)
-    wait_healthy(host, port, proc)
+    else:
+        slots = args.max_concurrent or clients
+        threads = str(os.cpu_count() or 1)
+        # llama-server splits -c among its slots: give each the same context
+        # as a treespec slot. Continuous batching is on by default.
+        cmd = [
+            args.llama_server, "--host", "127.0.0.1", "--port", str(port), "-m", model_file(args.model),
+            "-t", threads, "-tb", threads, "-np", str(slots), "-c", str(args.ctx_size * slots),
+            "--no-webui",
+        ]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
 
+
+def run_load(host, port, proc, clients, args, target):
     results, lock = [], threading.Lock()
     deadline = time.time() + args.time_limit
 
@@ -163,7 +171,7 @@ def main():
                 results.append(r)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -177,50 +185,112 @@ def main():
             metrics = r.read().decode()
     except OSError:
         pass
-    if proc:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
-    ok = [r for r in results if r[2] is None]
+    ok = [r for r in results if r[3] is None]
     errors = {}
     for r in results:
-        if r[2] is not None:
-            errors[r[2]] = errors.get(r[2], 0) + 1
+        if r[3] is not None:
+            errors[r[3]] = errors.get(r[3], 0) + 1
     ttfts = [r[0] for r in ok if r[0] is not None]
+    gaps = [g for r in ok for g in r[2]]
     tokens = sum(r[1] for r in ok)
     m = {}
     for line in metrics.splitlines():
         if line and not line.startswith("#") and " " in line:
             k, v = line.rsplit(" ", 1)
             m[k] = v
-    steps = float(m.get("treespec_spec_decode_num_drafts_total", 0))
-    generated = float(m.get("treespec_generation_tokens_total", 0))
-    drafted = float(m.get("treespec_spec_decode_num_draft_tokens_total", 0))
-    accepted = float(m.get("treespec_spec_decode_num_accepted_tokens_total", 0))
-    report = {
-        "spec": args.spec,
-        "server_args": args.server_arg,
-        "max_concurrent": args.max_concurrent,
-        "clients": args.clients,
+    num = lambda k: float(m.get(k, 0) or 0)  # noqa: E731
+    steps = num("treespec_spec_decode_num_drafts_total")
+    generated = num("treespec_generation_tokens_total")
+    drafted = num("treespec_spec_decode_num_draft_tokens_total")
+    accepted = num("treespec_spec_decode_num_accepted_tokens_total")
+    forwards = num("treespec_batch_sequences_count")
+    return {
+        "target": target,
+        "model": args.model,
+        "spec": args.spec if target == "treespec" else None,
+        "server_args": args.server_arg if target == "treespec" else None,
+        "slots": args.max_concurrent or clients,
+        "clients": clients,
         "requests": len(results),
         "ok": len(ok),
         "errors": errors,
         "wall_s": round(wall, 1),
         "generated_tokens": tokens,
-        "throughput_tok_s": round(tokens / wall, 1) if wall > 0 else 0,
+        "throughput_tok_s": round(tokens / wall, 2) if wall > 0 else 0,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else 0,
         "ttft_p50_s": round(percentile(ttfts, 50), 3),
         "ttft_p99_s": round(percentile(ttfts, 99), 3),
+        "itl_p50_s": round(percentile(gaps, 50), 4),
+        "itl_p99_s": round(percentile(gaps, 99), 4),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
         # Tokens emitted per verify step (1.0 = no gain from drafting).
         "mean_accepted_tokens": round(generated / steps, 3) if steps else None,
+        "mean_batch_sequences": round(num("treespec_batch_sequences_sum") / forwards, 2) if forwards else None,
+        "mean_batch_rows": round(num("treespec_batch_rows_sum") / forwards, 1) if forwards else None,
         "server_peak_rss_mb": round(rss, 1) if rss else None,
     }
-    print(json.dumps(report, indent=2))
-    return 0 if not errors else 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="existing server as host:port (default: start one per point)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--spec", default="hybrid", help="server --spec (none, pld, recycle, hybrid, ...)")
+    ap.add_argument("--max-concurrent", type=int, default=0, help="slots (default: as many as clients)")
+    ap.add_argument("--queue", type=int, default=16)
+    ap.add_argument("--clients", default="16", help="concurrent clients; a list (1,4,8) sweeps")
+    ap.add_argument("--requests", type=int, default=10, help="per client")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ignore-eos", action="store_true", help="every request generates max-tokens")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--ctx-size", type=int, default=2048, help="context per slot")
+    ap.add_argument("--time-limit", type=float, default=900, help="no new requests after this many seconds")
+    ap.add_argument("--request-timeout", type=float, default=600)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "treespec"))
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra `treespec serve` argument (repeatable), e.g. --server-arg=--batch-rows=32")
+    ap.add_argument("--llama-server", help="also run llama-server (path, from scripts/peers/llama_cpp.sh) "
+                    "at every point, same model file, prompts and slots")
+    ap.add_argument("--out", help="append each point's JSON line to this file")
+    args = ap.parse_args()
+    sweep = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    targets = ["treespec"] + (["llama-server"] if args.llama_server else [])
+
+    reports = []
+    for clients in sweep:
+        for target in targets:
+            proc = None
+            if args.url:
+                host, port = args.url.rsplit(":", 1)
+                port = int(port)
+            else:
+                host, port = "127.0.0.1", free_port()
+                proc = start_server(args, target, clients, port)
+            try:
+                wait_healthy(host, port, proc)
+                r = run_load(host, port, proc, clients, args, target)
+            finally:
+                if proc:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+            reports.append(r)
+    base = {r["target"]: r["throughput_tok_s"] for r in reports if r["clients"] == sweep[0]}
+    print(f"\n| target | clients | tok/s | x its {sweep[0]}-client | TTFT p50/p99 s | ITL p50/p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in reports:
+        b = base.get(r["target"]) or float("nan")
+        print(f"| {r['target']} | {r['clients']} | {r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / b:.2f} | "
+              f"{r['ttft_p50_s']:.2f}/{r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1e3:.0f}/{r['itl_p99_s'] * 1e3:.0f} | "
+              f"{sum(r['errors'].values())} |")
+    return 0 if all(not r["errors"] for r in reports) else 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ pub enum Error {
         msg: String,
     },
 
+    /// A batched forward failed; every sequence in it gets this.
+    #[error("batched forward failed: {0}")]
+    Batch(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

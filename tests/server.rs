@@ -480,8 +480,8 @@ fn serves_the_openai_api() {
         .assert_error(400);
     srv.get("/no/such/thing").assert_error(404);
 
-    // A client that leaves mid-stream frees the slot (one worker): the long
-    // generation is cancelled and the next request runs.
+    // A client that leaves mid-stream frees its slot: the long generation
+    // is cancelled and the next request runs.
     let cancelled0 = srv.metric("treespec_requests_total{outcome=\"cancelled\"}");
     {
         let body = json!({
@@ -513,6 +513,93 @@ fn serves_the_openai_api() {
     );
     assert_eq!(srv.metric("treespec_num_requests_running"), 0.0);
 
+    let status = srv.terminate();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// Concurrent requests share forwards (continuous batching) and each gets
+/// exactly what it gets alone; a chat's second turn reuses the first turn's
+/// cache and prefills only the new tokens.
+#[test]
+fn batches_concurrent_requests_and_reuses_prefixes() {
+    let srv = Server::start(&["--max-concurrent", "4", "--batch-rows", "24"]);
+    let prompts = [
+        "The capital of France is Paris. The capital of Germany is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "1, 2, 3, 4, 5,",
+    ];
+    let body = |p: &str, spec: bool| {
+        json!({"prompt": p, "max_tokens": N, "temperature": 0, "ignore_eos": true,
+               "speculative": {"enabled": spec}})
+    };
+    for spec in [false, true] {
+        let alone: Vec<String> = prompts
+            .iter()
+            .map(|p| {
+                let v = srv.post("/v1/completions", &body(p, spec)).json();
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+            .collect();
+        let batched0 = srv.metric("treespec_batch_sequences_sum")
+            - srv.metric("treespec_batch_sequences_count");
+        let port = srv.port;
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let b = body(p, spec).to_string();
+                std::thread::spawn(move || http(port, "POST", "/v1/completions", &[], Some(&b)))
+            })
+            .collect();
+        for (h, want) in handles.into_iter().zip(&alone) {
+            let v = h.join().unwrap().json();
+            assert_eq!(
+                v["choices"][0]["text"].as_str().unwrap(),
+                want,
+                "batched vs alone (speculative {spec})"
+            );
+            assert_eq!(v["usage"]["completion_tokens"], N);
+        }
+        // sum - count grows by (sequences - 1) per forward: some forward
+        // carried more than one request.
+        let batched = srv.metric("treespec_batch_sequences_sum")
+            - srv.metric("treespec_batch_sequences_count");
+        assert!(batched > batched0, "no forward batched two requests");
+    }
+
+    // Multi-turn: the second turn's prompt starts with the first turn's
+    // prompt and answer, which a slot's cache holds.
+    let first = json!([{"role": "user", "content": "Name a colour."}]);
+    let v = srv
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": first, "max_tokens": 8, "temperature": 0}),
+        )
+        .json();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let first_prompt = v["usage"]["prompt_tokens"].as_f64().unwrap();
+    let cached0 = srv.metric("treespec_prompt_tokens_cached_total");
+    let second = json!([
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And another one?"},
+    ]);
+    let v = srv
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": second, "max_tokens": 8, "temperature": 0}),
+        )
+        .json();
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    let reused = srv.metric("treespec_prompt_tokens_cached_total") - cached0;
+    assert!(
+        reused >= first_prompt - 1.0,
+        "second turn reused {reused} tokens of a {first_prompt}-token first turn"
+    );
+    assert_eq!(srv.metric("treespec_num_requests_running"), 0.0);
+    let props = srv.get("/props").json();
+    assert_eq!(props["total_slots"], 4);
+    assert_eq!(props["batch_rows"], 24);
     let status = srv.terminate();
     assert!(status.success(), "exit status {status:?}");
 }
@@ -597,6 +684,8 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
     let state_arg = state.to_str().unwrap();
     let key = "sekrit";
     let args = [
+        "--max-concurrent",
+        "1",
         "--queue",
         "0",
         "--spec",
@@ -659,7 +748,7 @@ fn sigterm_saves_the_recycle_state_and_a_restart_loads_it() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // One worker, `--queue 0`: a second request meanwhile is turned away.
+    // One slot, `--queue 0`: a second request meanwhile is turned away.
     let r = http(
         srv.port,
         "POST",

@@ -23,10 +23,16 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every endpoint but /health.
     #[arg(long, env = "TREESPEC_API_KEY")]
     pub api_key: Option<String>,
-    /// Requests generated at once, each with its own KV cache. More than the
-    /// core count only slices the same compute finer.
-    #[arg(long, default_value_t = 1)]
+    /// Requests generated at once (slots), each with its own KV cache; they
+    /// share every forward (continuous batching), so more slots add
+    /// throughput where one stream leaves rows idle. 4, as llama-server's
+    /// default slot count: caches grow as they fill, idle slots cost nothing.
+    #[arg(long, default_value_t = 4)]
     pub max_concurrent: usize,
+    /// Rows per batched forward, shared by the slots' pending tokens, their
+    /// draft trees and chunked prompts (llama.cpp's ubatch plays this role).
+    #[arg(long, default_value_t = treespec::engine::batch::DEFAULT_MAX_ROWS)]
+    pub batch_rows: usize,
     /// Requests that may wait for a slot; past that, 429 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
@@ -41,6 +47,9 @@ pub struct ServeArgs {
 pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_concurrent == 0 {
         bail!("--max-concurrent must be at least 1");
+    }
+    if a.batch_rows == 0 {
+        bail!("--batch-rows must be at least 1");
     }
     if !(a.grace.is_finite() && a.grace >= 0.0) {
         bail!("--grace must be a number of seconds >= 0");
@@ -57,6 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model_name,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         max_concurrent: a.max_concurrent,
+        batch_rows: a.batch_rows,
         queue: a.queue,
         ctx_size: a.model.ctx_size,
         spec: a.spec.config()?,

@@ -65,3 +65,31 @@ pub trait Drafter: Send {
         0
     }
 }
+
+/// A borrowed drafter drafts as itself (the engine boxes whichever it gets).
+impl<D: Drafter + ?Sized> Drafter for &mut D {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn start(&mut self, prompt: &[u32]) {
+        (**self).start(prompt)
+    }
+    fn set_sampling(&mut self, params: &crate::sampling::SamplingParams) {
+        (**self).set_sampling(params)
+    }
+    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
+        (**self).propose(context, max_draft)
+    }
+    fn outlook(&mut self, context: &[u32]) -> usize {
+        (**self).outlook(context)
+    }
+    fn finish(&mut self, generated: &[u32]) {
+        (**self).finish(generated)
+    }
+    fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
+        (**self).observe(tree, topk, accepted)
+    }
+    fn wants_topk(&self) -> usize {
+        (**self).wants_topk()
+    }
+}

@@ -2,22 +2,22 @@
 //! keep, until a stop condition. Plain decoding is the same loop with a tree
 //! of one node.
 
+pub mod batch;
 pub mod budget;
 pub mod prompt;
 pub mod scorer;
+pub mod sequence;
 pub mod spec;
 pub mod stats;
 
-use std::time::Instant;
-
-use crate::draft::{DraftTree, Drafter, NodeTopK};
-use crate::error::{Error, Result};
-use crate::model::{common_prefix_len, KvCache, LogitRows, Logits, Model};
-use crate::sampling::{top2_margin, top_k_probs, Sampler, SamplingParams};
-use crate::tokenizer::StreamDecoder;
+use crate::draft::{DraftTree, Drafter};
+use crate::error::Result;
+use crate::model::{common_prefix_len, KvCache, Logits, Model};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::verify::{verify, Verdict};
 
 pub use prompt::{chat_prompt_ids, text_prompt_ids};
+pub use sequence::{OnToken, Sequence};
 pub use stats::{GenStats, SpecStats};
 
 /// Prompt tokens per prefill forward. Bounded so the attention scratch
@@ -114,20 +114,35 @@ impl Session {
         self.cache.capacity()
     }
 
+    /// Leading tokens of `prompt` this session's cache already holds (what
+    /// a request on it would not prefill).
+    pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
+        common_prefix_len(&self.cached, prompt).min(self.cache.len())
+    }
+
     pub fn reset(&mut self) {
         self.cache.clear();
         self.cached.clear();
     }
+
+    /// A session with no cache, standing in while a [`Sequence`] owns the
+    /// real one.
+    fn detached() -> Self {
+        Session {
+            cache: KvCache::new(0, 0, 0, 0),
+            cached: Vec::new(),
+        }
+    }
 }
 
 /// Holds back text that could still become a stop string.
-struct StopScanner<'a> {
-    stops: &'a [String],
+struct StopScanner {
+    stops: Vec<String>,
     text: String,
     emitted: usize,
 }
 
-impl StopScanner<'_> {
+impl StopScanner {
     /// Appends `piece`; returns (text now safe to stream, stop hit).
     fn push(&mut self, piece: &str) -> (String, bool) {
         self.text.push_str(piece);
@@ -147,7 +162,7 @@ impl StopScanner<'_> {
         }
         // Keep back the longest tail that is a prefix of a stop string.
         let mut hold = 0;
-        for s in self.stops {
+        for s in &self.stops {
             for l in (1..s.len().min(self.text.len() + 1)).rev() {
                 if self.text.is_char_boundary(self.text.len() - l)
                     && s.is_char_boundary(l)
@@ -187,226 +202,35 @@ fn floor_char_boundary(text: &str, i: usize) -> usize {
 pub fn generate(
     model: &Model,
     session: &mut Session,
-    mut drafter: Option<&mut dyn Drafter>,
+    drafter: Option<&mut dyn Drafter>,
     prompt: &[u32],
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent) -> bool,
 ) -> Result<Generation> {
-    opts.sampling.validate()?;
-    if prompt.is_empty() {
-        return Err(Error::EmptyPrompt);
-    }
-    let capacity = session.cache.capacity();
-    if prompt.len() >= capacity {
-        return Err(Error::ContextLength {
-            prompt: prompt.len(),
-            context: capacity,
-            reserve: 1,
-        });
-    }
-    let decoder = &model.decoder;
-    let vocab = decoder.config.vocab_size;
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "prompt token {t} is outside the vocabulary ({vocab})"
-        )));
-    }
-    let stop_tokens = model.tokenizer.stop_tokens().to_vec();
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut stats = GenStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
-    let mut spec = SpecStats {
-        method: drafter
-            .as_ref()
-            .map(|d| d.name().to_string())
-            .unwrap_or_else(|| "none".into()),
-        ..Default::default()
-    };
-
-    // Prefill everything but the last prompt token, which becomes the first
-    // tree root; reuse the longest cached prefix.
-    let t0 = Instant::now();
-    let body = &prompt[..prompt.len() - 1];
-    let reuse = common_prefix_len(&session.cached, body).min(session.cache.len());
-    session.cache.truncate(reuse);
-    session.cached.truncate(reuse);
-    for chunk in body[reuse..].chunks(PREFILL_CHUNK) {
-        let base = session.cache.len();
-        let positions: Vec<usize> = (base..base + chunk.len()).collect();
-        let parents: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
-        decoder.forward(
-            &mut session.cache,
-            chunk,
-            &positions,
-            &parents,
-            LogitRows::None,
-        )?;
-        session.cache.keep_all();
-        session.cached.extend_from_slice(chunk);
-    }
-    stats.prefilled_tokens = body.len() - reuse + 1;
-    if let Some(d) = drafter.as_deref_mut() {
-        d.set_sampling(&opts.sampling);
-        d.start(prompt);
-    }
-    stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-    // Decode.
-    let t1 = Instant::now();
-    let mut context = prompt.to_vec();
-    let mut tokens = Vec::new();
-    let mut margins = Vec::new();
-    let mut margins_ms = 0.0;
-    let mut detok = StreamDecoder::new(&model.tokenizer);
-    let mut scanner = StopScanner {
-        stops: &opts.stop_strings,
-        text: String::new(),
-        emitted: 0,
-    };
-    let mut first_token_ms = None;
-    let stop = 'outer: loop {
-        if tokens.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
+    let owned = std::mem::replace(session, Session::detached());
+    let drafter = drafter.map(|d| Box::new(d) as Box<dyn Drafter + '_>);
+    let on_token: OnToken<'_> = Box::new(|e: &TokenEvent| on_token(e));
+    let mut seq = match Sequence::new(model, owned, drafter, prompt, opts.clone(), on_token) {
+        Ok(seq) => seq,
+        Err(refused) => {
+            let (e, owned) = *refused;
+            *session = owned;
+            return Err(e);
         }
-        let room = capacity - session.cache.len();
-        if room == 0 {
-            break StopReason::ContextFull;
-        }
-        let root = *context.last().expect("context is never empty");
-        let (class, chosen) = match (&opts.auto_budget, drafter.as_deref_mut()) {
-            (Some(c), Some(d)) => {
-                let class = d.outlook(&context);
-                let b = c
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .choose(session.cache.len(), class);
-                (class, b)
-            }
-            _ => (0, opts.max_draft),
+    };
+    while seq.plan(PREFILL_CHUNK, usize::MAX) {
+        let step = match seq.segment() {
+            Some(seg) => model.decoder.forward_segment(seg),
+            None => continue,
         };
-        let budget = chosen
-            .min(room - 1)
-            .min(opts.max_new_tokens - tokens.len() - 1);
-        let td = Instant::now();
-        let tree = match drafter.as_deref_mut() {
-            Some(d) if budget > 0 => d.propose(&context, budget),
-            _ => DraftTree::root(root),
-        };
-        let mut step_draft_ms = td.elapsed().as_secs_f64() * 1e3;
-        debug_assert!(tree.validate().is_ok() && tree.tokens[0] == root);
-
-        let tv = Instant::now();
-        let logits = scorer::score(decoder, &mut session.cache, &tree)?;
-        let verdict = (opts.verifier)(&tree, &logits, &mut sampler, &mut context);
-        session.cache.keep(&verdict.path)?;
-        session
-            .cached
-            .extend(verdict.path.iter().map(|&i| tree.tokens[i]));
-        spec.verify_ms += tv.elapsed().as_secs_f64() * 1e3;
-        spec.record_step(tree.num_drafted(), verdict.accepted_drafts());
-
-        if let Some(d) = drafter.as_deref_mut() {
-            let k = d.wants_topk();
-            // Root-only steps too: the update rule covers the root, and a
-            // recycler whose matrix is still empty (no prompt seeding)
-            // proposes only the root until it has learnt something.
-            if k > 0 {
-                let td = Instant::now();
-                // Two passes over the vocabulary per node: spread over the pool.
-                let topk: Vec<std::sync::Mutex<NodeTopK>> =
-                    (0..tree.len()).map(|_| Default::default()).collect();
-                crate::kernels::parallel_for(tree.len(), 1, &|nodes| {
-                    for i in nodes {
-                        let (ids, probs) = top_k_probs(logits.row(i), k);
-                        *topk[i].lock().unwrap_or_else(|e| e.into_inner()) =
-                            NodeTopK { ids, probs };
-                    }
-                });
-                let topk: Vec<NodeTopK> = topk
-                    .into_iter()
-                    .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-                    .collect();
-                d.observe(&tree, &topk, &verdict.path);
-                step_draft_ms += td.elapsed().as_secs_f64() * 1e3;
-            }
-        }
-        spec.draft_ms += step_draft_ms;
-        if let (Some(c), Some(_)) = (&opts.auto_budget, &drafter) {
-            c.lock().unwrap_or_else(|e| e.into_inner()).record(
-                class,
-                chosen,
-                verdict.emitted.len(),
-                tree.len(),
-                step_draft_ms,
-            );
-        }
-
-        for (i, &tok) in verdict.emitted.iter().enumerate() {
-            if !opts.ignore_eos && stop_tokens.contains(&tok) {
-                break 'outer StopReason::Eos;
-            }
-            tokens.push(tok);
-            context.push(tok);
-            if opts.record_margins {
-                let tm = Instant::now();
-                margins.push(top2_margin(logits.row(verdict.path[i])));
-                margins_ms += tm.elapsed().as_secs_f64() * 1e3;
-            }
-            first_token_ms.get_or_insert_with(|| t1.elapsed().as_secs_f64() * 1e3);
-            let piece = detok.push(tok)?;
-            let (safe, hit) = scanner.push(&piece);
-            if !on_token(&TokenEvent {
-                token: tok,
-                text: &safe,
-            }) {
-                break 'outer StopReason::Cancelled;
-            }
-            if hit {
-                break 'outer StopReason::StopString;
-            }
-            if tokens.len() >= opts.max_new_tokens {
-                break 'outer StopReason::MaxTokens;
-            }
-        }
-    };
-    if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
-        let tail = detok.finish()?;
-        let (mut safe, _) = scanner.push(&tail);
-        safe.push_str(&scanner.flush());
-        if !safe.is_empty() {
-            on_token(&TokenEvent {
-                token: u32::MAX,
-                text: &safe,
-            });
+        if let Err(e) = step.and_then(|logits| seq.absorb(logits)) {
+            *session = seq.into_session();
+            return Err(e);
         }
     }
-    if let Some(d) = drafter {
-        d.finish(&tokens);
-    }
-    // The cache may hold accepted tokens past a stop: drop them so the
-    // session's cached tokens describe the cache exactly.
-    let keep = prompt.len() - 1 + tokens.len();
-    if session.cached.len() > keep {
-        session.cache.truncate(keep);
-        session.cached.truncate(keep);
-    }
-
-    stats.decode_ms = t1.elapsed().as_secs_f64() * 1e3 - margins_ms;
-    stats.generated_tokens = tokens.len();
-    stats.steps = spec.steps;
-    stats.finish();
-    spec.finish();
-    Ok(Generation {
-        tokens,
-        text: scanner.text,
-        stop,
-        stats,
-        spec,
-        margins,
-        margins_ms,
-    })
+    let (out, owned) = seq.finish();
+    *session = owned;
+    out
 }
 
 #[cfg(test)]
@@ -417,7 +241,7 @@ mod tests {
     fn stop_scanner_holds_back_prefixes_and_cuts() {
         let stops = vec!["STOP".to_string()];
         let mut s = StopScanner {
-            stops: &stops,
+            stops: stops.clone(),
             text: String::new(),
             emitted: 0,
         };
@@ -436,7 +260,7 @@ mod tests {
     fn stop_scanner_on_multibyte_text() {
         let stops = vec!["ab".to_string()];
         let mut s = StopScanner {
-            stops: &stops,
+            stops: stops.clone(),
             text: String::new(),
             emitted: 0,
         };
@@ -450,7 +274,7 @@ mod tests {
         // A multibyte stop string straddling pieces, after emoji.
         let stops = vec!["終わり".to_string(), "🛑".to_string()];
         let mut s = StopScanner {
-            stops: &stops,
+            stops: stops.clone(),
             text: String::new(),
             emitted: 0,
         };
@@ -461,7 +285,7 @@ mod tests {
         assert_eq!(s.push("り。"), (String::new(), true));
         assert_eq!(s.text, "🙂🙂終わるé");
         let mut s = StopScanner {
-            stops: &stops,
+            stops: stops.clone(),
             text: String::new(),
             emitted: 0,
         };

@@ -32,6 +32,7 @@ struct Work {
     gate_up: Vec<f32>,
     gate: Vec<f32>,
     heads: Vec<f32>,
+    attn: Vec<f32>,
 }
 
 thread_local! {
@@ -266,7 +267,14 @@ impl Decoder {
         parents: &[Option<usize>],
         want: LogitRows,
     ) -> Result<Logits> {
-        self.run(cache, tokens, positions, parents, want, false)
+        self.forward_segment(Segment {
+            cache,
+            tokens,
+            positions,
+            parents,
+            want,
+            extend: false,
+        })
     }
 
     /// Runs N more nodes of a tree whose earlier nodes are already pending
@@ -282,65 +290,65 @@ impl Decoder {
         parents: &[Option<usize>],
         want: LogitRows,
     ) -> Result<Logits> {
-        if parents.len() != cache.pending() + tokens.len() {
-            return Err(Error::Invalid(
-                "forward_extend needs a parent for every pending and new token".into(),
-            ));
-        }
-        self.run(cache, tokens, positions, parents, want, true)
+        self.forward_segment(Segment {
+            cache,
+            tokens,
+            positions,
+            parents,
+            want,
+            extend: true,
+        })
     }
 
-    fn run(
-        &self,
-        cache: &mut KvCache,
-        tokens: &[u32],
-        positions: &[usize],
-        parents: &[Option<usize>],
-        want: LogitRows,
-        extend: bool,
-    ) -> Result<Logits> {
-        let c = &self.config;
-        let n = tokens.len();
-        let prior = parents.len().saturating_sub(n);
-        if n == 0 || positions.len() != n || (!extend && parents.len() != n) {
-            return Err(Error::Invalid(
-                "forward needs one position and one parent per token".into(),
-            ));
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::Invalid(format!(
-                "token id {t} is outside the vocabulary ({})",
-                c.vocab_size
-            )));
-        }
-        if let Some(&p) = positions.iter().find(|&&p| p >= c.context_length) {
-            return Err(Error::ContextLength {
-                prompt: p + 1,
-                context: c.context_length,
-                reserve: 0,
-            });
-        }
-        for (i, p) in parents.iter().enumerate() {
-            if matches!(p, Some(p) if *p >= i) {
-                return Err(Error::Invalid(format!("token {i}'s parent comes after it")));
-            }
-        }
-        debug_assert!(prior == 0 || extend);
-        if extend {
-            cache.extend(n)?;
-        } else {
-            cache.begin(n)?;
-        }
+    /// [`Decoder::forward_batch`] of one segment.
+    pub fn forward_segment(&self, seg: Segment<'_>) -> Result<Logits> {
+        let mut segs = [seg];
+        Ok(self.forward_batch(&mut segs)?.pop().expect("one segment"))
+    }
 
-        let mask = TreeMask::from_parents(parents);
+    /// One forward over the new tokens of several sequences, each with its
+    /// own cache (continuous batching): the projections run once over all
+    /// rows, which is where a batch pays (the weights are streamed once,
+    /// c(N) ≪ N·c(1)); attention runs per sequence, each row seeing only
+    /// its own cache and tree. Every row's result is bit-identical to the
+    /// same segment run alone (the kernels compute each row on its own),
+    /// which is what keeps batched greedy decoding token-identical.
+    /// Returns one [`Logits`] per segment, in order.
+    pub fn forward_batch(&self, segs: &mut [Segment<'_>]) -> Result<Vec<Logits>> {
+        let c = &self.config;
+        if segs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for s in segs.iter() {
+            self.check(s)?;
+        }
+        let mut masks = Vec::with_capacity(segs.len());
+        let mut starts = Vec::with_capacity(segs.len() + 1);
+        let (mut tokens, mut positions) = (Vec::new(), Vec::new());
+        for s in segs.iter_mut() {
+            if s.extend {
+                s.cache.extend(s.tokens.len())?;
+            } else {
+                s.cache.begin(s.tokens.len())?;
+            }
+            masks.push(TreeMask::from_parents(s.parents));
+            starts.push(tokens.len());
+            tokens.extend_from_slice(s.tokens);
+            positions.extend_from_slice(s.positions);
+        }
+        let n = tokens.len();
+        starts.push(n);
+        let rows = |i: usize| starts[i]..starts[i + 1];
+
         let shape = AttentionShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
+        let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let eps = c.rms_eps as f32;
         let mut clock = Clock::start();
-        let mut x = self.embedding.lookup(tokens)?; // [N][hidden]
+        let mut x = self.embedding.lookup(&tokens)?; // [N][hidden]
         WORK.with_borrow_mut(|w| {
             w.normed.resize(x.len(), 0.0);
             for (l, layer) in self.layers.iter().enumerate() {
@@ -364,13 +372,26 @@ impl Decoder {
                     rms_norm(&w.k, &qk.k, eps, &mut w.heads);
                     std::mem::swap(&mut w.k, &mut w.heads);
                 }
-                self.rope.apply(&mut w.q, c.n_heads, positions);
-                self.rope.apply(&mut w.k, c.n_kv_heads, positions);
-                cache.write(l, &w.k, &w.v);
+                self.rope.apply(&mut w.q, c.n_heads, &positions);
+                self.rope.apply(&mut w.k, c.n_kv_heads, &positions);
+                for (i, s) in segs.iter_mut().enumerate() {
+                    let r = rows(i);
+                    s.cache.write(
+                        l,
+                        &w.k[r.start * kw..r.end * kw],
+                        &w.v[r.start * kw..r.end * kw],
+                    );
+                }
                 clock.lap(Stage::RopeCache);
-                let attn = tree_attention(&shape, &w.q, &cache.layer(l), &mask);
+                w.attn.clear();
+                for (i, s) in segs.iter().enumerate() {
+                    let r = rows(i);
+                    let q = &w.q[r.start * qw..r.end * qw];
+                    w.attn
+                        .extend(tree_attention(&shape, q, &s.cache.layer(l), &masks[i]));
+                }
                 clock.lap(Stage::Attention);
-                layer.wo.forward_into(&attn, n, &mut w.out);
+                layer.wo.forward_into(&w.attn, n, &mut w.out);
                 clock.lap(Stage::AttnOut);
                 add(&mut x, &w.out);
 
@@ -390,24 +411,105 @@ impl Decoder {
         });
         clock.lap(Stage::Elementwise);
 
+        // The rows that want logits, all segments' in one LM-head matmul.
         let hidden = c.hidden;
-        let rows = match want {
-            LogitRows::None => 0,
-            LogitRows::Last => 1,
-            LogitRows::All => n,
-        };
-        let last = &x[(n - rows) * hidden..];
+        let wanted: Vec<std::ops::Range<usize>> = segs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let r = rows(i);
+                match s.want {
+                    LogitRows::None => r.end..r.end,
+                    LogitRows::Last => r.end - 1..r.end,
+                    LogitRows::All => r,
+                }
+            })
+            .collect();
+        let total: usize = wanted.iter().map(|r| r.len()).sum();
+        let mut last = Vec::with_capacity(total * hidden);
+        for r in &wanted {
+            last.extend_from_slice(&x[r.start * hidden..r.end * hidden]);
+        }
         let mut normed = vec![0f32; last.len()];
-        rms_norm(last, &self.output_norm, eps, &mut normed);
+        rms_norm(&last, &self.output_norm, eps, &mut normed);
         let vocab = self.lm_head.out_features();
         let mut data = Vec::new();
-        if rows > 0 {
+        if total > 0 {
             data = SPARE_LOGITS.with(|s| s.take());
-            self.lm_head.forward_into(&normed, rows, &mut data);
+            self.lm_head.forward_into(&normed, total, &mut data);
         }
         clock.lap(Stage::LmHead);
-        Ok(Logits { data, rows, vocab })
+        if segs.len() == 1 {
+            return Ok(vec![Logits {
+                data,
+                rows: total,
+                vocab,
+            }]);
+        }
+        let mut at = 0;
+        let out = wanted
+            .iter()
+            .map(|r| {
+                let rows = r.len();
+                let part = data[at * vocab..(at + rows) * vocab].to_vec();
+                at += rows;
+                Logits {
+                    data: part,
+                    rows,
+                    vocab,
+                }
+            })
+            .collect();
+        // `data` goes back to the spare buffer when this Logits drops.
+        drop(Logits {
+            data,
+            rows: total,
+            vocab,
+        });
+        Ok(out)
     }
+
+    /// Checks one segment's shape against the model and its cache.
+    fn check(&self, s: &Segment<'_>) -> Result<()> {
+        let c = &self.config;
+        let n = s.tokens.len();
+        let prior = if s.extend { s.cache.pending() } else { 0 };
+        if n == 0 || s.positions.len() != n || s.parents.len() != prior + n {
+            return Err(Error::Invalid(
+                "forward needs one position per token and one parent per token (and per pending tree node when extending)".into(),
+            ));
+        }
+        if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        if let Some(&p) = s.positions.iter().find(|&&p| p >= c.context_length) {
+            return Err(Error::ContextLength {
+                prompt: p + 1,
+                context: c.context_length,
+                reserve: 0,
+            });
+        }
+        for (i, p) in s.parents.iter().enumerate() {
+            if matches!(p, Some(p) if *p >= i) {
+                return Err(Error::Invalid(format!("token {i}'s parent comes after it")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One sequence's part of [`Decoder::forward_batch`]: the arguments of
+/// [`Decoder::forward`] (or, with `extend`, of [`Decoder::forward_extend`]).
+pub struct Segment<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub positions: &'a [usize],
+    pub parents: &'a [Option<usize>],
+    pub want: LogitRows,
+    pub extend: bool,
 }
 
 #[cfg(test)]

@@ -12,6 +12,6 @@ pub mod ops;
 pub mod profile;
 
 pub use config::{Arch, ModelConfig};
-pub use decoder::{Decoder, LogitRows, Logits};
+pub use decoder::{Decoder, LogitRows, Logits, Segment};
 pub use kv_cache::{common_prefix_len, KvCache};
 pub use load::Model;

@@ -105,6 +105,7 @@ async fn props(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "n_ctx": engine.context,
         "total_slots": engine.max_concurrent,
         "max_concurrent": engine.max_concurrent,
+        "batch_rows": engine.batch_rows,
         "queue": engine.queue_cap,
         "uptime_s": st.started.elapsed().as_secs_f64(),
         "speculative": {

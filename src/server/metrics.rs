@@ -16,6 +16,11 @@ const ITL_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
 ];
 
+/// Sequences per batched forward.
+const BATCH_SEQ_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0];
+/// Rows (roots, draft nodes, prompt tokens) per batched forward.
+const BATCH_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 struct Histogram {
     bounds: &'static [f64],
     /// Per bucket (not cumulative), plus one for +Inf.
@@ -70,6 +75,10 @@ pub struct Metrics {
     per_pos: Mutex<Vec<u64>>,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
+    batch_sequences: Mutex<Histogram>,
+    batch_rows: Mutex<Histogram>,
+    /// Prompt tokens a slot's cache already held (not prefilled).
+    prompt_cached: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -88,6 +97,9 @@ impl Default for Metrics {
             per_pos: Mutex::new(Vec::new()),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             itl: Mutex::new(Histogram::new(ITL_BUCKETS)),
+            batch_sequences: Mutex::new(Histogram::new(BATCH_SEQ_BUCKETS)),
+            batch_rows: Mutex::new(Histogram::new(BATCH_ROW_BUCKETS)),
+            prompt_cached: AtomicU64::new(0),
         }
     }
 }
@@ -105,6 +117,18 @@ impl Metrics {
 
     pub fn observe_itl(&self, secs: f64) {
         lock(&self.itl).observe(secs);
+    }
+
+    /// One batched forward over `sequences` requests and `rows` rows.
+    pub fn observe_batch(&self, sequences: usize, rows: usize) {
+        if sequences > 0 {
+            lock(&self.batch_sequences).observe(sequences as f64);
+            lock(&self.batch_rows).observe(rows as f64);
+        }
+    }
+
+    pub fn add_cached_prompt(&self, n: usize) {
+        self.prompt_cached.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Generated tokens are counted as they stream so the periodic
@@ -210,6 +234,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "treespec_prompt_tokens_cached_total",
+            "Prompt tokens of finished requests that a slot's KV cache already held (not prefilled).",
+            get(&self.prompt_cached),
+        );
+        counter(
+            &mut out,
             "treespec_generation_tokens_total",
             "Generated tokens.",
             get(&self.generation_tokens),
@@ -236,6 +266,16 @@ impl Metrics {
             "treespec_inter_token_latency_seconds",
             "Between consecutive generated tokens of a request.",
         );
+        lock(&self.batch_sequences).render(
+            &mut out,
+            "treespec_batch_sequences",
+            "Requests per batched forward.",
+        );
+        lock(&self.batch_rows).render(
+            &mut out,
+            "treespec_batch_rows",
+            "Rows (pending tokens, draft nodes, prompt tokens) per batched forward.",
+        );
         for (name, help, v) in [
             (
                 "treespec_num_requests_running",
@@ -244,7 +284,7 @@ impl Metrics {
             ),
             (
                 "treespec_num_requests_waiting",
-                "Requests queued for a worker.",
+                "Requests queued for a slot.",
                 waiting,
             ),
         ] {
@@ -278,6 +318,9 @@ mod tests {
             ..Default::default()
         };
         m.finish_request(5, Some(&s), Outcome::Ok);
+        m.observe_batch(3, 20);
+        m.observe_batch(0, 0);
+        m.add_cached_prompt(9);
         let t = m.render(1, 2);
         assert!(t.contains("treespec_time_to_first_token_seconds_bucket{le=\"0.05\"} 1\n"));
         assert!(t.contains("treespec_time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
@@ -289,5 +332,9 @@ mod tests {
         assert!(t.contains("treespec_generation_tokens_total 7\n"));
         assert!(t.contains("treespec_spec_decode_draft_seconds_total 0.250000\n"));
         assert!(t.contains("treespec_num_requests_waiting 2\n"));
+        assert!(t.contains("treespec_batch_sequences_bucket{le=\"2\"} 0\n"));
+        assert!(t.contains("treespec_batch_sequences_bucket{le=\"3\"} 1\n"));
+        assert!(t.contains("treespec_batch_rows_count 1\n"));
+        assert!(t.contains("treespec_prompt_tokens_cached_total 9\n"));
     }
 }

@@ -34,9 +34,11 @@ pub struct ServerConfig {
     /// The name `/v1/models` reports and responses carry.
     pub model_name: String,
     pub api_key: Option<String>,
-    /// Worker threads, each with its own KV cache.
+    /// Requests generated at once (batched), each with its own KV cache.
     pub max_concurrent: usize,
-    /// Requests that may wait for a worker before new ones get 429.
+    /// Rows per batched forward (see `engine::batch`).
+    pub batch_rows: usize,
+    /// Requests that may wait for a slot before new ones get 429.
     pub queue: usize,
     pub ctx_size: usize,
     pub spec: SpecConfig,
@@ -116,24 +118,24 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
                 let started = loaded.and_then(|(m, draft)| {
                     let mut spec = c.spec.clone();
                     spec.draft_model = draft;
-                    Engine::start(
-                        m,
-                        spec,
-                        c.ctx_size,
-                        c.max_concurrent,
-                        c.queue,
-                        state.metrics.clone(),
-                    )
+                    let limits = worker::Limits {
+                        ctx_size: c.ctx_size,
+                        max_concurrent: c.max_concurrent,
+                        batch_rows: c.batch_rows,
+                        queue_cap: c.queue,
+                    };
+                    Engine::start(m, spec, limits, state.metrics.clone())
                     .map_err(|e| e.to_string())
                 });
                 match started {
                     Ok(engine) => {
                         tracing::info!(
                             target: "treespec::server",
-                            "model ready: {} (context {}, {} worker(s), queue {}, spec {} max_nodes {}, recycle rows loaded {})",
+                            "model ready: {} (context {}, {} slot(s) batched at up to {} rows, queue {}, spec {} max_nodes {}, recycle rows loaded {})",
                             c.model_name,
                             engine.context,
                             engine.max_concurrent,
+                            engine.batch_rows,
                             engine.queue_cap,
                             engine.spec.method.name(),
                             engine.spec.max_draft,
@@ -195,7 +197,7 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
     }
     throughput.abort();
-    // Workers are plain threads: join them off the runtime.
+    // The scheduler is a plain thread: join it off the runtime.
     if let Some(engine) = engine {
         let path = config.spec.recycle_state.clone();
         tokio::task::spawn_blocking(move || engine.shutdown(path.as_ref()))

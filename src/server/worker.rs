@@ -1,16 +1,22 @@
-//! The model side of the server: `max_concurrent` OS threads, each owning
-//! one [`Session`] (KV cache), take jobs from one queue. `generate` is
-//! synchronous and CPU-bound, so it never runs on the async runtime; the
-//! handlers talk to the workers through channels.
+//! The model side of the server: ONE scheduler thread steps every running
+//! request through shared forwards (continuous batching,
+//! [`crate::engine::batch`]). Requests join between steps, finished ones
+//! leave, a client gone or a shutdown frees its rows at the next step. The
+//! forwards are synchronous and CPU-bound, so they never run on the async
+//! runtime; the handlers talk to the scheduler through channels.
 //!
-//! One drafter (the recycling matrix) is shared by all workers behind a
-//! mutex, locked per propose/observe call rather than per request, so
-//! concurrent requests interleave and every request's verified tokens teach
-//! the matrix the others read (the hot start carries across requests).
-//! Drafting never decides what is emitted (the verifier does), so sharing
-//! cannot change any output; its one cost is prompt lookup's n-gram index,
-//! which belongs to one sequence and is rebuilt when another request's
-//! step comes in between (only with `max_concurrent` > 1).
+//! `max_concurrent` slots each own a [`Session`] (KV cache) that outlives
+//! its request: a new request takes the free slot whose cache shares the
+//! longest prefix with its prompt, so a conversation's next turn lands on
+//! the cache that holds its history and prefills only the new message.
+//!
+//! One drafter (the recycling matrix) is shared by all requests behind a
+//! mutex, locked per propose/observe call, so every request's verified
+//! tokens teach the matrix the others read (the hot start carries across
+//! requests). Drafting never decides what is emitted (the verifier does),
+//! so sharing cannot change any output; its cost is the per-sequence
+//! state (prompt lookup's n-gram index, a draft model's KV cache), rebuilt
+//! when another request's step comes in between.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -24,12 +30,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::error::ApiError;
 use super::metrics::{Metrics, Outcome};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
+use crate::engine::batch;
 use crate::engine::spec::{SpecConfig, SpecDrafter};
-use crate::engine::{generate, GenerateOptions, Generation, Session, StopReason, TokenEvent};
-use crate::error::Result;
+use crate::engine::{GenerateOptions, Generation, Sequence, Session, StopReason, TokenEvent};
+use crate::error::{Error, Result};
 use crate::model::Model;
 
-/// What a worker tells the request's handler.
+/// What the scheduler tells the request's handler.
 pub enum Event {
     /// Text that became final (possibly empty: a stop string's prefix is
     /// held back until it is known not to be one).
@@ -58,7 +65,10 @@ pub struct Engine {
     pub spec: SpecConfig,
     /// Tokens a session holds (the context of every request).
     pub context: usize,
+    /// Slots: requests generating at once, batched into shared forwards.
     pub max_concurrent: usize,
+    /// Rows per batched forward (see [`batch::step`]).
+    pub batch_rows: usize,
     pub queue_cap: usize,
     /// Recycle-matrix rows loaded from `--recycle-state` at start.
     pub rows_loaded: usize,
@@ -66,7 +76,7 @@ pub struct Engine {
     /// `--tree auto`: the per-step budget controller, shared by all requests.
     pub auto_budget: Option<crate::engine::budget::SharedBudget>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    scheduler: Mutex<Option<JoinHandle<()>>>,
     counts: Arc<Counts>,
     /// Set at the end of the shutdown grace period: every generation stops.
     pub cancel_all: Arc<AtomicBool>,
@@ -80,13 +90,20 @@ pub struct Counts {
     pub admitted: AtomicUsize,
 }
 
+/// Engine limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub ctx_size: usize,
+    pub max_concurrent: usize,
+    pub batch_rows: usize,
+    pub queue_cap: usize,
+}
+
 impl Engine {
     pub fn start(
         model: Model,
         spec: SpecConfig,
-        ctx_size: usize,
-        max_concurrent: usize,
-        queue_cap: usize,
+        limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Result<Engine> {
         let model = Arc::new(model);
@@ -103,40 +120,39 @@ impl Engine {
             &crate::registry::treespec_home(),
         )?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
         let counts = Arc::new(Counts::default());
         let cancel_all = Arc::new(AtomicBool::new(false));
-        let max_concurrent = max_concurrent.max(1);
-        let mut workers = Vec::new();
-        let mut context = 0;
-        for i in 0..max_concurrent {
-            let session = Session::new(&model, ctx_size);
-            context = session.context();
-            let w = Worker {
-                model: model.clone(),
-                session,
-                drafter: drafter.clone(),
-                counts: counts.clone(),
-                metrics: metrics.clone(),
-                cancel_all: cancel_all.clone(),
-            };
-            let rx = rx.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("treespec-worker-{i}"))
-                .spawn(move || w.run(&rx))?;
-            workers.push(h);
-        }
+        let max_concurrent = limits.max_concurrent.max(1);
+        let batch_rows = limits.batch_rows.max(1);
+        // Caches grow as they fill, so idle slots cost nothing.
+        let slots: Vec<Option<Session>> = (0..max_concurrent)
+            .map(|_| Some(Session::new(&model, limits.ctx_size)))
+            .collect();
+        let context = slots[0].as_ref().map_or(0, Session::context);
+        let scheduler = Scheduler {
+            model: model.clone(),
+            slots,
+            batch_rows,
+            drafter: drafter.clone(),
+            counts: counts.clone(),
+            metrics,
+            cancel_all: cancel_all.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("treespec-batch".into())
+            .spawn(move || scheduler.run(rx))?;
         Ok(Engine {
             auto_budget,
             model,
             spec,
             context,
             max_concurrent,
-            queue_cap,
+            batch_rows,
+            queue_cap: limits.queue_cap,
             rows_loaded,
             drafter,
             jobs: Mutex::new(Some(tx)),
-            workers: Mutex::new(workers),
+            scheduler: Mutex::new(Some(handle)),
             counts,
             cancel_all,
         })
@@ -161,7 +177,7 @@ impl Engine {
         })
     }
 
-    /// Queues a job, or refuses it when every worker is busy and
+    /// Queues a job, or refuses it when every slot is busy and
     /// `queue_cap` requests already wait.
     pub fn submit(&self, job: Job) -> std::result::Result<(), Rejected> {
         let jobs = lock(&self.jobs);
@@ -183,14 +199,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Refuses new jobs, lets the workers finish the queued ones (callers set
-    /// `cancel_all` to cut them short), joins them and saves the recycling
-    /// matrix.
+    /// Refuses new jobs, lets the scheduler finish the queued ones (callers
+    /// set `cancel_all` to cut them short), joins it and saves the
+    /// recycling matrix.
     pub fn shutdown(&self, state: Option<&PathBuf>) -> Result<()> {
         lock(&self.jobs).take();
-        for h in lock(&self.workers).drain(..) {
+        if let Some(h) = lock(&self.scheduler).take() {
             if h.join().is_err() {
-                tracing::error!("a worker thread panicked");
+                tracing::error!("the batch scheduler thread panicked");
             }
         }
         if let (Some(d), Some(p)) = (&self.drafter, state) {
@@ -205,79 +221,184 @@ impl Engine {
     }
 }
 
-struct Worker {
+struct Scheduler {
     model: Arc<Model>,
-    session: Session,
+    /// `None` while the slot's session is lent to a running request.
+    slots: Vec<Option<Session>>,
+    batch_rows: usize,
     drafter: Option<Arc<Mutex<SpecDrafter>>>,
     counts: Arc<Counts>,
     metrics: Arc<Metrics>,
     cancel_all: Arc<AtomicBool>,
 }
 
-impl Worker {
-    fn run(mut self, rx: &Mutex<mpsc::Receiver<Job>>) {
+/// A request in the batch.
+struct Running<'a> {
+    seq: Sequence<'a>,
+    slot: usize,
+    prompt_tokens: usize,
+    speculate: bool,
+    cancel: Arc<AtomicBool>,
+    events: UnboundedSender<Event>,
+    arrived: Instant,
+}
+
+impl Scheduler {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let model = self.model.clone();
+        let drafter = self.drafter.clone();
+        let mut running: Vec<Running<'_>> = Vec::new();
+        let mut closed = false;
         loop {
-            // Idle workers queue on the mutex; the one holding it waits for a job.
-            let job = match lock(rx).recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            };
-            self.counts.running.fetch_add(1, Ordering::SeqCst);
-            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
-            let done = self.serve(&job);
-            // Not running any more before the client hears it is done, so a
-            // client's next look at the gauges is consistent.
-            self.counts.running.fetch_sub(1, Ordering::SeqCst);
-            self.counts.admitted.fetch_sub(1, Ordering::SeqCst);
-            let _ = job.events.send(Event::Done(Box::new(done)));
+            // Admit queued jobs into free slots; block only when idle.
+            while !closed && running.len() < self.slots.len() {
+                let job = if running.is_empty() {
+                    match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                };
+                self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+                if let Some(r) = self.admit(&model, drafter.as_deref(), job) {
+                    self.counts.running.fetch_add(1, Ordering::SeqCst);
+                    running.push(r);
+                }
+            }
+            if running.is_empty() {
+                if closed {
+                    return;
+                }
+                continue;
+            }
+            // A client gone or a shutdown frees its rows now, not at its
+            // next token (a long prefill emits none).
+            let stop_all = self.cancel_all.load(Ordering::Relaxed);
+            for r in running.iter_mut() {
+                if stop_all || r.cancel.load(Ordering::Relaxed) {
+                    r.seq.cancel();
+                }
+            }
+            let mut live: Vec<&mut Sequence<'_>> = running
+                .iter_mut()
+                .filter(|r| !r.seq.is_finished())
+                .map(|r| &mut r.seq)
+                .collect();
+            if !live.is_empty() {
+                let stepped = catch_unwind(AssertUnwindSafe(|| {
+                    batch::step(&model, &mut live, self.batch_rows)
+                }));
+                match stepped {
+                    Ok(rows) => self.metrics.observe_batch(rows.sequences, rows.rows),
+                    Err(_) => {
+                        tracing::error!("a batched step panicked: failing its requests");
+                        for s in live {
+                            s.fail(Error::Batch("internal error: generation panicked".into()));
+                        }
+                    }
+                }
+            }
+            // Finished requests leave the batch.
+            let mut i = 0;
+            while i < running.len() {
+                if running[i].seq.is_finished() {
+                    let r = running.swap_remove(i);
+                    self.retire(r);
+                } else {
+                    i += 1;
+                }
+            }
         }
     }
 
-    fn serve(&mut self, job: &Job) -> std::result::Result<Generation, ApiError> {
+    /// Starts a job in the free slot whose cache shares the longest prefix
+    /// with its prompt; a job that cannot start is answered here.
+    fn admit<'a>(
+        &mut self,
+        model: &'a Model,
+        drafter: Option<&'a Mutex<SpecDrafter>>,
+        job: Job,
+    ) -> Option<Running<'a>> {
         let prompt_tokens = job.prompt.len();
+        let answer = |counts: &Counts, r: std::result::Result<Generation, ApiError>| {
+            counts.admitted.fetch_sub(1, Ordering::SeqCst);
+            let _ = job.events.send(Event::Done(Box::new(r)));
+        };
         if job.cancel.load(Ordering::Relaxed) || self.cancel_all.load(Ordering::Relaxed) {
             // Gone or shut down before its turn: nothing to run.
             self.metrics
                 .finish_request(prompt_tokens, None, Outcome::Cancelled);
-            return Err(ApiError::shutting_down());
+            answer(&self.counts, Err(ApiError::shutting_down()));
+            return None;
         }
+        let slot = (0..self.slots.len())
+            .filter_map(|i| {
+                let s = self.slots[i].as_ref()?;
+                Some((s.cached_prefix_len(&job.prompt), i))
+            })
+            .max_by_key(|&(n, i)| (n, std::cmp::Reverse(i)))
+            .map(|(_, i)| i)
+            .expect("admit is called with a free slot");
+        let session = self.slots[slot].take().expect("free slot");
         let metrics = self.metrics.clone();
-        let cancel_all = self.cancel_all.clone();
+        let (cancel, events, arrived) = (job.cancel.clone(), job.events.clone(), job.arrived);
         let mut last: Option<Instant> = None;
-        let mut on_token = |ev: &TokenEvent| -> bool {
-            let real = ev.token != u32::MAX;
-            if real {
+        let on_token = Box::new(move |ev: &TokenEvent| -> bool {
+            if ev.token != u32::MAX {
                 let now = Instant::now();
                 match last {
-                    None => metrics.observe_ttft((now - job.arrived).as_secs_f64()),
+                    None => metrics.observe_ttft((now - arrived).as_secs_f64()),
                     Some(t) => metrics.observe_itl((now - t).as_secs_f64()),
                 }
                 last = Some(now);
                 metrics.add_generated(1);
             }
-            if job.cancel.load(Ordering::Relaxed) || cancel_all.load(Ordering::Relaxed) {
+            if cancel.load(Ordering::Relaxed) {
                 return false;
             }
-            job.events.send(Event::Text(ev.text.to_string())).is_ok()
-        };
-        let mut shared = match (&self.drafter, job.speculate) {
-            (Some(d), true) => Some(SharedDrafter::new(d)),
+            events.send(Event::Text(ev.text.to_string())).is_ok()
+        });
+        let shared = match (drafter, job.speculate) {
+            (Some(d), true) => Some(Box::new(SharedDrafter::new(d)) as Box<dyn Drafter + 'a>),
             _ => None,
         };
-        let model = &*self.model;
-        let session = &mut self.session;
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let dref = shared.as_mut().map(|d| d as &mut dyn Drafter);
-            generate(model, session, dref, &job.prompt, &job.opts, &mut on_token)
-        }));
-        let result = match result {
-            Ok(r) => r.map_err(ApiError::from),
-            Err(_) => Err(ApiError::internal("internal error: generation panicked")),
-        };
-        if result.is_err() {
-            // The session may be half-written: start the next request clean.
-            self.session.reset();
+        match Sequence::new(model, session, shared, &job.prompt, job.opts, on_token) {
+            Ok(seq) => Some(Running {
+                seq,
+                slot,
+                prompt_tokens,
+                speculate: job.speculate,
+                cancel: job.cancel,
+                events: job.events,
+                arrived: job.arrived,
+            }),
+            Err(refused) => {
+                let (e, session) = *refused;
+                self.slots[slot] = Some(session);
+                tracing::warn!("request failed: {e}");
+                self.metrics
+                    .finish_request(prompt_tokens, None, Outcome::Failed);
+                answer(&self.counts, Err(ApiError::from(e)));
+                None
+            }
         }
+    }
+
+    /// Answers a finished request and gives its slot back.
+    fn retire(&mut self, r: Running<'_>) {
+        let (result, mut session) = r.seq.finish();
+        let result = result.map_err(ApiError::from);
         match &result {
             Ok(g) => {
                 let outcome = if g.stop == StopReason::Cancelled {
@@ -285,17 +406,26 @@ impl Worker {
                 } else {
                     Outcome::Ok
                 };
-                let spec = job.speculate.then_some(&g.spec);
-                self.metrics.finish_request(prompt_tokens, spec, outcome);
-                log_request(g, (Instant::now() - job.arrived).as_secs_f64());
+                let spec = r.speculate.then_some(&g.spec);
+                self.metrics.finish_request(r.prompt_tokens, spec, outcome);
+                self.metrics
+                    .add_cached_prompt(g.stats.prompt_tokens - g.stats.prefilled_tokens);
+                log_request(g, (Instant::now() - r.arrived).as_secs_f64());
             }
             Err(e) => {
+                // The session may be half-written: start the next request clean.
+                session.reset();
                 tracing::warn!("request failed: {}", e.message);
                 self.metrics
-                    .finish_request(prompt_tokens, None, Outcome::Failed);
+                    .finish_request(r.prompt_tokens, None, Outcome::Failed);
             }
         }
-        result
+        self.slots[r.slot] = Some(session);
+        // Not running any more before the client hears it is done, so a
+        // client's next look at the gauges is consistent.
+        self.counts.running.fetch_sub(1, Ordering::SeqCst);
+        self.counts.admitted.fetch_sub(1, Ordering::SeqCst);
+        let _ = r.events.send(Event::Done(Box::new(result)));
     }
 }
 

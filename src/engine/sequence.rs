@@ -1,0 +1,489 @@
+//! One request's generation as a state machine that a driver steps: plan
+//! what to run next (a prefill chunk, or a draft tree), hand the decoder
+//! that [`Segment`], absorb the logits. [`super::generate`] runs one
+//! sequence per forward; [`super::batch`] runs many in one forward
+//! (continuous batching). Both step this very code, which is why a request
+//! in a batch emits exactly what it emits alone.
+
+use std::time::Instant;
+
+use super::{GenStats, SpecStats, PREFILL_CHUNK};
+use super::{GenerateOptions, Generation, Session, StopReason, StopScanner, TokenEvent};
+use crate::draft::{DraftTree, Drafter, NodeTopK};
+use crate::error::{Error, Result};
+use crate::model::{common_prefix_len, LogitRows, Logits, Model, Segment};
+use crate::sampling::{top2_margin, top_k_probs, Sampler};
+use crate::tokenizer::StreamDecoder;
+
+/// Sees every emitted token; returning `false` cancels the request.
+pub type OnToken<'a> = Box<dyn FnMut(&TokenEvent) -> bool + 'a>;
+
+pub struct Sequence<'a> {
+    session: Session,
+    drafter: Option<Box<dyn Drafter + 'a>>,
+    opts: GenerateOptions,
+    on_token: OnToken<'a>,
+    prompt_len: usize,
+    stop_tokens: Vec<u32>,
+    sampler: Sampler,
+    stats: GenStats,
+    spec: SpecStats,
+    /// Prompt + generated so far; its last token is the next tree's root.
+    context: Vec<u32>,
+    tokens: Vec<u32>,
+    margins: Vec<f32>,
+    margins_ms: f64,
+    detok: StreamDecoder<'a>,
+    scanner: StopScanner,
+    started: Instant,
+    /// Set when the prompt is in the cache and decoding begins.
+    decode_started: Option<Instant>,
+    /// The prompt before its last token is prefilled up to here.
+    prefilled: usize,
+    stop: Option<StopReason>,
+    /// Set by [`Sequence::fail`]: what [`Sequence::finish`] reports.
+    error: Option<Error>,
+    work: Work,
+}
+
+/// What the sequence asked the decoder to run.
+enum Work {
+    None,
+    Prefill {
+        end: usize,
+        positions: Vec<usize>,
+        parents: Vec<Option<usize>>,
+    },
+    Tree {
+        tree: DraftTree,
+        positions: Vec<usize>,
+        /// The budget controller's class and choice for this step.
+        class: usize,
+        chosen: usize,
+        draft_ms: f64,
+        scored: Option<Instant>,
+    },
+}
+
+impl<'a> Sequence<'a> {
+    /// Checks the request and reuses the longest prefix `session` already
+    /// holds; nothing runs yet. A refused request hands `session` back.
+    pub fn new(
+        model: &'a Model,
+        mut session: Session,
+        drafter: Option<Box<dyn Drafter + 'a>>,
+        prompt: &[u32],
+        opts: GenerateOptions,
+        on_token: OnToken<'a>,
+    ) -> std::result::Result<Self, Box<(Error, Session)>> {
+        if let Err(e) = check_request(model, &session, prompt, &opts) {
+            return Err(Box::new((e, session)));
+        }
+        // Prefill everything but the last prompt token, which becomes the
+        // first tree root; reuse the longest cached prefix.
+        let body = &prompt[..prompt.len() - 1];
+        let reuse = common_prefix_len(&session.cached, body).min(session.cache.len());
+        session.cache.truncate(reuse);
+        session.cached.truncate(reuse);
+        let stats = GenStats {
+            prompt_tokens: prompt.len(),
+            prefilled_tokens: body.len() - reuse + 1,
+            ..Default::default()
+        };
+        let spec = SpecStats {
+            method: drafter
+                .as_ref()
+                .map(|d| d.name().to_string())
+                .unwrap_or_else(|| "none".into()),
+            ..Default::default()
+        };
+        Ok(Sequence {
+            session,
+            drafter,
+            sampler: Sampler::new(opts.sampling.clone()),
+            scanner: StopScanner {
+                stops: opts.stop_strings.clone(),
+                text: String::new(),
+                emitted: 0,
+            },
+            opts,
+            on_token,
+            prompt_len: prompt.len(),
+            stop_tokens: model.tokenizer.stop_tokens().to_vec(),
+            stats,
+            spec,
+            context: prompt.to_vec(),
+            tokens: Vec::new(),
+            margins: Vec::new(),
+            margins_ms: 0.0,
+            detok: StreamDecoder::new(&model.tokenizer),
+            started: Instant::now(),
+            decode_started: None,
+            prefilled: reuse,
+            stop: None,
+            error: None,
+            work: Work::None,
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Still prefilling its prompt.
+    pub fn is_prefilling(&self) -> bool {
+        self.decode_started.is_none()
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Decides the next piece of work: a prefill chunk of at most
+    /// `prefill_rows` prompt tokens, or a draft tree of at most `max_draft`
+    /// nodes besides the root (the drafter's own budget caps it further).
+    /// Returns false when the sequence has finished.
+    pub fn plan(&mut self, prefill_rows: usize, max_draft: usize) -> bool {
+        self.work = Work::None;
+        if self.stop.is_some() {
+            return false;
+        }
+        let body = self.prompt_len - 1;
+        if self.prefilled < body {
+            let base = self.session.cache.len();
+            let n = (body - self.prefilled).min(prefill_rows.clamp(1, PREFILL_CHUNK));
+            self.work = Work::Prefill {
+                end: self.prefilled + n,
+                positions: (base..base + n).collect(),
+                parents: (0..n).map(|i| i.checked_sub(1)).collect(),
+            };
+            return true;
+        }
+        if self.decode_started.is_none() {
+            if let Some(d) = self.drafter.as_deref_mut() {
+                d.set_sampling(&self.opts.sampling);
+                d.start(&self.context);
+            }
+            self.stats.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            self.decode_started = Some(Instant::now());
+        }
+        if self.tokens.len() >= self.opts.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+            return false;
+        }
+        let capacity = self.session.cache.capacity();
+        let room = capacity - self.session.cache.len();
+        if room == 0 {
+            self.stop = Some(StopReason::ContextFull);
+            return false;
+        }
+        let root = *self.context.last().expect("context is never empty");
+        let (class, chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
+            (Some(c), Some(d)) => {
+                let class = d.outlook(&self.context);
+                let b = c
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .choose(self.session.cache.len(), class);
+                (class, b)
+            }
+            _ => (0, self.opts.max_draft),
+        };
+        let budget = chosen
+            .min(max_draft)
+            .min(room - 1)
+            .min(self.opts.max_new_tokens - self.tokens.len() - 1);
+        let td = Instant::now();
+        let tree = match self.drafter.as_deref_mut() {
+            Some(d) if budget > 0 => d.propose(&self.context, budget),
+            _ => DraftTree::root(root),
+        };
+        let draft_ms = td.elapsed().as_secs_f64() * 1e3;
+        debug_assert!(tree.validate().is_ok() && tree.tokens[0] == root);
+        let base = self.session.cache.len();
+        self.work = Work::Tree {
+            positions: tree.depths.iter().map(|d| base + d).collect(),
+            tree,
+            class,
+            chosen,
+            draft_ms,
+            scored: None,
+        };
+        true
+    }
+
+    /// Rows the planned work adds to a forward.
+    pub fn rows(&self) -> usize {
+        match &self.work {
+            Work::None => 0,
+            Work::Prefill { positions, .. } => positions.len(),
+            Work::Tree { tree, .. } => tree.len(),
+        }
+    }
+
+    /// The planned work as the decoder's input (`None` when nothing is
+    /// planned).
+    pub fn segment(&mut self) -> Option<Segment<'_>> {
+        let cache = &mut self.session.cache;
+        match &mut self.work {
+            Work::None => None,
+            Work::Prefill {
+                end,
+                positions,
+                parents,
+            } => Some(Segment {
+                cache,
+                tokens: &self.context[self.prefilled..*end],
+                positions,
+                parents,
+                want: LogitRows::None,
+                extend: false,
+            }),
+            Work::Tree {
+                tree,
+                positions,
+                scored,
+                ..
+            } => {
+                *scored = Some(Instant::now());
+                Some(Segment {
+                    cache,
+                    tokens: &tree.tokens,
+                    positions,
+                    parents: &tree.parents,
+                    want: LogitRows::All,
+                    extend: false,
+                })
+            }
+        }
+    }
+
+    /// Takes the logits of the planned work: commits a prefill chunk, or
+    /// verifies the tree, keeps the accepted path and emits its tokens
+    /// (which may finish the sequence).
+    pub fn absorb(&mut self, logits: Logits) -> Result<()> {
+        match std::mem::replace(&mut self.work, Work::None) {
+            Work::None => Ok(()),
+            Work::Prefill { end, .. } => {
+                self.session.cache.keep_all();
+                let chunk = &self.context[self.prefilled..end];
+                self.session.cached.extend_from_slice(chunk);
+                self.prefilled = end;
+                Ok(())
+            }
+            Work::Tree {
+                tree,
+                class,
+                chosen,
+                draft_ms,
+                scored,
+                ..
+            } => self.verify_step(tree, logits, class, chosen, draft_ms, scored),
+        }
+    }
+
+    fn verify_step(
+        &mut self,
+        tree: DraftTree,
+        logits: Logits,
+        class: usize,
+        chosen: usize,
+        mut step_draft_ms: f64,
+        scored: Option<Instant>,
+    ) -> Result<()> {
+        let verdict = (self.opts.verifier)(&tree, &logits, &mut self.sampler, &mut self.context);
+        self.session.cache.keep(&verdict.path)?;
+        self.session
+            .cached
+            .extend(verdict.path.iter().map(|&i| tree.tokens[i]));
+        if let Some(t) = scored {
+            self.spec.verify_ms += t.elapsed().as_secs_f64() * 1e3;
+        }
+        self.spec
+            .record_step(tree.num_drafted(), verdict.accepted_drafts());
+
+        if let Some(d) = self.drafter.as_deref_mut() {
+            let k = d.wants_topk();
+            // Root-only steps too: the update rule covers the root, and a
+            // recycler whose matrix is still empty (no prompt seeding)
+            // proposes only the root until it has learnt something.
+            if k > 0 {
+                let td = Instant::now();
+                let topk = node_top_k(&logits, tree.len(), k);
+                d.observe(&tree, &topk, &verdict.path);
+                step_draft_ms += td.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        self.spec.draft_ms += step_draft_ms;
+        if let (Some(c), Some(_)) = (&self.opts.auto_budget, &self.drafter) {
+            c.lock().unwrap_or_else(|e| e.into_inner()).record(
+                class,
+                chosen,
+                verdict.emitted.len(),
+                tree.len(),
+                step_draft_ms,
+            );
+        }
+
+        for (i, &tok) in verdict.emitted.iter().enumerate() {
+            if !self.opts.ignore_eos && self.stop_tokens.contains(&tok) {
+                self.stop = Some(StopReason::Eos);
+                return Ok(());
+            }
+            self.tokens.push(tok);
+            self.context.push(tok);
+            if self.opts.record_margins {
+                let tm = Instant::now();
+                self.margins.push(top2_margin(logits.row(verdict.path[i])));
+                self.margins_ms += tm.elapsed().as_secs_f64() * 1e3;
+            }
+            let piece = self.detok.push(tok)?;
+            let (safe, hit) = self.scanner.push(&piece);
+            if !(self.on_token)(&TokenEvent {
+                token: tok,
+                text: &safe,
+            }) {
+                self.stop = Some(StopReason::Cancelled);
+                return Ok(());
+            }
+            if hit {
+                self.stop = Some(StopReason::StopString);
+                return Ok(());
+            }
+            if self.tokens.len() >= self.opts.max_new_tokens {
+                self.stop = Some(StopReason::MaxTokens);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the request before its next step (its client is gone): it
+    /// finishes as cancelled with what it has emitted.
+    pub fn cancel(&mut self) {
+        if self.stop.is_none() {
+            self.work = Work::None;
+            self.stop = Some(StopReason::Cancelled);
+        }
+    }
+
+    /// Ends the request with `e` (its forward or its verification failed):
+    /// it plans nothing more, and [`Sequence::finish`] reports `e`.
+    pub fn fail(&mut self, e: Error) {
+        self.work = Work::None;
+        self.stop = Some(StopReason::Cancelled);
+        self.error = Some(e);
+    }
+
+    /// Ends the request: streams the held-back text, lets the drafter learn
+    /// from the output, and hands back the session (its cache holding
+    /// exactly prompt + output, for the next turn).
+    pub fn finish(mut self) -> (Result<Generation>, Session) {
+        if let Some(e) = self.error.take() {
+            return (Err(e), self.into_session());
+        }
+        let stop = self.stop.unwrap_or(StopReason::MaxTokens);
+        let mut result = Ok(());
+        if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
+            match self.detok.finish() {
+                Ok(tail) => {
+                    let (mut safe, _) = self.scanner.push(&tail);
+                    safe.push_str(&self.scanner.flush());
+                    if !safe.is_empty() {
+                        (self.on_token)(&TokenEvent {
+                            token: u32::MAX,
+                            text: &safe,
+                        });
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        if let Some(d) = self.drafter.as_deref_mut() {
+            d.finish(&self.tokens);
+        }
+        let mut session = self.session;
+        // The cache may hold accepted tokens past a stop: drop them so the
+        // session's cached tokens describe the cache exactly.
+        let keep = self.prompt_len - 1 + self.tokens.len();
+        if session.cached.len() > keep {
+            session.cache.truncate(keep);
+            session.cached.truncate(keep);
+        }
+        if let Err(e) = result {
+            return (Err(e), session);
+        }
+        let mut stats = self.stats;
+        if let Some(t) = self.decode_started {
+            stats.decode_ms = t.elapsed().as_secs_f64() * 1e3 - self.margins_ms;
+        }
+        stats.generated_tokens = self.tokens.len();
+        stats.steps = self.spec.steps;
+        stats.finish();
+        let mut spec = self.spec;
+        spec.finish();
+        let generation = Generation {
+            tokens: self.tokens,
+            text: self.scanner.text,
+            stop,
+            stats,
+            spec,
+            margins: self.margins,
+            margins_ms: self.margins_ms,
+        };
+        (Ok(generation), session)
+    }
+
+    /// Gives up on the request (its forward failed): the session comes
+    /// back with its cache holding what it committed, nothing pending.
+    pub fn into_session(self) -> Session {
+        let mut session = self.session;
+        let n = session.cached.len();
+        session.cache.truncate(n);
+        session
+    }
+}
+
+/// The request is well-formed for this model and session.
+fn check_request(
+    model: &Model,
+    session: &Session,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<()> {
+    opts.sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let capacity = session.cache.capacity();
+    if prompt.len() >= capacity {
+        return Err(Error::ContextLength {
+            prompt: prompt.len(),
+            context: capacity,
+            reserve: 1,
+        });
+    }
+    let vocab = model.decoder.config.vocab_size;
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "prompt token {t} is outside the vocabulary ({vocab})"
+        )));
+    }
+    Ok(())
+}
+
+/// The model's top-k successors of every scored node, for drafters that
+/// learn (two passes over the vocabulary per node, spread over the pool).
+fn node_top_k(logits: &Logits, nodes: usize, k: usize) -> Vec<NodeTopK> {
+    let topk: Vec<std::sync::Mutex<NodeTopK>> = (0..nodes).map(|_| Default::default()).collect();
+    crate::kernels::parallel_for(nodes, 1, &|range| {
+        for i in range {
+            let (ids, probs) = top_k_probs(logits.row(i), k);
+            *topk[i].lock().unwrap_or_else(|e| e.into_inner()) = NodeTopK { ids, probs };
+        }
+    });
+    topk.into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}

@@ -1,0 +1,214 @@
+//! Continuous batching: N requests stepped through one forward per step give
+//! each exactly the tokens it gets alone (greedy), with and without
+//! speculation, with prompts of different lengths chunked in beside decode
+//! rows, and with one request cancelled mid-way.
+
+mod common;
+
+use treespec::draft::Drafter;
+use treespec::engine::batch::{run_to_end, step, MIN_PREFILL_ROWS};
+use treespec::engine::spec::{SpecConfig, SpecDrafter, SpecMethod};
+use treespec::engine::PREFILL_CHUNK;
+use treespec::engine::{generate, GenerateOptions, Sequence, Session, StopReason, TokenEvent};
+use treespec::model::{common_prefix_len, Model};
+use treespec::sampling::NEAR_TIE;
+
+const PROMPTS: [&str; 4] = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "List three facts about the Moon.",
+    // Long enough (with the template) to take several prefill chunks at a
+    // small row budget, so its prefill runs beside the others' decoding.
+    "Summarise the following text in one sentence. The quick brown fox jumps over the lazy dog. \
+     The dog, annoyed, chases the fox across the field, through the hedge and into the forest, \
+     where both of them get lost until the farmer finds them at dusk and brings them home.",
+    "Translate to French: Good morning, how are you today?",
+];
+
+const NEW_TOKENS: usize = 40;
+
+fn opts(max_draft: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: NEW_TOKENS,
+        max_draft,
+        ..Default::default()
+    }
+}
+
+fn hybrid(model: &Model) -> SpecDrafter {
+    let cfg = SpecConfig {
+        method: SpecMethod::Hybrid,
+        tree: "dynamic".into(),
+        max_draft: 12,
+        ..Default::default()
+    };
+    SpecDrafter::build(&cfg, model.config().vocab_size)
+        .unwrap()
+        .unwrap()
+}
+
+/// Plain single-request decoding of every prompt, with margins for near-tie
+/// reporting.
+fn alone(model: &Model, prompts: &[Vec<u32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
+    prompts
+        .iter()
+        .map(|p| {
+            let mut s = Session::new(model, 1024);
+            let o = GenerateOptions {
+                record_margins: true,
+                ..opts(0)
+            };
+            let g = generate(model, &mut s, None, p, &o, &mut |_| true).unwrap();
+            (g.tokens, g.margins)
+        })
+        .collect()
+}
+
+/// Asserts `got` equals `want`, tolerating (and printing) a divergence that
+/// starts at a floating-point near-tie.
+fn assert_same(what: &str, got: &[u32], want: &(Vec<u32>, Vec<f32>)) {
+    if got == want.0.as_slice() {
+        return;
+    }
+    let at = common_prefix_len(got, &want.0);
+    let margin = want.1.get(at).copied().unwrap_or(1.0);
+    assert!(
+        margin < NEAR_TIE,
+        "{what}: batched output differs from the request alone at token {at} (top-2 margin {margin:.4})"
+    );
+    println!("near-tie: {what} diverges at token {at} (margin {margin:.4})");
+}
+
+/// SmolLM2 and the prompts, chat-templated.
+fn load() -> (Model, Vec<Vec<u32>>) {
+    let model = Model::load(&common::model_path("smollm2-135m")).unwrap();
+    let prompts = PROMPTS
+        .iter()
+        .map(|t| common::chat_prompt(&model, t))
+        .collect();
+    (model, prompts)
+}
+
+/// One sequence per prompt, with the drafters given (none: plain); with
+/// `cancel = Some((i, n))` request i's client leaves after n tokens.
+fn start<'a>(
+    model: &'a Model,
+    prompts: &'a [Vec<u32>],
+    drafters: &'a mut [SpecDrafter],
+    max_draft: usize,
+    cancel: Option<(usize, usize)>,
+) -> Vec<Sequence<'a>> {
+    let mut dref = drafters.iter_mut();
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let d = dref.next().map(|d| Box::new(d) as Box<dyn Drafter + 'a>);
+            let mut seen = 0;
+            let on_token = Box::new(move |e: &TokenEvent| {
+                seen += (e.token != u32::MAX) as usize;
+                cancel.is_none_or(|(at, n)| at != i || seen < n)
+            });
+            Sequence::new(
+                model,
+                Session::new(model, 1024),
+                d,
+                p,
+                opts(max_draft),
+                on_token,
+            )
+            .map_err(|refused| refused.0)
+            .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn batched_requests_match_each_alone() {
+    let (model, prompts) = load();
+    let want = alone(&model, &prompts);
+
+    // Row budgets: 6 makes the long prompt prefill beside three decoding
+    // requests in small chunks and leaves drafts almost no rows; 64 lets
+    // trees grow.
+    for max_rows in [6, 64] {
+        for speculate in [false, true] {
+            let mut drafters: Vec<SpecDrafter> = if speculate {
+                prompts.iter().map(|_| hybrid(&model)).collect()
+            } else {
+                Vec::new()
+            };
+            let max_draft = if speculate { 12 } else { 0 };
+            let seqs = start(&model, &prompts, &mut drafters, max_draft, None);
+            let outs = run_to_end(&model, seqs, max_rows);
+            let mut steps = 0;
+            for (i, ((g, session), w)) in outs.into_iter().zip(&want).enumerate() {
+                let g = g.unwrap();
+                let what = format!("prompt {i}, max_rows {max_rows}, speculate {speculate}");
+                assert_same(&what, &g.tokens, w);
+                // The session holds exactly prompt + output, ready for a
+                // next turn (the last output token is not yet in the cache).
+                assert_eq!(session.cache.len(), prompts[i].len() - 1 + g.tokens.len());
+                steps += g.spec.steps;
+                if speculate && max_rows == 64 {
+                    assert!(
+                        g.spec.steps < g.tokens.len(),
+                        "{what}: speculation never accepted a draft token"
+                    );
+                }
+            }
+            println!("max_rows {max_rows} speculate {speculate}: {steps} steps in all");
+        }
+    }
+}
+
+/// Rows per forward never exceed the budget once every prompt is in (a
+/// first prefill chunk may take MIN_PREFILL_ROWS), every live sequence gets
+/// a row each step, and a request cancelled mid-way leaves the others
+/// untouched.
+#[test]
+fn batch_shares_rows_and_survives_a_cancel() {
+    let (model, prompts) = load();
+    let want = alone(&model, &prompts);
+    let mut drafters: Vec<SpecDrafter> = prompts.iter().map(|_| hybrid(&model)).collect();
+    // Request 1's client goes away after 5 tokens.
+    let mut seqs = start(&model, &prompts, &mut drafters, 12, Some((1, 5)));
+    let max_rows = 10;
+    let mut forwards = 0;
+    loop {
+        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let n = live.len();
+        let decoding = live.iter().filter(|s| !s.is_prefilling()).count();
+        let prefilling = decoding < n;
+        let r = step(&model, &mut live, max_rows);
+        forwards += 1;
+        assert_eq!(r.sequences, n, "every live sequence runs each step");
+        if decoding == 0 {
+            // Nobody waits on a token: prompts get a whole chunk.
+            assert!(r.rows <= PREFILL_CHUNK.max(max_rows), "{r:?}");
+        } else if prefilling {
+            assert!(r.rows <= max_rows.max(decoding + MIN_PREFILL_ROWS), "{r:?}");
+        } else {
+            assert!(r.rows <= max_rows.max(n), "{r:?} over {max_rows} rows");
+            assert_eq!(r.prefill_rows, 0);
+        }
+        assert!(forwards < 10_000, "the batch does not progress");
+    }
+    let outs: Vec<_> = seqs.into_iter().map(Sequence::finish).collect();
+    for (i, ((g, _), w)) in outs.into_iter().zip(&want).enumerate() {
+        let g = g.unwrap();
+        if i == 1 {
+            assert_eq!(g.stop, StopReason::Cancelled);
+            assert_eq!(g.tokens.len(), 5);
+            assert_same(
+                "cancelled request",
+                &g.tokens,
+                &(w.0[..5].to_vec(), w.1.clone()),
+            );
+        } else {
+            assert_same(&format!("prompt {i} beside a cancel"), &g.tokens, w);
+        }
+    }
+}
