@@ -75,8 +75,12 @@ def peak_rss_mb(pid):
 
 def one_request(host, port, prompt, args):
     """Returns (ttft_s, completion_tokens, inter-token gaps, error or None)."""
+    return one_request_body(host, port, {"messages": [{"role": "user", "content": prompt}]}, args)
+
+
+def one_request_body(host, port, req, args):
     req = {
-        "messages": [{"role": "user", "content": prompt}],
+        **req,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "stream": True,
@@ -232,6 +236,56 @@ def run_load(host, port, proc, clients, args, target):
     }
 
 
+def ttft_of(host, port, messages, args):
+    """TTFT of one streamed chat request with `messages` (max 8 tokens)."""
+    sub = argparse.Namespace(**vars(args))
+    sub.max_tokens, sub.ignore_eos = 8, True
+    body = {"messages": messages}
+    ttft, _, _, err = one_request_body(host, port, body, sub)
+    if err:
+        sys.exit(f"multi-turn request failed: {err}")
+    return ttft
+
+
+def multi_turn(args, target):
+    """Second-turn TTFT on a ~2,000-token history: right after the first
+    turn (the slot still holds it), and after an unrelated request took the
+    slot (one slot: only a prefix cache can help then)."""
+    history = (
+        "Here is the module we discussed, for reference:\n"
+        + "\n".join(f"def helper_{i}(x):\n    return x * {i} + {i % 7}  # step {i}" for i in range(110))
+    )
+    turn1 = [{"role": "user", "content": history + "\n\nWhat does helper_3 return for x = 2?"}]
+    answer = "It returns 2 * 3 + 3 = 9."
+    turn2 = turn1 + [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": "And helper_10 for x = 1?"}]
+    other = [{"role": "user", "content": "Write a haiku about autumn."}]
+    host, port = "127.0.0.1", free_port()
+    saved = args.max_concurrent
+    args.max_concurrent = 1
+    proc = start_server(args, target, 1, port)
+    try:
+        wait_healthy(host, port, proc)
+        first = ttft_of(host, port, turn1, args)
+        hot = ttft_of(host, port, turn2, args)
+        ttft_of(host, port, other, args)
+        after_other = ttft_of(host, port, turn2 + [{"role": "assistant", "content": "11."},
+                                                    {"role": "user", "content": "Thanks."}], args)
+    finally:
+        args.max_concurrent = saved
+        proc.terminate()
+        proc.wait(timeout=30)
+    r = {"target": target, "model": args.model, "server_args": args.server_arg if target == "treespec" else None,
+         "turn1_ttft_s": round(first, 3), "turn2_ttft_s": round(hot, 3),
+         "turn3_after_other_request_ttft_s": round(after_other, 3),
+         "turn2_speedup": round(first / hot, 1), "turn3_speedup": round(first / after_other, 1)}
+    print(json.dumps(r), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="existing server as host:port (default: start one per point)")
@@ -253,7 +307,13 @@ def main():
     ap.add_argument("--llama-server", help="also run llama-server (path, from scripts/peers/llama_cpp.sh) "
                     "at every point, same model file, prompts and slots")
     ap.add_argument("--out", help="append each point's JSON line to this file")
+    ap.add_argument("--multi-turn", action="store_true",
+                    help="instead of the load: second-turn TTFT on a ~2,000-token chat history")
     args = ap.parse_args()
+    if args.multi_turn:
+        for target in ["treespec"] + (["llama-server"] if args.llama_server else []):
+            multi_turn(args, target)
+        return 0
     sweep = [int(c) for c in str(args.clients).split(",") if c.strip()]
     targets = ["treespec"] + (["llama-server"] if args.llama_server else [])
 

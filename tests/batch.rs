@@ -212,3 +212,76 @@ fn batch_shares_rows_and_survives_a_cancel() {
         }
     }
 }
+
+/// A long shared system prompt, as a chat prompt with `question`.
+fn with_system(model: &Model, question: &str) -> Vec<u32> {
+    let system = "You are a careful assistant. Answer briefly and precisely. \
+        Use plain words, no lists unless asked, and say so when you do not know. "
+        .repeat(8);
+    let msgs = [
+        treespec::tokenizer::ChatMessage {
+            role: "system".into(),
+            content: system,
+        },
+        treespec::tokenizer::ChatMessage {
+            role: "user".into(),
+            content: question.into(),
+        },
+    ];
+    let t = model.tokenizer.apply_chat_template(&msgs, true).unwrap();
+    model.tokenizer.encode(&t, true).unwrap()
+}
+
+/// A request whose prompt starts with blocks another request left in the
+/// prefix cache prefills only the rest (counted) and emits what it emits
+/// with no cache; under a budget of one block, eviction keeps outputs
+/// exact.
+#[test]
+fn prefix_cache_restores_shared_prompts_exactly() {
+    use treespec::engine::prefix_cache::{PrefixCache, BLOCK};
+    let (model, _) = load();
+    let first = with_system(&model, "What is the capital of Italy?");
+    let second = with_system(&model, "Name a large mammal.");
+    let shared = common_prefix_len(&first, &second);
+    assert!(
+        shared >= 2 * BLOCK,
+        "the system prompt spans {shared} tokens"
+    );
+    let want = alone(&model, std::slice::from_ref(&second)).remove(0);
+    let run = |session: &mut Session| {
+        generate(&model, session, None, &second, &opts(0), &mut |_| true).unwrap()
+    };
+    let block_bytes = {
+        let mut s = Session::new(&model, 1024);
+        generate(&model, &mut s, None, &first, &opts(0), &mut |_| true).unwrap();
+        let mut one = PrefixCache::new(usize::MAX);
+        s.save_prefix(&mut one);
+        one.stats().bytes / one.stats().blocks
+    };
+    for budget in [64 << 20, block_bytes] {
+        let mut prefix = PrefixCache::new(budget);
+        let mut a = Session::new(&model, 1024);
+        generate(&model, &mut a, None, &first, &opts(0), &mut |_| true).unwrap();
+        a.save_prefix(&mut prefix);
+        // Another request's blocks too, so the small budget must evict.
+        let mut c = Session::new(&model, 1024);
+        let other = common::chat_prompt(&model, &"Count from one to twenty. ".repeat(12));
+        generate(&model, &mut c, None, &other, &opts(0), &mut |_| true).unwrap();
+        c.save_prefix(&mut prefix);
+
+        let mut b = Session::new(&model, 1024);
+        let restored = b.restore_prefix(&mut prefix, &second);
+        let g = run(&mut b);
+        assert_same(&format!("budget {budget}"), &g.tokens, &want);
+        assert_eq!(g.stats.prefilled_tokens, second.len() - restored);
+        let s = prefix.stats();
+        assert!(s.bytes <= budget);
+        if budget == block_bytes {
+            assert!(s.evictions > 0, "{s:?}");
+            assert!(restored <= BLOCK);
+        } else {
+            assert_eq!(restored, shared / BLOCK * BLOCK);
+            assert_eq!(s.hit_tokens, restored as u64);
+        }
+    }
+}

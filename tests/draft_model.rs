@@ -238,3 +238,44 @@ fn a_draft_with_another_vocabulary_is_refused() {
     let e = SpecDrafter::build(&cfg, 49152).err().unwrap().to_string();
     assert!(e.contains("--draft-model"), "{e}");
 }
+
+/// One draft-model drafter stepping several sequences in turn (the server
+/// batches them) keeps a cache per sequence: after each sequence's first
+/// proposal, a step runs only the new tokens through the draft, not the
+/// whole context again, and proposes exactly what a drafter of its own
+/// would.
+#[test]
+fn interleaved_sequences_keep_their_draft_caches() {
+    use treespec::draft::draft_model::{DraftModelConfig, ModelDrafter};
+    let path = common::model_path("smollm2-135m");
+    let model = Model::load(&path).unwrap();
+    let draft = load_draft_model(&path, &model).unwrap();
+    let vocab = model.config().vocab_size;
+    let cfg = DraftModelConfig::default();
+    let mut shared = ModelDrafter::new(draft.clone(), cfg.clone(), vocab);
+    let mut own: Vec<ModelDrafter> = PROMPTS
+        .iter()
+        .map(|_| ModelDrafter::new(draft.clone(), cfg.clone(), vocab))
+        .collect();
+    let mut contexts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|t| common::chat_prompt(&model, t))
+        .collect();
+    for round in 0..4 {
+        for (i, ctx) in contexts.iter_mut().enumerate() {
+            let before = shared.tokens_run;
+            let t = shared.propose(ctx, 4);
+            let run = shared.tokens_run - before;
+            assert_eq!(t, own[i].propose(ctx, 4), "round {round}, sequence {i}");
+            if round > 0 {
+                // The accepted token, the root, and the tree's depths.
+                assert!(
+                    run <= 2 + 4,
+                    "round {round}, sequence {i}: {run} tokens re-run through the draft"
+                );
+            }
+            // The first draft token "accepted", as the target would.
+            ctx.push(t.tokens.get(1).copied().unwrap_or(t.tokens[0]));
+        }
+    }
+}

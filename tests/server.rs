@@ -604,6 +604,69 @@ fn batches_concurrent_requests_and_reuses_prefixes() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// The prefix cache across requests: with one slot, a chat sharing a long
+/// system prompt with an earlier one (another request ran in between)
+/// restores its blocks and prefills only the rest, with the same text as
+/// without the cache; a cache of about one block evicts and stays exact.
+#[test]
+fn prefix_cache_serves_shared_system_prompts() {
+    let system = "You are a careful assistant. Answer briefly and precisely. ".repeat(16);
+    let chat = |q: &str| {
+        json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+               "max_tokens": 12, "temperature": 0})
+    };
+    let mut texts = Vec::new();
+    for cache_mb in ["64", "2", "0"] {
+        let srv = Server::start(&["--max-concurrent", "1", "--cache-mb", cache_mb]);
+        srv.post(
+            "/v1/chat/completions",
+            &chat("What is the capital of Italy?"),
+        )
+        .json();
+        srv.post(
+            "/v1/completions",
+            &json!({"prompt": "Something else entirely: ".repeat(30), "max_tokens": 4}),
+        )
+        .json();
+        let hits0 = srv.metric("treespec_prefix_cache_hit_tokens_total");
+        let v = srv
+            .post("/v1/chat/completions", &chat("Name a large mammal."))
+            .json();
+        texts.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        let hits = srv.metric("treespec_prefix_cache_hit_tokens_total") - hits0;
+        let evictions = srv.metric("treespec_prefix_cache_evictions_total");
+        let bytes = srv.metric("treespec_prefix_cache_bytes");
+        match cache_mb {
+            "64" => {
+                assert!(
+                    hits >= 128.0,
+                    "restored {hits} tokens of a shared system prompt"
+                );
+                assert!(bytes > 0.0);
+                assert_eq!(evictions, 0.0);
+            }
+            "2" => {
+                assert!(evictions > 0.0, "a 2 MB cache did not evict");
+                assert!(bytes <= 2.0 * 1024.0 * 1024.0);
+            }
+            _ => {
+                assert_eq!(hits, 0.0);
+                assert_eq!(bytes, 0.0);
+            }
+        }
+        assert!(srv.metric("treespec_kv_cache_bytes") > 0.0);
+        let status = srv.terminate();
+        assert!(status.success());
+    }
+    assert_eq!(texts[0], texts[2], "prefix cache on vs off");
+    assert_eq!(texts[1], texts[2], "tiny prefix cache vs off");
+}
+
 /// `generate --json` with stop strings: (text, finish reason).
 fn generate_with_stops(prompt: &str, max_tokens: usize, stops: &[&str]) -> (String, String) {
     let v = generate_with(prompt, false, max_tokens, stops);

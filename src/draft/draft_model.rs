@@ -135,9 +135,15 @@ pub struct ModelDrafter {
     /// Ids the target accepts (its embedding rows): a draft with a larger
     /// padded vocabulary never proposes beyond them.
     target_vocab: usize,
-    cache: KvCache,
-    /// The tokens `cache` holds, in order.
-    cached: Vec<u32>,
+    /// One draft KV cache per sequence drafted for recently: a server
+    /// steps several sequences in turn (continuous batching), and one cache
+    /// would be re-prefilled with another sequence's whole context at every
+    /// step. [`ModelDrafter::sync`] picks the cache sharing the longest
+    /// prefix with the context, else the least recently used one.
+    caches: Vec<DraftCache>,
+    /// The cache the current step drafts with.
+    current: usize,
+    tick: u64,
     /// Draft forwards and the tokens they ran (prefill included), for stats.
     pub forwards: u64,
     pub tokens_run: u64,
@@ -146,19 +152,31 @@ pub struct ModelDrafter {
     warned: bool,
 }
 
+/// Draft caches kept at most: twice the server's default slot count, so a
+/// default server never evicts a running sequence's cache (caches grow as
+/// they fill, so unused ones cost nothing).
+pub const MAX_DRAFT_CACHES: usize = 8;
+
+#[derive(Clone)]
+struct DraftCache {
+    cache: KvCache,
+    /// The tokens `cache` holds, in order.
+    cached: Vec<u32>,
+    used: u64,
+}
+
 impl std::fmt::Debug for ModelDrafter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelDrafter")
             .field("model", &self.model.identity)
             .field("cfg", &self.cfg)
-            .field("cached", &self.cached.len())
+            .field("caches", &self.caches.len())
             .finish()
     }
 }
 
 impl ModelDrafter {
     pub fn new(model: DraftModel, cfg: DraftModelConfig, target_vocab: usize) -> Self {
-        let cache = model.0.decoder.new_cache(model.0.config().context_length);
         ModelDrafter {
             model: model.0,
             cfg: DraftModelConfig {
@@ -166,8 +184,9 @@ impl ModelDrafter {
                 ..cfg
             },
             target_vocab,
-            cache,
-            cached: Vec::new(),
+            caches: Vec::new(),
+            current: 0,
+            tick: 0,
             forwards: 0,
             tokens_run: 0,
             sampler: None,
@@ -183,18 +202,20 @@ impl ModelDrafter {
     /// prefix; returns the draft's logits after `seq`'s last token when
     /// `want_logits` (that token is then always run, even if cached).
     fn sync(&mut self, seq: &[u32], want_logits: bool) -> Result<Option<Vec<f32>>> {
-        let mut keep = common_prefix_len(&self.cached, seq).min(self.cache.len());
+        self.select(seq);
+        let DraftCache { cache, cached, .. } = &mut self.caches[self.current];
+        let mut keep = common_prefix_len(cached, seq).min(cache.len());
         if want_logits && keep == seq.len() {
             keep = seq.len().saturating_sub(1);
         }
-        self.cache.truncate(keep);
-        self.cached.truncate(keep);
+        cache.truncate(keep);
+        cached.truncate(keep);
         let dec = &self.model.decoder;
         let mut last = None;
         let rest = &seq[keep..];
         let chunks = rest.len().div_ceil(crate::engine::PREFILL_CHUNK);
         for (k, chunk) in rest.chunks(crate::engine::PREFILL_CHUNK).enumerate() {
-            let base = self.cache.len();
+            let base = cache.len();
             let pos: Vec<usize> = (base..base + chunk.len()).collect();
             let par: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
             let want = if want_logits && k + 1 == chunks {
@@ -202,9 +223,9 @@ impl ModelDrafter {
             } else {
                 LogitRows::None
             };
-            let l = dec.forward(&mut self.cache, chunk, &pos, &par, want)?;
-            self.cache.keep_all();
-            self.cached.extend_from_slice(chunk);
+            let l = dec.forward(cache, chunk, &pos, &par, want)?;
+            cache.keep_all();
+            cached.extend_from_slice(chunk);
             self.forwards += 1;
             self.tokens_run += chunk.len() as u64;
             if want == LogitRows::Last {
@@ -214,6 +235,49 @@ impl ModelDrafter {
         Ok(last)
     }
 
+    /// Makes `current` the cache to draft `seq` with: the longest one whose
+    /// tokens all start `seq` (the sequence it drafted for has moved on);
+    /// else, while there is room, a new one starting from the longest
+    /// shared prefix (copied: two chats behind one system prompt must not
+    /// truncate each other's cache at every step); else the least recently
+    /// used one.
+    fn select(&mut self, seq: &[u32]) {
+        self.tick += 1;
+        let shared = |c: &DraftCache| common_prefix_len(&c.cached, seq).min(c.cache.len());
+        let extends = (0..self.caches.len())
+            .filter(|&i| shared(&self.caches[i]) == self.caches[i].cached.len())
+            .max_by_key(|&i| (self.caches[i].cached.len(), self.caches[i].used));
+        self.current = match extends {
+            Some(i) => i,
+            None if self.caches.len() < MAX_DRAFT_CACHES => {
+                let longest = (0..self.caches.len()).max_by_key(|&i| shared(&self.caches[i]));
+                let fresh = match longest {
+                    Some(i) => {
+                        let n = shared(&self.caches[i]);
+                        let mut c = self.caches[i].clone();
+                        c.cache.truncate(n);
+                        c.cached.truncate(n);
+                        c
+                    }
+                    None => DraftCache {
+                        cache: self
+                            .model
+                            .decoder
+                            .new_cache(self.model.config().context_length),
+                        cached: Vec::new(),
+                        used: 0,
+                    },
+                };
+                self.caches.push(fresh);
+                self.caches.len() - 1
+            }
+            None => (0..self.caches.len())
+                .min_by_key(|&i| self.caches[i].used)
+                .unwrap_or(0),
+        };
+        self.caches[self.current].used = self.tick;
+    }
+
     fn grow(&mut self, context: &[u32], budget: usize) -> Result<DraftTree> {
         let root = *context.last().unwrap_or(&0);
         let mut tree = DraftTree::root(root);
@@ -221,7 +285,7 @@ impl ModelDrafter {
             return Ok(tree);
         };
         let width = self.cfg.width;
-        let base = self.cache.len(); // the root's position + 1
+        let base = self.caches[self.current].cache.len(); // the root's position + 1
         let mut score = vec![1.0f32];
         // Per node run through the draft: its index among the pending
         // entries (the root is committed, so it has none).
@@ -280,7 +344,7 @@ impl ModelDrafter {
                 pending_parents.push(parent);
             }
             let logits = self.model.decoder.forward_extend(
-                &mut self.cache,
+                &mut self.caches[self.current].cache,
                 &toks,
                 &pos,
                 &pending_parents,
@@ -337,8 +401,10 @@ impl Drafter for ModelDrafter {
         }
         let out = self.grow(context, max_draft);
         // Drop the tree's pending entries: only the sequence stays cached.
-        let len = self.cache.len();
-        self.cache.truncate(len);
+        if let Some(c) = self.caches.get_mut(self.current) {
+            let len = c.cache.len();
+            c.cache.truncate(len);
+        }
         match out {
             Ok(t) => t,
             Err(e) => {

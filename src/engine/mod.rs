@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod budget;
+pub mod prefix_cache;
 pub mod prompt;
 pub mod scorer;
 pub mod sequence;
@@ -15,6 +16,7 @@ use crate::error::Result;
 use crate::model::{common_prefix_len, KvCache, Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::verify::{verify, Verdict};
+use prefix_cache::PrefixCache;
 
 pub use prompt::{chat_prompt_ids, text_prompt_ids};
 pub use sequence::{OnToken, Sequence};
@@ -118,6 +120,27 @@ impl Session {
     /// a request on it would not prefill).
     pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
         common_prefix_len(&self.cached, prompt).min(self.cache.len())
+    }
+
+    /// Fills the cache from `prefix`'s blocks with as much of `prompt`
+    /// (but its last token, which a request always runs) as they hold
+    /// beyond what the cache holds already. Returns the prompt tokens the
+    /// cache now holds.
+    pub fn restore_prefix(&mut self, prefix: &mut PrefixCache, prompt: &[u32]) -> usize {
+        let body = &prompt[..prompt.len().saturating_sub(1)];
+        let held = self.cached_prefix_len(body);
+        let n = prefix.restore(body, &mut self.cache, held);
+        if n != held {
+            self.cached.clear();
+            self.cached.extend_from_slice(&body[..n]);
+        }
+        n
+    }
+
+    /// Offers this session's committed tokens to `prefix` (a finished
+    /// request: its prompt and output become a prefix others can reuse).
+    pub fn save_prefix(&self, prefix: &mut PrefixCache) {
+        prefix.insert(&self.cached, &self.cache);
     }
 
     pub fn reset(&mut self) {

@@ -135,6 +135,11 @@ impl<'a> Sequence<'a> {
         self.decode_started.is_none()
     }
 
+    /// Bytes its KV cache holds.
+    pub fn cache_bytes(&self) -> usize {
+        self.session.cache.memory_bytes()
+    }
+
     /// Tokens generated so far.
     pub fn generated(&self) -> usize {
         self.tokens.len()

@@ -41,6 +41,25 @@ pub struct KvCache {
     fresh: usize,
 }
 
+/// Committed keys and values of a run of positions, every layer and head
+/// (f16 bits, as the cache stores them), copied out by
+/// [`KvCache::copy_block`].
+#[derive(Debug, Clone)]
+pub struct KvBlock {
+    positions: usize,
+    data: Vec<u16>,
+}
+
+impl KvBlock {
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
 /// One layer's keys and values for the committed + pending positions.
 pub struct LayerKv<'a> {
     keys: &'a [Vec<u16>],
@@ -287,6 +306,62 @@ impl KvCache {
         self.pending = 0;
     }
 
+    /// A copy of committed positions `start..start + n` (both multiples of
+    /// [`KEY_TILE`], so whole key tiles: a block is then one contiguous run
+    /// of every head's key and value buffers). For the prefix cache.
+    pub fn copy_block(&self, start: usize, n: usize) -> Result<KvBlock> {
+        if !start.is_multiple_of(KEY_TILE)
+            || !n.is_multiple_of(KEY_TILE)
+            || start + n > self.committed
+        {
+            return Err(Error::Invalid(format!(
+                "KvCache::copy_block {start}..{} of {} committed positions (tile {KEY_TILE})",
+                start + n,
+                self.committed
+            )));
+        }
+        let d = self.head_dim;
+        let (from, to) = (start * d, (start + n) * d);
+        let mut data = Vec::with_capacity(2 * self.k.len() * n * d);
+        // Whole tiles: keys of positions start.. are the same run of
+        // `n * d` entries as values (tiles of KEY_TILE positions x d dims).
+        for keys in &self.k {
+            data.extend_from_slice(&keys[from..to]);
+        }
+        for values in &self.v {
+            data.extend_from_slice(&values[from..to]);
+        }
+        Ok(KvBlock { positions: n, data })
+    }
+
+    /// Appends `block` as committed positions after the committed ones
+    /// (which must end on a key tile), dropping anything pending: the
+    /// inverse of [`KvCache::copy_block`], for a prefix the prefix cache
+    /// holds. Fails when the block is of another shape or the context full.
+    pub fn append_block(&mut self, block: &KvBlock) -> Result<()> {
+        let n = block.positions;
+        let run = n * self.head_dim;
+        if !self.committed.is_multiple_of(KEY_TILE) || block.data.len() != 2 * self.k.len() * run {
+            return Err(Error::Invalid(format!(
+                "KvCache::append_block: a block of {} entries for {n} positions does not fit \
+                 this cache ({} committed)",
+                block.data.len(),
+                self.committed
+            )));
+        }
+        self.begin(n)?;
+        let at = self.committed * self.head_dim;
+        let (keys, values) = block.data.split_at(self.k.len() * run);
+        for (buf, src) in self.k.iter_mut().zip(keys.chunks_exact(run)) {
+            buf[at..at + run].copy_from_slice(src);
+        }
+        for (buf, src) in self.v.iter_mut().zip(values.chunks_exact(run)) {
+            buf[at..at + run].copy_from_slice(src);
+        }
+        self.keep_all();
+        Ok(())
+    }
+
     /// Forgets everything after `len` committed positions.
     pub fn truncate(&mut self, len: usize) {
         self.committed = self.committed.min(len);
@@ -316,6 +391,41 @@ pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A block copied out and appended to another cache reproduces every
+    /// entry; misaligned or oversized blocks are refused.
+    #[test]
+    fn blocks_round_trip_between_caches() {
+        let mut a = KvCache::new(2, 3, 8, 128);
+        a.fill_pseudo_random(50, 7).unwrap();
+        let b0 = a.copy_block(0, 32).unwrap();
+        let b1 = a.copy_block(32, 16).unwrap();
+        assert_eq!(b0.positions(), 32);
+        assert_eq!(b0.bytes(), 2 * 2 * 6 * 32 * 8);
+        assert!(a.copy_block(8, 16).is_err());
+        assert!(a.copy_block(48, 16).is_err());
+        let mut c = KvCache::new(2, 3, 8, 128);
+        c.append_block(&b0).unwrap();
+        c.append_block(&b1).unwrap();
+        assert_eq!(c.len(), 48);
+        for layer in 0..2 {
+            for head in 0..3 {
+                for p in 0..48 {
+                    assert_eq!(c.entry(layer, head, p), a.entry(layer, head, p));
+                }
+            }
+        }
+        // Another shape, or a cache not ending on a tile, is refused.
+        let mut other = KvCache::new(2, 3, 4, 128);
+        assert!(other.append_block(&b0).is_err());
+        let mut odd = KvCache::new(2, 3, 8, 128);
+        odd.fill_pseudo_random(5, 5).unwrap();
+        assert!(odd.append_block(&b0).is_err());
+        let mut small = KvCache::new(2, 3, 8, 40);
+        small.append_block(&b0).unwrap();
+        assert!(small.append_block(&b1).is_err());
+        assert_eq!(small.len(), 32);
+    }
 
     #[test]
     fn keep_compacts_the_accepted_entries() {

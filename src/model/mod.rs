@@ -13,5 +13,5 @@ pub mod profile;
 
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Decoder, LogitRows, Logits, Segment};
-pub use kv_cache::{common_prefix_len, KvCache};
+pub use kv_cache::{common_prefix_len, KvBlock, KvCache, KEY_TILE};
 pub use load::Model;

@@ -106,6 +106,7 @@ async fn props(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "total_slots": engine.max_concurrent,
         "max_concurrent": engine.max_concurrent,
         "batch_rows": engine.batch_rows,
+        "cache_mb": engine.prefix_cache_bytes as f64 / (1 << 20) as f64,
         "queue": engine.queue_cap,
         "uptime_s": st.started.elapsed().as_secs_f64(),
         "speculative": {

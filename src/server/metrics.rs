@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::engine::prefix_cache::PrefixStats;
 use crate::engine::SpecStats;
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -79,6 +80,7 @@ pub struct Metrics {
     batch_rows: Mutex<Histogram>,
     /// Prompt tokens a slot's cache already held (not prefilled).
     prompt_cached: AtomicU64,
+    memory: Mutex<(usize, PrefixStats)>,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,7 @@ impl Default for Metrics {
             batch_sequences: Mutex::new(Histogram::new(BATCH_SEQ_BUCKETS)),
             batch_rows: Mutex::new(Histogram::new(BATCH_ROW_BUCKETS)),
             prompt_cached: AtomicU64::new(0),
+            memory: Mutex::new((0, PrefixStats::default())),
         }
     }
 }
@@ -125,6 +128,11 @@ impl Metrics {
             lock(&self.batch_sequences).observe(sequences as f64);
             lock(&self.batch_rows).observe(rows as f64);
         }
+    }
+
+    /// The slots' KV bytes and the prefix cache's state, as of now.
+    pub fn set_memory(&self, slot_bytes: usize, prefix: PrefixStats) {
+        *lock(&self.memory) = (slot_bytes, prefix);
     }
 
     pub fn add_cached_prompt(&self, n: usize) {
@@ -266,6 +274,38 @@ impl Metrics {
             "treespec_inter_token_latency_seconds",
             "Between consecutive generated tokens of a request.",
         );
+        let (slot_bytes, prefix) = *lock(&self.memory);
+        counter(
+            &mut out,
+            "treespec_prefix_cache_hit_tokens_total",
+            "Prompt tokens restored from the prefix cache's blocks instead of prefilled.",
+            prefix.hit_tokens,
+        );
+        counter(
+            &mut out,
+            "treespec_prefix_cache_evictions_total",
+            "Prefix-cache blocks evicted (least recently used) to stay under --cache-mb.",
+            prefix.evictions,
+        );
+        for (name, help, v) in [
+            (
+                "treespec_prefix_cache_blocks",
+                "KV blocks the prefix cache holds.",
+                prefix.blocks,
+            ),
+            (
+                "treespec_prefix_cache_bytes",
+                "Bytes of KV the prefix cache holds.",
+                prefix.bytes,
+            ),
+            (
+                "treespec_kv_cache_bytes",
+                "Bytes of KV the slots' caches hold.",
+                slot_bytes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
         lock(&self.batch_sequences).render(
             &mut out,
             "treespec_batch_sequences",

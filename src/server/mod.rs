@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub max_concurrent: usize,
     /// Rows per batched forward (see `engine::batch`).
     pub batch_rows: usize,
+    /// Byte budget of the prefix cache (0: off).
+    pub prefix_cache_bytes: usize,
     /// Requests that may wait for a slot before new ones get 429.
     pub queue: usize,
     pub ctx_size: usize,
@@ -123,6 +125,7 @@ async fn serve(config: ServerConfig, load: ModelLoader) -> Result<()> {
                         max_concurrent: c.max_concurrent,
                         batch_rows: c.batch_rows,
                         queue_cap: c.queue,
+                        prefix_cache_bytes: c.prefix_cache_bytes,
                     };
                     Engine::start(m, spec, limits, state.metrics.clone())
                     .map_err(|e| e.to_string())

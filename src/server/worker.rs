@@ -8,7 +8,10 @@
 //! `max_concurrent` slots each own a [`Session`] (KV cache) that outlives
 //! its request: a new request takes the free slot whose cache shares the
 //! longest prefix with its prompt, so a conversation's next turn lands on
-//! the cache that holds its history and prefills only the new message.
+//! the cache that holds its history and prefills only the new message; and
+//! the prefix cache ([`PrefixCache`]) restores whole blocks of prompts that
+//! other slots computed (a shared system prompt, a history whose slot was
+//! taken meanwhile).
 //!
 //! One drafter (the recycling matrix) is shared by all requests behind a
 //! mutex, locked per propose/observe call, so every request's verified
@@ -31,6 +34,7 @@ use super::error::ApiError;
 use super::metrics::{Metrics, Outcome};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
 use crate::engine::batch;
+use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::spec::{SpecConfig, SpecDrafter};
 use crate::engine::{GenerateOptions, Generation, Sequence, Session, StopReason, TokenEvent};
 use crate::error::{Error, Result};
@@ -70,6 +74,7 @@ pub struct Engine {
     /// Rows per batched forward (see [`batch::step`]).
     pub batch_rows: usize,
     pub queue_cap: usize,
+    pub prefix_cache_bytes: usize,
     /// Recycle-matrix rows loaded from `--recycle-state` at start.
     pub rows_loaded: usize,
     drafter: Option<Arc<Mutex<SpecDrafter>>>,
@@ -97,6 +102,8 @@ pub struct Limits {
     pub max_concurrent: usize,
     pub batch_rows: usize,
     pub queue_cap: usize,
+    /// Byte budget of the prefix cache (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Engine {
@@ -131,8 +138,11 @@ impl Engine {
         let context = slots[0].as_ref().map_or(0, Session::context);
         let scheduler = Scheduler {
             model: model.clone(),
+            slot_used: vec![0; slots.len()],
+            tick: 0,
             slots,
             batch_rows,
+            prefix: PrefixCache::new(limits.prefix_cache_bytes),
             drafter: drafter.clone(),
             counts: counts.clone(),
             metrics,
@@ -149,6 +159,7 @@ impl Engine {
             max_concurrent,
             batch_rows,
             queue_cap: limits.queue_cap,
+            prefix_cache_bytes: limits.prefix_cache_bytes,
             rows_loaded,
             drafter,
             jobs: Mutex::new(Some(tx)),
@@ -225,7 +236,13 @@ struct Scheduler {
     model: Arc<Model>,
     /// `None` while the slot's session is lent to a running request.
     slots: Vec<Option<Session>>,
+    /// When each slot was last given a request (admission count).
+    slot_used: Vec<u64>,
+    tick: u64,
     batch_rows: usize,
+    /// Prompt prefixes across slots and requests (owned here: only this
+    /// thread touches caches).
+    prefix: PrefixCache,
     drafter: Option<Arc<Mutex<SpecDrafter>>>,
     counts: Arc<Counts>,
     metrics: Arc<Metrics>,
@@ -310,6 +327,7 @@ impl Scheduler {
                 }
             }
             // Finished requests leave the batch.
+            let retiring = running.iter().any(|r| r.seq.is_finished());
             let mut i = 0;
             while i < running.len() {
                 if running[i].seq.is_finished() {
@@ -318,6 +336,9 @@ impl Scheduler {
                 } else {
                     i += 1;
                 }
+            }
+            if retiring {
+                self.publish_memory(&running);
             }
         }
     }
@@ -342,15 +363,24 @@ impl Scheduler {
             answer(&self.counts, Err(ApiError::shutting_down()));
             return None;
         }
+        // Ties (no slot shares anything) go to the least recently used
+        // slot, so a new conversation does not overwrite a fresh history.
         let slot = (0..self.slots.len())
             .filter_map(|i| {
                 let s = self.slots[i].as_ref()?;
-                Some((s.cached_prefix_len(&job.prompt), i))
+                Some((
+                    s.cached_prefix_len(&job.prompt),
+                    std::cmp::Reverse(self.slot_used[i]),
+                    i,
+                ))
             })
-            .max_by_key(|&(n, i)| (n, std::cmp::Reverse(i)))
-            .map(|(_, i)| i)
+            .max()
+            .map(|(_, _, i)| i)
             .expect("admit is called with a free slot");
-        let session = self.slots[slot].take().expect("free slot");
+        self.tick += 1;
+        self.slot_used[slot] = self.tick;
+        let mut session = self.slots[slot].take().expect("free slot");
+        session.restore_prefix(&mut self.prefix, &job.prompt);
         let metrics = self.metrics.clone();
         let (cancel, events, arrived) = (job.cancel.clone(), job.events.clone(), job.arrived);
         let mut last: Option<Instant> = None;
@@ -395,6 +425,19 @@ impl Scheduler {
         }
     }
 
+    /// KV memory for `/metrics`: the slots' caches (`running` holds the
+    /// lent ones) and the prefix cache.
+    fn publish_memory(&self, running: &[Running<'_>]) {
+        let slots: usize = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| s.cache.memory_bytes())
+            .chain(running.iter().map(|r| r.seq.cache_bytes()))
+            .sum();
+        self.metrics.set_memory(slots, self.prefix.stats());
+    }
+
     /// Answers a finished request and gives its slot back.
     fn retire(&mut self, r: Running<'_>) {
         let (result, mut session) = r.seq.finish();
@@ -411,6 +454,7 @@ impl Scheduler {
                 self.metrics
                     .add_cached_prompt(g.stats.prompt_tokens - g.stats.prefilled_tokens);
                 log_request(g, (Instant::now() - r.arrived).as_secs_f64());
+                session.save_prefix(&mut self.prefix);
             }
             Err(e) => {
                 // The session may be half-written: start the next request clean.
@@ -421,6 +465,7 @@ impl Scheduler {
             }
         }
         self.slots[r.slot] = Some(session);
+        self.publish_memory(&[]);
         // Not running any more before the client hears it is done, so a
         // client's next look at the gauges is consistent.
         self.counts.running.fetch_sub(1, Ordering::SeqCst);
