@@ -94,7 +94,7 @@ fn start<'a>(
     model: &'a Model,
     prompts: &'a [Vec<u32>],
     drafters: &'a mut [SpecDrafter],
-    max_draft: usize,
+    o: GenerateOptions,
     cancel: Option<(usize, usize)>,
 ) -> Vec<Sequence<'a>> {
     let mut dref = drafters.iter_mut();
@@ -108,16 +108,9 @@ fn start<'a>(
                 seen += (e.token != u32::MAX) as usize;
                 cancel.is_none_or(|(at, n)| at != i || seen < n)
             });
-            Sequence::new(
-                model,
-                Session::new(model, 1024),
-                d,
-                p,
-                opts(max_draft),
-                on_token,
-            )
-            .map_err(|refused| refused.0)
-            .unwrap()
+            Sequence::new(model, Session::new(model, 1024), d, p, o.clone(), on_token)
+                .map_err(|refused| refused.0)
+                .unwrap()
         })
         .collect()
 }
@@ -138,7 +131,7 @@ fn batched_requests_match_each_alone() {
                 Vec::new()
             };
             let max_draft = if speculate { 12 } else { 0 };
-            let seqs = start(&model, &prompts, &mut drafters, max_draft, None);
+            let seqs = start(&model, &prompts, &mut drafters, opts(max_draft), None);
             let outs = run_to_end(&model, seqs, max_rows);
             let mut steps = 0;
             for (i, ((g, session), w)) in outs.into_iter().zip(&want).enumerate() {
@@ -171,7 +164,7 @@ fn batch_shares_rows_and_survives_a_cancel() {
     let want = alone(&model, &prompts);
     let mut drafters: Vec<SpecDrafter> = prompts.iter().map(|_| hybrid(&model)).collect();
     // Request 1's client goes away after 5 tokens.
-    let mut seqs = start(&model, &prompts, &mut drafters, 12, Some((1, 5)));
+    let mut seqs = start(&model, &prompts, &mut drafters, opts(12), Some((1, 5)));
     let max_rows = 10;
     let mut forwards = 0;
     loop {
@@ -284,4 +277,68 @@ fn prefix_cache_restores_shared_prompts_exactly() {
             assert_eq!(s.hit_tokens, restored as u64);
         }
     }
+}
+
+/// `--tree auto` in a batch: the shared controller chooses each tree seeing
+/// the rest of the forward (a synthetic c(N) with a flat stretch then a
+/// steep one), trees shrink as the batch fills, and every request still
+/// emits what it emits alone.
+#[test]
+fn auto_budget_in_a_batch_is_lossless() {
+    use std::sync::{Arc, Mutex};
+    use treespec::engine::budget::{BudgetController, CostModel, CostPoint, CANDIDATE_BUDGETS};
+    let (model, prompts) = load();
+    let want = alone(&model, &prompts);
+    let ms = [10.0, 10.5, 11.0, 12.0, 20.0, 40.0, 80.0];
+    let cost = CostModel {
+        curve: CANDIDATE_BUDGETS
+            .iter()
+            .zip(ms)
+            .map(|(&b, ms)| CostPoint { n: b + 1, ms })
+            .collect(),
+        ms_per_kctx: vec![0.0; CANDIDATE_BUDGETS.len()],
+    };
+    let controller = Arc::new(Mutex::new(BudgetController::new(&cost, 16)));
+    let mut drafters: Vec<SpecDrafter> = prompts.iter().map(|_| hybrid(&model)).collect();
+    let o = GenerateOptions {
+        auto_budget: Some(controller.clone()),
+        ..opts(16)
+    };
+    let mut seqs = start(&model, &prompts, &mut drafters, o, None);
+    let mut rows_by_batch: Vec<(usize, usize)> = Vec::new();
+    loop {
+        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let decoding = live.iter().filter(|s| !s.is_prefilling()).count();
+        let r = step(&model, &mut live, 64);
+        if decoding == r.sequences && r.prefill_rows == 0 {
+            rows_by_batch.push((r.sequences, r.rows));
+        }
+    }
+    for (i, ((g, _), w)) in seqs
+        .into_iter()
+        .map(Sequence::finish)
+        .zip(&want)
+        .enumerate()
+    {
+        assert_same(&format!("auto, prompt {i}"), &g.unwrap().tokens, w);
+    }
+    let mean_rows = |n: usize| {
+        let v: Vec<usize> = rows_by_batch
+            .iter()
+            .filter(|b| b.0 == n)
+            .map(|b| b.1)
+            .collect();
+        (
+            v.iter().sum::<usize>() as f64 / v.len().max(1) as f64,
+            v.len(),
+        )
+    };
+    println!(
+        "rows per sequence by batch size: 4 -> {:?}, 1 -> {:?}",
+        mean_rows(4),
+        mean_rows(1)
+    );
 }

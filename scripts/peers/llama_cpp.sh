@@ -63,7 +63,19 @@ print_paths() {
     done
 }
 
-if [ -f "$BUILD/BUILT" ] && [ -x "$BUILD/bin/llama-server" ]; then
+# AMX off: on an AMX Xeon (Sapphire Rapids VM, 2026-12-04) llama-server of
+# this release segfaults in its warmup decode inside ggml_backend_amx_mul_mat
+# (gdb backtrace; llama-bench happens to run), and --no-repack, which avoids
+# it, also drops the AVX2/AVX-512 weight repacking a user keeps. So native
+# minus AMX; the recipe is written to BUILT, and a build made by another
+# recipe is rebuilt.
+RECIPE="native-noamx-1"
+NATIVE_FLAGS=""
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    NATIVE_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+
+if [ "$(cat "$BUILD/BUILT" 2>/dev/null)" = "$RECIPE" ] && [ -x "$BUILD/bin/llama-server" ]; then
     print_paths
     exit 0
 fi
@@ -102,6 +114,7 @@ fi
 
 log "configuring (CPU, Release) in $BUILD"
 cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$NATIVE_FLAGS" -DCMAKE_CXX_FLAGS="$NATIVE_FLAGS" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
     -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
 built=()
@@ -114,5 +127,5 @@ for t in "${TARGETS[@]}"; do
     fi
 done
 [ -x "$BUILD/bin/llama-server" ] || { log "llama-server did not build"; exit 1; }
-touch "$BUILD/BUILT"
+echo "$RECIPE" > "$BUILD/BUILT"
 print_paths

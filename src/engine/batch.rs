@@ -16,15 +16,19 @@
 //!    moves (chunked prefill mixed with decode rows, as vLLM and llama.cpp's
 //!    server do); alone, a prompt gets a whole [`PREFILL_CHUNK`];
 //! 3. the remaining rows are split evenly among decoding sequences as a cap
-//!    on their draft trees; each sequence's own budget (fixed, or the
-//!    `--tree auto` controller) chooses within it. A nearly full batch thus
-//!    drafts little or nothing, a lone request gets its best tree.
+//!    on their draft trees; each sequence's own budget chooses within it:
+//!    a fixed one, or the `--tree auto` controller, which weighs the tree
+//!    against the forward as planned so far (the c(N) curve makes a node
+//!    nearly free beside one root and a row's full share beside many). A
+//!    nearly full batch thus drafts little or nothing, a lone request gets
+//!    its best tree.
 //!
 //! The sequences' outputs cannot depend on the batch: each is stepped by
 //! the same code as alone and the decoder computes every row independently
 //! of the others (see [`crate::model::Decoder::forward_batch`]).
 
-use super::{Sequence, PREFILL_CHUNK};
+use super::budget::Batch;
+use super::{Sequence, StepShare, PREFILL_CHUNK};
 use crate::error::{Error, Result};
 use crate::model::Model;
 
@@ -88,7 +92,12 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence<'_>], max_rows: usize) -> S
         first = false;
         // A sequence whose prompt is all in plans a decode step instead:
         // its root, no draft this step (its tree was not budgeted).
-        planned[i] = s.plan(give, 0);
+        let share = StepShare {
+            prefill_rows: give,
+            max_draft: 0,
+            others: Batch::default(),
+        };
+        planned[i] = s.plan(&share);
         let r = s.rows();
         if s.is_prefilling() {
             prefill_rows += r;
@@ -96,11 +105,29 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence<'_>], max_rows: usize) -> S
         free = free.saturating_sub(r);
     }
 
-    // Then decode rows: a root each, the rest shared as draft caps.
+    // Then decode rows: a root each, the rest shared as draft caps. Each
+    // sequence chooses its tree seeing the forward as planned so far: the
+    // prompt rows, the trees chosen before it, a root for each one after.
     let spare = max_rows.saturating_sub(decoding.len() + prefill_rows);
-    let share = spare.checked_div(decoding.len()).unwrap_or(0);
-    for &i in &decoding {
-        planned[i] = seqs[i].plan(usize::MAX, share);
+    let cap = spare.checked_div(decoding.len()).unwrap_or(0);
+    let mut others = Batch {
+        rows: prefill_rows as f64,
+        tokens: 0.0,
+    };
+    for (k, &i) in decoding.iter().enumerate() {
+        let later = (decoding.len() - k - 1) as f64;
+        let share = StepShare {
+            prefill_rows: 0,
+            max_draft: cap,
+            others: Batch {
+                rows: others.rows + later,
+                tokens: others.tokens + later,
+            },
+        };
+        planned[i] = seqs[i].plan(&share);
+        let e = seqs[i].expected();
+        others.rows += e.rows;
+        others.tokens += e.tokens;
     }
 
     let mut segments = Vec::new();

@@ -242,6 +242,24 @@ pub fn cost_curve(model: &Model, home: &Path) -> Result<CostModel> {
     Ok(model_cost)
 }
 
+/// The largest candidate budget not above `b`.
+pub fn arm_at_most(b: usize) -> usize {
+    CANDIDATE_BUDGETS
+        .iter()
+        .copied()
+        .filter(|&c| c <= b)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The rest of a batched forward, as a sequence choosing its budget sees
+/// it: rows already in it and the tokens they are expected to emit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Batch {
+    pub rows: f64,
+    pub tokens: f64,
+}
+
 #[derive(Debug, Clone)]
 struct Arm {
     budget: usize,
@@ -319,6 +337,16 @@ impl BudgetController {
 
     /// The budget for the next step of `class`, with `ctx` tokens cached.
     pub fn choose(&mut self, ctx: usize, class: usize) -> usize {
+        self.choose_in(ctx, class, Batch::default())
+    }
+
+    /// [`BudgetController::choose`] for a sequence sharing its forward
+    /// with `others`: the budget maximizes the whole forward's tokens per
+    /// second, so draft nodes are weighed by what they add to a forward of
+    /// `others.rows` rows (flat stretch of c(N): cheap; a full batch: each
+    /// node costs about a row's share) against what they are expected to
+    /// add to its tokens. Alone (`others` zero) this is `choose`.
+    pub fn choose_in(&mut self, ctx: usize, class: usize, others: Batch) -> usize {
         let c = self.class(class);
         c.steps += 1;
         if c.arms.is_empty() {
@@ -334,21 +362,38 @@ impl BudgetController {
                 .min_by_key(|a| a.pulls)
                 .map_or(0, |a| a.budget);
         }
-        self.best(ctx, class)
+        self.best_in(ctx, class, others)
     }
 
-    /// Expected tokens per second of an arm with `ctx` tokens cached.
-    fn rate(&self, a: &Arm, ctx: usize) -> f64 {
-        a.mat * 1000.0 / (self.cost.cost_ms(a.nodes, ctx) + a.draft_ms)
+    /// Expected tokens per second of a forward holding an arm's tree (with
+    /// `ctx` tokens cached) and `others`.
+    fn rate(&self, a: &Arm, ctx: usize, others: Batch) -> f64 {
+        (others.tokens + a.mat) * 1000.0
+            / (self.cost.cost_ms(others.rows + a.nodes, ctx) + a.draft_ms)
     }
 
     /// The budget of `class` with the highest estimated tokens per second.
     pub fn best(&self, ctx: usize, class: usize) -> usize {
+        self.best_in(ctx, class, Batch::default())
+    }
+
+    fn best_in(&self, ctx: usize, class: usize, others: Batch) -> usize {
         let c = &self.classes[class.min(self.classes.len() - 1)];
         c.arms
             .iter()
-            .max_by(|a, b| self.rate(a, ctx).total_cmp(&self.rate(b, ctx)))
+            .max_by(|a, b| {
+                self.rate(a, ctx, others)
+                    .total_cmp(&self.rate(b, ctx, others))
+            })
             .map_or(0, |a| a.budget)
+    }
+
+    /// (tree nodes, tokens emitted) a step of `class` with `budget` is
+    /// expected to have, from the running means.
+    pub fn expected(&self, class: usize, budget: usize) -> Option<(f64, f64)> {
+        let c = &self.classes[class.min(self.classes.len() - 1)];
+        let a = c.arms.iter().find(|a| a.budget == budget)?;
+        Some((a.nodes, a.mat))
     }
 
     /// What a step of `class` with `budget` yielded: tokens emitted (bonus
@@ -391,7 +436,7 @@ impl BudgetController {
         let c = &self.classes[class.min(self.classes.len() - 1)];
         c.arms
             .iter()
-            .map(|a| (a.budget, a.mat, self.rate(a, ctx)))
+            .map(|a| (a.budget, a.mat, self.rate(a, ctx, Batch::default())))
             .collect()
     }
 }
@@ -479,6 +524,21 @@ mod tests {
             c.record(0, b, mat(b), b + 1, 0.0);
         }
         assert_eq!(c.best(CURVE_CTX, 0), 8);
+        // Beside 7 other sequences' roots the forward is on the steep part
+        // of c(N): a 9-node tree would add ~10 ms for 2 tokens, where 8
+        // roots cost ~13 ms for 8; plain decoding pays best.
+        let batch = Batch {
+            rows: 7.0,
+            tokens: 7.0,
+        };
+        assert_eq!(c.best_in(CURVE_CTX, 0, batch), 0);
+        // One other root: still on the flat stretch, a small tree pays.
+        let pair = Batch {
+            rows: 1.0,
+            tokens: 1.0,
+        };
+        assert!(c.best_in(CURVE_CTX, 0, pair) >= 2);
+        assert_eq!(c.expected(0, 8).map(|e| e.1.round()), Some(3.0));
         // Exploration keeps visiting the others.
         assert!(c.classes[0].arms.iter().all(|a| a.pulls > WARMUP_STEPS));
     }

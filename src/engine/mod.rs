@@ -19,7 +19,7 @@ use crate::verify::{verify, Verdict};
 use prefix_cache::PrefixCache;
 
 pub use prompt::{chat_prompt_ids, text_prompt_ids};
-pub use sequence::{OnToken, Sequence};
+pub use sequence::{OnToken, Sequence, StepShare};
 pub use stats::{GenStats, SpecStats};
 
 /// Prompt tokens per prefill forward. Bounded so the attention scratch
@@ -241,7 +241,7 @@ pub fn generate(
             return Err(e);
         }
     };
-    while seq.plan(PREFILL_CHUNK, usize::MAX) {
+    while seq.plan(&StepShare::alone()) {
         let step = match seq.segment() {
             Some(seg) => model.decoder.forward_segment(seg),
             None => continue,

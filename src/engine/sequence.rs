@@ -7,6 +7,7 @@
 
 use std::time::Instant;
 
+use super::budget::Batch;
 use super::{GenStats, SpecStats, PREFILL_CHUNK};
 use super::{GenerateOptions, Generation, Session, StopReason, StopScanner, TokenEvent};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
@@ -14,6 +15,26 @@ use crate::error::{Error, Result};
 use crate::model::{common_prefix_len, LogitRows, Logits, Model, Segment};
 use crate::sampling::{top2_margin, top_k_probs, Sampler};
 use crate::tokenizer::StreamDecoder;
+
+/// The share of a step's forward a sequence may plan for.
+#[derive(Debug, Clone, Copy)]
+pub struct StepShare {
+    pub prefill_rows: usize,
+    pub max_draft: usize,
+    /// The rest of the forward, as planned so far.
+    pub others: Batch,
+}
+
+impl StepShare {
+    /// A forward of its own: a whole prefill chunk, any tree.
+    pub fn alone() -> Self {
+        StepShare {
+            prefill_rows: PREFILL_CHUNK,
+            max_draft: usize::MAX,
+            others: Batch::default(),
+        }
+    }
+}
 
 /// Sees every emitted token; returning `false` cancels the request.
 pub type OnToken<'a> = Box<dyn FnMut(&TokenEvent) -> bool + 'a>;
@@ -146,10 +167,12 @@ impl<'a> Sequence<'a> {
     }
 
     /// Decides the next piece of work: a prefill chunk of at most
-    /// `prefill_rows` prompt tokens, or a draft tree of at most `max_draft`
-    /// nodes besides the root (the drafter's own budget caps it further).
-    /// Returns false when the sequence has finished.
-    pub fn plan(&mut self, prefill_rows: usize, max_draft: usize) -> bool {
+    /// `share.prefill_rows` prompt tokens, or a draft tree of at most
+    /// `share.max_draft` nodes besides the root (the drafter's own budget,
+    /// or the `--tree auto` controller weighing `share.others`, caps it
+    /// further). Returns false when the sequence has finished.
+    pub fn plan(&mut self, share: &StepShare) -> bool {
+        let (prefill_rows, max_draft) = (share.prefill_rows, share.max_draft);
         self.work = Work::None;
         if self.stop.is_some() {
             return false;
@@ -184,21 +207,29 @@ impl<'a> Sequence<'a> {
             return false;
         }
         let root = *self.context.last().expect("context is never empty");
-        let (class, chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
+        let (class, mut chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
             (Some(c), Some(d)) => {
                 let class = d.outlook(&self.context);
-                let b = c
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .choose(self.session.cache.len(), class);
+                let b = c.lock().unwrap_or_else(|e| e.into_inner()).choose_in(
+                    self.session.cache.len(),
+                    class,
+                    share.others,
+                );
                 (class, b)
             }
             _ => (0, self.opts.max_draft),
         };
-        let budget = chosen
+        let mut budget = chosen
             .min(max_draft)
             .min(room - 1)
             .min(self.opts.max_new_tokens - self.tokens.len() - 1);
+        if self.opts.auto_budget.is_some() && budget < chosen {
+            // Capped (a batch's share, the context's end): run and credit
+            // the largest arm that fits, so the controller's estimate of
+            // `chosen` never learns from a tree it did not allow.
+            budget = super::budget::arm_at_most(budget);
+            chosen = budget;
+        }
         let td = Instant::now();
         let tree = match self.drafter.as_deref_mut() {
             Some(d) if budget > 0 => d.propose(&self.context, budget),
@@ -216,6 +247,39 @@ impl<'a> Sequence<'a> {
             scored: None,
         };
         true
+    }
+
+    /// What the planned work adds to a forward: (rows, tokens it is
+    /// expected to emit), for the sequences planned after it.
+    pub fn expected(&self) -> Batch {
+        match &self.work {
+            Work::None => Batch::default(),
+            Work::Prefill { positions, .. } => Batch {
+                rows: positions.len() as f64,
+                tokens: 0.0,
+            },
+            Work::Tree {
+                tree,
+                class,
+                chosen,
+                ..
+            } => {
+                let learnt = self.opts.auto_budget.as_ref().and_then(|c| {
+                    c.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .expected(*class, *chosen)
+                });
+                // Without a controller: the request's own running mean.
+                let mat = learnt.map_or_else(
+                    || self.tokens.len().max(1) as f64 / self.spec.steps.max(1) as f64,
+                    |e| e.1,
+                );
+                Batch {
+                    rows: tree.len() as f64,
+                    tokens: mat.min(tree.len() as f64),
+                }
+            }
+        }
     }
 
     /// Rows the planned work adds to a forward.
