@@ -286,6 +286,116 @@ def multi_turn(args, target):
     return r
 
 
+def chaos_client(host, port, prompt, args, rng, leave):
+    """One streaming chat request; with `leave`, the socket is dropped after
+    a random number of chunks. Returns 'done', 'left', 'rejected' (a JSON
+    429/503) or a string naming what was malformed."""
+    body = json.dumps({"messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": args.max_tokens, "stream": True, "temperature": 0.7,
+                       "seed": rng.randrange(1 << 30)})
+    conn = http.client.HTTPConnection(host, port, timeout=args.request_timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status in (429, 503):
+            err = json.loads(resp.read())
+            return "rejected" if "error" in err else "malformed rejection"
+        if resp.status != 200:
+            return f"http {resp.status}"
+        stop_after = rng.randrange(0, 6) if leave else None
+        chunks = 0
+        for raw in resp:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data: "):
+                continue
+            if line[6:] == "[DONE]":
+                return "done"
+            json.loads(line[6:])
+            chunks += 1
+            if stop_after is not None and chunks >= stop_after:
+                conn.sock.close()
+                return "left"
+        return "no [DONE]"
+    except ValueError:
+        return "bad JSON chunk"
+    except (OSError, http.client.HTTPException) as e:
+        # A shutdown may close the connection mid-stream.
+        return "closed" if args.allow_closed else type(e).__name__
+    finally:
+        conn.close()
+
+
+def gauges(host, port):
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and " " in line:
+            k, v = line.rsplit(" ", 1)
+            m[k] = float(v)
+    return m
+
+
+def chaos(args):
+    """64 streaming clients, half of them leaving mid-stream, then a SIGTERM
+    under load: every answer well-formed, the slots and queue back to zero
+    in between, a clean exit, RSS reported."""
+    import random
+    import signal
+    rng = random.Random(7)
+    host, port = "127.0.0.1", free_port()
+    args.max_concurrent = args.max_concurrent or 8
+    proc = start_server(args, "treespec", args.max_concurrent, port)
+    wait_healthy(host, port, proc)
+    outcomes, lock = {}, threading.Lock()
+
+    def wave(n, leave_share):
+        def run(i):
+            r = chaos_client(host, port, PROMPTS[i % len(PROMPTS)], args, random.Random(i),
+                             rng.random() < leave_share)
+            with lock:
+                outcomes[r] = outcomes.get(r, 0) + 1
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in ts:
+            t.start()
+        return ts
+
+    args.allow_closed = False
+    for t in wave(64, 0.5):
+        t.join()
+    deadline = time.time() + 30
+    while True:
+        g = gauges(host, port)
+        idle = g.get("treespec_num_requests_running", -1) == 0 and g.get("treespec_num_requests_waiting", -1) == 0
+        if idle or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    first = dict(outcomes)
+    outcomes.clear()
+    args.allow_closed = True
+    ts = wave(16, 0.25)
+    time.sleep(1.0)
+    rss = peak_rss_mb(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    for t in ts:
+        t.join()
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = "killed after 60 s"
+    r = {"model": args.model, "slots": args.max_concurrent, "queue": args.queue,
+         "wave1_64_clients_half_leaving": first, "idle_after_wave1": idle,
+         "kv_cache_bytes_after_wave1": g.get("treespec_kv_cache_bytes"),
+         "prefix_cache_bytes_after_wave1": g.get("treespec_prefix_cache_bytes"),
+         "requests_total": {k.split('"')[1]: v for k, v in g.items() if k.startswith("treespec_requests_total{")},
+         "wave2_16_clients_sigterm_after_1s": dict(outcomes), "exit_code": code,
+         "server_peak_rss_mb": round(rss, 1) if rss else None}
+    print(json.dumps(r), flush=True)
+    malformed = [k for k in list(first) + list(outcomes) if k not in ("done", "left", "rejected", "closed")]
+    return 0 if idle and code == 0 and not malformed else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="existing server as host:port (default: start one per point)")
@@ -309,7 +419,11 @@ def main():
     ap.add_argument("--out", help="append each point's JSON line to this file")
     ap.add_argument("--multi-turn", action="store_true",
                     help="instead of the load: second-turn TTFT on a ~2,000-token chat history")
+    ap.add_argument("--chaos", action="store_true",
+                    help="instead of the load: 64 clients, half leaving mid-stream, then SIGTERM under load")
     args = ap.parse_args()
+    if args.chaos:
+        return chaos(args)
     if args.multi_turn:
         for target in ["treespec"] + (["llama-server"] if args.llama_server else []):
             multi_turn(args, target)

@@ -242,16 +242,6 @@ pub fn cost_curve(model: &Model, home: &Path) -> Result<CostModel> {
     Ok(model_cost)
 }
 
-/// The largest candidate budget not above `b`.
-pub fn arm_at_most(b: usize) -> usize {
-    CANDIDATE_BUDGETS
-        .iter()
-        .copied()
-        .filter(|&c| c <= b)
-        .max()
-        .unwrap_or(0)
-}
-
 /// The rest of a batched forward, as a sequence choosing its budget sees
 /// it: rows already in it and the tokens they are expected to emit.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -337,7 +327,7 @@ impl BudgetController {
 
     /// The budget for the next step of `class`, with `ctx` tokens cached.
     pub fn choose(&mut self, ctx: usize, class: usize) -> usize {
-        self.choose_in(ctx, class, Batch::default())
+        self.choose_in(ctx, class, Batch::default(), usize::MAX)
     }
 
     /// [`BudgetController::choose`] for a sequence sharing its forward
@@ -345,24 +335,35 @@ impl BudgetController {
     /// second, so draft nodes are weighed by what they add to a forward of
     /// `others.rows` rows (flat stretch of c(N): cheap; a full batch: each
     /// node costs about a row's share) against what they are expected to
-    /// add to its tokens. Alone (`others` zero) this is `choose`.
-    pub fn choose_in(&mut self, ctx: usize, class: usize, others: Batch) -> usize {
+    /// add to its tokens. Alone (`others` zero) this is `choose`. Only
+    /// budgets up to `cap` (the step's share of rows) are candidates, for
+    /// warm-up and exploration too: an arm that does not fit is never run,
+    /// so it must not be chosen (it would stay unexplored, and chosen, for
+    /// ever).
+    pub fn choose_in(&mut self, ctx: usize, class: usize, others: Batch, cap: usize) -> usize {
         let c = self.class(class);
         c.steps += 1;
-        if c.arms.is_empty() {
+        let steps = c.steps;
+        let mut fits = c.arms.iter().filter(|a| a.budget <= cap).peekable();
+        if fits.peek().is_none() {
             return 0;
         }
-        if let Some(a) = c.arms.iter().find(|a| a.pulls < WARMUP_STEPS) {
+        if let Some(a) = c
+            .arms
+            .iter()
+            .find(|a| a.budget <= cap && a.pulls < WARMUP_STEPS)
+        {
             return a.budget;
         }
-        if c.steps.is_multiple_of(EXPLORE_EVERY) {
+        if steps.is_multiple_of(EXPLORE_EVERY) {
             return c
                 .arms
                 .iter()
+                .filter(|a| a.budget <= cap)
                 .min_by_key(|a| a.pulls)
                 .map_or(0, |a| a.budget);
         }
-        self.best_in(ctx, class, others)
+        self.best_in(ctx, class, others, cap)
     }
 
     /// Expected tokens per second of a forward holding an arm's tree (with
@@ -374,13 +375,14 @@ impl BudgetController {
 
     /// The budget of `class` with the highest estimated tokens per second.
     pub fn best(&self, ctx: usize, class: usize) -> usize {
-        self.best_in(ctx, class, Batch::default())
+        self.best_in(ctx, class, Batch::default(), usize::MAX)
     }
 
-    fn best_in(&self, ctx: usize, class: usize, others: Batch) -> usize {
+    fn best_in(&self, ctx: usize, class: usize, others: Batch, cap: usize) -> usize {
         let c = &self.classes[class.min(self.classes.len() - 1)];
         c.arms
             .iter()
+            .filter(|a| a.budget <= cap)
             .max_by(|a, b| {
                 self.rate(a, ctx, others)
                     .total_cmp(&self.rate(b, ctx, others))
@@ -531,13 +533,20 @@ mod tests {
             rows: 7.0,
             tokens: 7.0,
         };
-        assert_eq!(c.best_in(CURVE_CTX, 0, batch), 0);
+        assert_eq!(c.best_in(CURVE_CTX, 0, batch, usize::MAX), 0);
         // One other root: still on the flat stretch, a small tree pays.
         let pair = Batch {
             rows: 1.0,
             tokens: 1.0,
         };
-        assert!(c.best_in(CURVE_CTX, 0, pair) >= 2);
+        assert!(c.best_in(CURVE_CTX, 0, pair, usize::MAX) >= 2);
+        // A cap of 3 rows leaves the arms 0 and 2, even in warm-up.
+        let mut fresh = BudgetController::new(&curve(&[10., 11., 12., 14., 25., 50.]), 32);
+        for _ in 0..50 {
+            let b = fresh.choose_in(CURVE_CTX, 0, Batch::default(), 3);
+            assert!(b <= 2, "chose {b} over a cap of 3");
+            fresh.record(0, b, 1, b + 1, 0.0);
+        }
         assert_eq!(c.expected(0, 8).map(|e| e.1.round()), Some(3.0));
         // Exploration keeps visiting the others.
         assert!(c.classes[0].arms.iter().all(|a| a.pulls > WARMUP_STEPS));

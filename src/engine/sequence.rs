@@ -207,29 +207,33 @@ impl<'a> Sequence<'a> {
             return false;
         }
         let root = *self.context.last().expect("context is never empty");
-        let (class, mut chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
+        // The largest tree this step allows: the batch's share, the
+        // context's end, the tokens still wanted.
+        let cap = max_draft
+            .min(room - 1)
+            .min(self.opts.max_new_tokens - self.tokens.len() - 1);
+        let (class, chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
             (Some(c), Some(d)) => {
                 let class = d.outlook(&self.context);
                 let b = c.lock().unwrap_or_else(|e| e.into_inner()).choose_in(
                     self.session.cache.len(),
                     class,
                     share.others,
+                    cap,
                 );
                 (class, b)
             }
             _ => (0, self.opts.max_draft),
         };
-        let mut budget = chosen
-            .min(max_draft)
-            .min(room - 1)
-            .min(self.opts.max_new_tokens - self.tokens.len() - 1);
-        if self.opts.auto_budget.is_some() && budget < chosen {
-            // Capped (a batch's share, the context's end): run and credit
-            // the largest arm that fits, so the controller's estimate of
-            // `chosen` never learns from a tree it did not allow.
-            budget = super::budget::arm_at_most(budget);
-            chosen = budget;
-        }
+        let budget = chosen.min(cap);
+        tracing::trace!(
+            class,
+            chosen,
+            budget,
+            others_rows = share.others.rows,
+            others_tokens = share.others.tokens,
+            "draft budget"
+        );
         let td = Instant::now();
         let tree = match self.drafter.as_deref_mut() {
             Some(d) if budget > 0 => d.propose(&self.context, budget),
