@@ -57,25 +57,37 @@ print_paths() {
     echo "llama_cpp_build=$BUILD"
     local t
     for t in "${TARGETS[@]}"; do
-        if [ -x "$BUILD/bin/$t" ]; then
+        if [[ " ${NOAMX_TARGETS[*]} " == *" $t "* ]] && [ -n "$SERVER_BUILD" ] && [ -x "$SERVER_BUILD/bin/$t" ]; then
+            echo "${t//-/_}=$SERVER_BUILD/bin/$t"
+        elif [ -x "$BUILD/bin/$t" ]; then
             echo "${t//-/_}=$BUILD/bin/$t"
         fi
     done
 }
 
-# AMX off: on an AMX Xeon (Sapphire Rapids VM, 2026-12-04) llama-server of
-# this release segfaults in its warmup decode inside ggml_backend_amx_mul_mat
-# (gdb backtrace; llama-bench happens to run), and --no-repack, which avoids
-# it, also drops the AVX2/AVX-512 weight repacking a user keeps. So native
-# minus AMX; the recipe is written to BUILT, and a build made by another
-# recipe is rebuilt.
-RECIPE="native-noamx-1"
-NATIVE_FLAGS=""
+# The batched tools without AMX, on AMX hosts: on an AMX Xeon (Sapphire
+# Rapids VM, 2026-12-04) llama-server and llama-batched-bench of this release
+# segfault in ggml_backend_amx_mul_mat as soon as a batch has more than one
+# row (gdb backtrace), while llama-bench's one-row tg runs, on the 0.5B faster
+# with AMX (tg8 35.3 tok/s against 28.0 without; the 1.5B 16.0 against 17.0).
+# `--no-repack` avoids the crash but also drops the AVX-512 weight repacking.
+# So the native build (AMX included, as a user's) serves llama-bench and the
+# CLIs, and a second native-minus-AMX build of llama-server and
+# llama-batched-bench goes to $BUILD-noamx, which the Rust side prefers for
+# those two when it exists (src/bench/llama_cpp.rs). BUILT records the
+# recipe; a build made by another recipe is rebuilt.
+RECIPE="native-2"
+SERVER_BUILD=""
+NOAMX_TARGETS=(llama-server llama-batched-bench)
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
-    NATIVE_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    SERVER_BUILD="$BUILD-noamx"
 fi
+server_ready() {
+    [ -z "$SERVER_BUILD" ] ||
+        { [ "$(cat "$SERVER_BUILD/BUILT" 2>/dev/null)" = "$RECIPE" ] && [ -x "$SERVER_BUILD/bin/llama-batched-bench" ]; }
+}
 
-if [ "$(cat "$BUILD/BUILT" 2>/dev/null)" = "$RECIPE" ] && [ -x "$BUILD/bin/llama-server" ]; then
+if [ "$(cat "$BUILD/BUILT" 2>/dev/null)" = "$RECIPE" ] && [ -x "$BUILD/bin/llama-server" ] && server_ready; then
     print_paths
     exit 0
 fi
@@ -114,7 +126,6 @@ fi
 
 log "configuring (CPU, Release) in $BUILD"
 cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DCMAKE_C_FLAGS="$NATIVE_FLAGS" -DCMAKE_CXX_FLAGS="$NATIVE_FLAGS" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
     -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
 built=()
@@ -128,4 +139,18 @@ for t in "${TARGETS[@]}"; do
 done
 [ -x "$BUILD/bin/llama-server" ] || { log "llama-server did not build"; exit 1; }
 echo "$RECIPE" > "$BUILD/BUILT"
+if [ -n "$SERVER_BUILD" ] && ! server_ready; then
+    # GCC gives explicit -mno-* precedence over what -march=native implies.
+    NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    log "configuring ${NOAMX_TARGETS[*]} without AMX in $SERVER_BUILD"
+    cmake -S "$SRC" -B "$SERVER_BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DCMAKE_C_FLAGS="$NOAMX" -DCMAKE_CXX_FLAGS="$NOAMX" \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
+        -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
+    for t in "${NOAMX_TARGETS[@]}"; do
+        cmake --build "$SERVER_BUILD" --config Release -j "$JOBS" --target "$t" >&2
+        [ -x "$SERVER_BUILD/bin/$t" ] || { log "$t (no AMX) did not build"; exit 1; }
+    done
+    echo "$RECIPE" > "$SERVER_BUILD/BUILT"
+fi
 print_paths

@@ -149,6 +149,19 @@ impl LlamaCpp {
     }
 
     pub fn binary(&self, name: &str) -> Result<PathBuf> {
+        // On AMX hosts the peer script builds the batched tools a second
+        // time without AMX, beside the native build (`build-<key>-noamx`):
+        // this release segfaults in ggml's AMX matmul on any batch of more
+        // than one row there, while llama-bench's one-row tg runs with it.
+        if matches!(name, "llama-server" | "llama-batched-bench") {
+            let server_build = self.bin_dir.parent().and_then(|build| {
+                let dir = format!("{}-noamx", build.file_name()?.to_string_lossy());
+                Some(build.with_file_name(dir).join("bin").join(name))
+            });
+            if let Some(p) = server_build.filter(|p| p.is_file()) {
+                return Ok(p);
+            }
+        }
         let p = self.bin_dir.join(name);
         if p.is_file() {
             Ok(p)
@@ -542,6 +555,18 @@ mod tests {
             p.binary("llama-bench"),
             Err(PeerError::MissingBinary(..))
         ));
+        assert_eq!(p.binary("llama-server").unwrap(), bin.join("llama-server"));
+        // An AMX host's no-AMX build beside it is preferred for the
+        // batched tools, and only for them.
+        let server_bin = dir.join("build-avx2-noamx").join("bin");
+        std::fs::create_dir_all(&server_bin).unwrap();
+        std::fs::write(server_bin.join("llama-server"), b"").unwrap();
+        std::fs::write(bin.join("llama-bench"), b"").unwrap();
+        assert_eq!(
+            p.binary("llama-server").unwrap(),
+            server_bin.join("llama-server")
+        );
+        assert_eq!(p.binary("llama-bench").unwrap(), bin.join("llama-bench"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
