@@ -67,7 +67,6 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence<'_>], max_rows: usize) -> S
     let decoding: Vec<usize> = (0..seqs.len())
         .filter(|&i| !seqs[i].is_finished() && !seqs[i].is_prefilling())
         .collect();
-    let mut planned = vec![false; seqs.len()];
     let mut prefill_rows = 0;
 
     // Prompt chunks first: their rows are certain work, drafts are not.
@@ -77,7 +76,7 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence<'_>], max_rows: usize) -> S
         max_rows.saturating_sub(decoding.len())
     };
     let mut first = true;
-    for (i, s) in seqs.iter_mut().enumerate() {
+    for s in seqs.iter_mut() {
         if s.is_finished() || !s.is_prefilling() {
             continue;
         }
@@ -97,7 +96,7 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence<'_>], max_rows: usize) -> S
             max_draft: 0,
             others: Batch::default(),
         };
-        planned[i] = s.plan(&share);
+        s.plan(&share);
         let r = s.rows();
         if s.is_prefilling() {
             prefill_rows += r;
@@ -124,18 +123,17 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence<'_>], max_rows: usize) -> S
                 tokens: others.tokens + later,
             },
         };
-        planned[i] = seqs[i].plan(&share);
+        seqs[i].plan(&share);
         let e = seqs[i].expected();
         others.rows += e.rows;
         others.tokens += e.tokens;
     }
 
+    // A sequence planned nothing this step (finished, or a prompt left
+    // without rows) has no segment.
     let mut segments = Vec::new();
     let mut owners = Vec::new();
     for (i, s) in seqs.iter_mut().enumerate() {
-        if !planned[i] {
-            continue;
-        }
         if let Some(seg) = s.segment() {
             segments.push(seg);
             owners.push(i);

@@ -465,7 +465,6 @@ impl Scheduler {
             }
         }
         self.slots[r.slot] = Some(session);
-        self.publish_memory(&[]);
         // Not running any more before the client hears it is done, so a
         // client's next look at the gauges is consistent.
         self.counts.running.fetch_sub(1, Ordering::SeqCst);
