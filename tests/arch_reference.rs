@@ -50,6 +50,8 @@ struct Shape {
     kv_heads: usize,
     head_dim: usize,
     ffn: usize,
+    /// Llama 3 RoPE factors, written as `rope_freqs.weight`.
+    rope_freqs: Option<Vec<f32>>,
 }
 
 /// Writes a GGUF of `shape` with random weights (Q8_0 matrices, f32 norms,
@@ -168,6 +170,13 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             rng.tensor(&[s.hidden, s.ffn], 0.0, w(s.ffn), q8),
         );
     }
+    if let Some(f) = &s.rope_freqs {
+        let t = Tensor::from_vec(f.clone(), f.len(), &Device::Cpu).unwrap();
+        tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
+    }
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let mut out = std::fs::File::create(path).unwrap();
@@ -214,7 +223,22 @@ fn compare(arch: &str, shape: Shape) {
     let model = Model::load(&path).unwrap_or_else(|e| panic!("treespec loads {arch}: {e}"));
     assert_eq!(model.config().arch.name(), arch);
     assert_eq!(model.config().head_dim, shape.head_dim);
-    let mut reference = candle_reference(&path, arch);
+    let reference = candle_reference(&path, arch);
+    let diffs = compare_with(&model, reference, arch);
+    let _ = std::fs::remove_file(&path);
+    for (k, (diff, bound)) in diffs.iter().enumerate() {
+        assert!(
+            diff <= bound,
+            "{arch} step {k}: logits differ by {diff} (bound {bound})"
+        );
+    }
+}
+
+/// Runs a 10-token prefill and two decode steps through `model` and
+/// `reference`; returns (max |Δ|, bound) per step, having checked the top
+/// token wherever the reference's top-2 gap exceeds the bound.
+fn compare_with(model: &Model, mut reference: Reference, arch: &str) -> Vec<(f32, f32)> {
+    let mut out = Vec::new();
 
     let prompt: Vec<u32> = vec![1, 504, 3_000, 17, 9_999, 42, 271, 12_345, 88, 7];
     let next = [2_024u32, 31_000];
@@ -242,10 +266,10 @@ fn compare(arch: &str, shape: Shape) {
         eprintln!("{arch} step {k}: max |logit| {scale:.3}, max |Δ| {diff:.4}");
         assert!(scale > 1.0, "degenerate logits ({scale})");
         let bound = 0.04 * scale;
-        assert!(
-            diff <= bound,
-            "{arch} step {k}: logits differ by {diff} (bound {bound})"
-        );
+        out.push((diff, bound));
+        if diff > bound {
+            continue;
+        }
         let top = |v: &[f32]| {
             v.iter()
                 .enumerate()
@@ -259,7 +283,7 @@ fn compare(arch: &str, shape: Shape) {
             assert_eq!(top(&got), top(&want), "{arch} step {k}: top token");
         }
     }
-    let _ = std::fs::remove_file(&path);
+    out
 }
 
 /// Qwen3: per-head q/k RMSNorm before RoPE, no q/k/v biases, and a head
@@ -276,6 +300,7 @@ fn qwen3_matches_candle_transformers() {
             kv_heads: 2,
             head_dim: 128,
             ffn: 512,
+            rope_freqs: None,
         },
     );
 }
@@ -295,6 +320,158 @@ fn llama_matches_candle_transformers() {
             kv_heads: 2,
             head_dim: 64,
             ffn: 512,
+            rope_freqs: None,
         },
     );
+}
+
+/// Llama 3.x RoPE scaling (`rope_freqs.weight`, as llama.cpp's converter
+/// writes it for Llama 3.1/3.2) against candle-transformers' HF Llama with
+/// its own `rope_scaling = llama3` computation, fed the same (dequantized)
+/// weights. The original context is set to 64 so that the scaled band
+/// turns by a large angle within the test's 12 positions; the same file
+/// without the factors must then miss the reference (so the test has
+/// teeth: ignoring `rope_freqs`, as treespec once did, fails it).
+#[test]
+fn llama3_rope_scaling_matches_candle_transformers() {
+    use candle_transformers::models::llama as hf;
+    let (factor, low, high, orig) = (8.0f32, 1.0f32, 4.0f32, 64usize);
+    let (theta, hd) = (1_000_000f32, 64usize);
+    // The converter's formula: factor_i = f_i / scaled f_i.
+    let freqs: Vec<f32> = (0..hd / 2)
+        .map(|i| {
+            let f = 1.0 / theta.powf(2.0 * i as f32 / hd as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            if wavelen < orig as f32 / high {
+                1.0
+            } else if wavelen > orig as f32 / low {
+                factor
+            } else {
+                let s = (orig as f32 / wavelen - low) / (high - low);
+                1.0 / ((1.0 - s) / factor + s)
+            }
+        })
+        .collect();
+    assert!(freqs.iter().filter(|&&f| f > 1.0).count() >= 8);
+    let shape = |rope_freqs| Shape {
+        arch: "llama",
+        layers: 2,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: hd,
+        ffn: 512,
+        rope_freqs,
+    };
+    let tok = common::model_path("smollm2-135m");
+    let path = temp("llama3.gguf");
+    write_model(&path, &shape(Some(freqs)), &tok);
+    let plain = temp("llama3-plain.gguf");
+    write_model(&plain, &shape(None), &tok);
+
+    // The reference: HF names, q/k rows un-permuted to rotate-half.
+    let dev = Device::Cpu;
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let vocab = ct.tensor_infos["token_embd.weight"].shape.dims()[0];
+    let mut get = |name: &str| {
+        ct.tensor(&mut f, name, &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+    };
+    let unpermute = |t: Tensor, heads: usize| {
+        let dim = t.dims()[1];
+        t.reshape((heads, hd / 2, 2, dim))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((heads * hd, dim))
+            .unwrap()
+    };
+    let mut w = std::collections::HashMap::new();
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        get("token_embd.weight"),
+    );
+    w.insert("model.norm.weight".to_string(), get("output_norm.weight"));
+    for l in 0..2 {
+        let (p, b) = (format!("model.layers.{l}"), format!("blk.{l}"));
+        w.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            unpermute(get(&format!("{b}.attn_q.weight")), 4),
+        );
+        w.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            unpermute(get(&format!("{b}.attn_k.weight")), 2),
+        );
+        for (h, g) in [
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ] {
+            w.insert(format!("{p}.{h}.weight"), get(&format!("{b}.{g}.weight")));
+        }
+    }
+    let cfg = hf::Config {
+        hidden_size: 256,
+        intermediate_size: 512,
+        vocab_size: vocab,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        use_flash_attn: false,
+        rms_norm_eps: 1e-6,
+        rope_theta: theta,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: Some(hf::Llama3RopeConfig {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: orig,
+            rope_type: hf::Llama3RopeType::Llama3,
+        }),
+        max_position_embeddings: 512,
+        tie_word_embeddings: true,
+    };
+    let reference = || -> Reference {
+        let vb = candle_nn::VarBuilder::from_tensors(w.clone(), candle_core::DType::F32, &dev);
+        let m = hf::Llama::load(vb, &cfg).unwrap();
+        let mut cache = hf::Cache::new(true, candle_core::DType::F32, &cfg, &dev).unwrap();
+        Box::new(move |ids: &[u32], offset: usize| {
+            let input = Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let out = m.forward(&input, offset, &mut cache).unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        })
+    };
+
+    let model = Model::load(&path).unwrap();
+    assert!(model.config().rope_freq_factors.is_some());
+    let diffs = compare_with(&model, reference(), "llama3");
+    for (k, (diff, bound)) in diffs.iter().enumerate() {
+        assert!(
+            diff <= bound,
+            "llama3 step {k}: logits differ by {diff} (bound {bound})"
+        );
+    }
+    // Without the factors the same weights miss the reference.
+    let unscaled = Model::load(&plain).unwrap();
+    let worst = compare_with(&unscaled, reference(), "llama3 without rope_freqs")
+        .iter()
+        .map(|(d, b)| d / b)
+        .fold(0f32, f32::max);
+    assert!(
+        worst > 1.0,
+        "ignoring rope_freqs stayed within the bound ({worst:.2} of it): the test has no teeth"
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&plain);
 }

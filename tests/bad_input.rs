@@ -140,13 +140,21 @@ fn maths_changing_metadata_is_refused_by_name() {
             false,
         ),
         (
-            "llama.rope.scaling.type",
+            "llama.rope.scaling.factor",
             vec![
                 ("llama.rope.scaling.type", V::String("linear".into())),
-                ("llama.rope.scaling.factor", V::F32(2.0)),
+                ("llama.rope.scaling.factor", V::F32(-2.0)),
             ],
             false,
         ),
+        (
+            "llama.rope.scaling.attn_factor",
+            vec![("llama.rope.scaling.attn_factor", V::F32(1.5))],
+            false,
+        ),
+        // Llama 3's factors are implemented (tests/arch_reference.rs); a
+        // tensor of the wrong shape (16 x 32 here, not head_dim / 2) is not
+        // read as them.
         ("rope_freqs.weight", vec![], true),
         (
             "llama.attention.value_length",
@@ -203,7 +211,19 @@ fn maths_changing_metadata_is_refused_by_name() {
     write_gguf_with(&p, "llama", true, &neutral, false);
     let mut f = std::fs::File::open(&p).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
-    treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
+    let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
+    assert_eq!(c.rope_freq_scale, 1.0);
+    // Linear scaling is implemented: factor 2 halves every frequency.
+    let p = tmp("maths-linear.gguf");
+    let linear = vec![
+        ("llama.rope.scaling.type", V::String("linear".into())),
+        ("llama.rope.scaling.factor", V::F32(2.0)),
+    ];
+    write_gguf_with(&p, "llama", true, &linear, false);
+    let mut f = std::fs::File::open(&p).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
+    assert_eq!(c.rope_freq_scale, 0.5);
 }
 
 #[test]

@@ -62,6 +62,17 @@ pub struct ModelConfig {
     /// GGUF llama files store q/k rows permuted so that rotary pairs are
     /// adjacent (llama.cpp's "normal" rope); HF files and qwen2 rotate halves.
     pub rope_interleaved: bool,
+    /// Linear RoPE scaling (position interpolation): every rotary frequency
+    /// is multiplied by this, i.e. positions are divided by the scaling
+    /// factor (`rope.scaling.type = linear`). 1 = none.
+    pub rope_freq_scale: f32,
+    /// Per-pair frequency divisors, `head_dim / 2` of them: Llama 3.x's
+    /// RoPE scaling, which GGUF files carry as the `rope_freqs.weight`
+    /// tensor (llama.cpp's converter computes it from `rope_scaling`) and
+    /// HF configs as `rope_scaling.rope_type = llama3`. Pair i rotates by
+    /// `pos · scale · theta^(-2i/d) / factors[i]`.
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 fn meta<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value> {
@@ -155,8 +166,13 @@ impl ModelConfig {
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
             rope_interleaved: arch == Arch::Llama,
+            rope_freq_scale: 1.0,
+            // Read from the tensor by the loader (`rope_freqs_shape` checks it).
+            rope_freq_factors: None,
         };
         cfg.check(path)?;
+        let mut cfg = cfg;
+        cfg.rope_freq_scale = gguf_rope_scaling(ct, a, path)?;
         refuse_unimplemented_gguf_maths(ct, a, cfg.head_dim, path)?;
         Ok(cfg)
     }
@@ -212,8 +228,16 @@ impl ModelConfig {
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
             rope_interleaved: false,
+            rope_freq_scale: 1.0,
+            rope_freq_factors: None,
         };
         cfg.check(path)?;
+        let mut cfg = cfg;
+        if let Some(rs) = json.get("rope_scaling").filter(|v| !v.is_null()) {
+            let (scale, factors) = hf_rope_scaling(rs, &cfg, path)?;
+            cfg.rope_freq_scale = scale;
+            cfg.rope_freq_factors = factors;
+        }
         Ok(cfg)
     }
 
@@ -259,30 +283,34 @@ fn refuse_unimplemented_gguf_maths(
         ))
     };
     let num = |key: &str| ct.metadata.get(key).and_then(value_f64);
-    let scaling_type = format!("{a}.rope.scaling.type");
-    if let Some(v) = ct.metadata.get(&scaling_type) {
-        let t = v.to_string().map(|s| s.to_lowercase()).unwrap_or_default();
-        let factor = num(&format!("{a}.rope.scaling.factor")).unwrap_or(1.0);
-        if !(t == "none" || (t == "linear" && factor == 1.0)) {
-            return refuse(
-                &scaling_type,
-                &format!("RoPE scaling `{t}` (factor {factor}) is not implemented"),
-            );
-        }
-    }
-    for key in ["rope.scaling.factor", "rope.scaling.attn_factor"] {
+    for key in ["rope.scaling.attn_factor"] {
         let key = format!("{a}.{key}");
         if let Some(f) = num(&key) {
             if f != 1.0 && f != 0.0 {
-                return refuse(&key, &format!("RoPE scaling factor {f} is not implemented"));
+                return refuse(
+                    &key,
+                    &format!("RoPE attention factor {f} is not implemented"),
+                );
             }
         }
     }
-    if ct.tensor_infos.contains_key("rope_freqs.weight") {
-        return refuse(
-            "rope_freqs.weight",
-            "per-dimension RoPE frequency factors (Llama 3.x rope scaling) are not implemented",
-        );
+    // Phi-3's 128k "longrope": two factor sets switched by context length.
+    for t in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+        if ct.tensor_infos.contains_key(t) {
+            return refuse(t, "LongRoPE frequency factors are not implemented");
+        }
+    }
+    if let Some(info) = ct.tensor_infos.get("rope_freqs.weight") {
+        if info.shape.dims() != [head_dim / 2] {
+            return refuse(
+                "rope_freqs.weight",
+                &format!(
+                    "shape {:?}, expected [{}] (one factor per rotary pair)",
+                    info.shape.dims(),
+                    head_dim / 2
+                ),
+            );
+        }
     }
     // `key_length` is the head size itself (read above).
     for key in ["attention.value_length", "rope.dimension_count"] {
@@ -311,6 +339,98 @@ fn refuse_unimplemented_gguf_maths(
     Ok(())
 }
 
+/// The linear RoPE frequency scale a GGUF asks for (1 = none): llama.cpp's
+/// `rope.scaling.type` = `none` | `linear` with `rope.scaling.factor` (older
+/// files give only `rope.scale_linear`). Other types (YaRN) are refused by
+/// name: they also change the attention's temperature.
+fn gguf_rope_scaling(ct: &gguf_file::Content, a: &str, path: &Path) -> Result<f32> {
+    let num = |key: &str| ct.metadata.get(key).and_then(value_f64);
+    let type_key = format!("{a}.rope.scaling.type");
+    let kind = match ct.metadata.get(&type_key) {
+        Some(v) => v.to_string().map(|s| s.to_lowercase()).unwrap_or_default(),
+        None => String::new(),
+    };
+    let factor_key = format!("{a}.rope.scaling.factor");
+    let factor = num(&factor_key)
+        .or_else(|| num(&format!("{a}.rope.scale_linear")))
+        .unwrap_or(1.0);
+    let factor = if factor == 0.0 { 1.0 } else { factor };
+    match kind.as_str() {
+        "none" => Ok(1.0),
+        "" | "linear" if factor > 0.0 && factor.is_finite() => Ok((1.0 / factor) as f32),
+        "" | "linear" => Err(Error::model(
+            path,
+            format!("unsupported GGUF metadata `{factor_key}`: RoPE scaling factor {factor} is not a positive number"),
+        )),
+        other => Err(Error::model(
+            path,
+            format!("unsupported GGUF metadata `{type_key}`: RoPE scaling `{other}` (factor {factor}) is not implemented; treespec would compute wrong logits, so it refuses the file"),
+        )),
+    }
+}
+
+/// An HF `rope_scaling` object as (linear scale, per-pair divisors):
+/// `linear` (or `type`) divides positions by `factor`; `llama3` divides the
+/// low frequencies by `factor` and blends the middle band, as Meta's
+/// reference and llama.cpp's converter compute it:
+/// wavelength λ = 2π/f; λ < L/high → f; λ > L/low → f/factor; between,
+/// (1-s)·f/factor + s·f with s = (L/λ - low)/(high - low), L the original
+/// context. Anything else is refused.
+fn hf_rope_scaling(
+    rs: &serde_json::Value,
+    cfg: &ModelConfig,
+    path: &Path,
+) -> Result<(f32, Option<Vec<f32>>)> {
+    let kind = rs
+        .get("rope_type")
+        .or_else(|| rs.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let num = |k: &str| {
+        rs.get(k).and_then(|v| v.as_f64()).ok_or_else(|| {
+            Error::model(path, format!("`rope_scaling` ({kind}) lacks number `{k}`"))
+        })
+    };
+    match kind {
+        "default" => Ok((1.0, None)),
+        "linear" => {
+            let f = num("factor")?;
+            if !(f > 0.0 && f.is_finite()) {
+                return Err(Error::model(path, format!("`rope_scaling.factor` {f} is not positive")));
+            }
+            Ok(((1.0 / f) as f32, None))
+        }
+        "llama3" => {
+            let (factor, low, high) = (num("factor")?, num("low_freq_factor")?, num("high_freq_factor")?);
+            let orig = num("original_max_position_embeddings")?;
+            if !(factor > 0.0 && high > low && low > 0.0 && orig > 0.0) {
+                return Err(Error::model(path, format!("implausible llama3 `rope_scaling`: {rs}")));
+            }
+            let d = cfg.head_dim as f64;
+            let factors = (0..cfg.head_dim / 2)
+                .map(|i| {
+                    let f = (cfg.rope_theta as f64).powf(-((2 * i) as f64) / d);
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let scaled = if wavelen < orig / high {
+                        f
+                    } else if wavelen > orig / low {
+                        f / factor
+                    } else {
+                        let s = (orig / wavelen - low) / (high - low);
+                        (1.0 - s) * f / factor + s * f
+                    };
+                    (f / scaled) as f32
+                })
+                .collect();
+            Ok((1.0, Some(factors)))
+        }
+        other => Err(Error::model(
+            path,
+            format!("unsupported `rope_scaling` type `{other}` in config.json (treespec implements linear and llama3); it would compute wrong logits, so it refuses the model"),
+        )),
+    }
+}
+
 /// A numeric metadata value as f64 (any integer or float type).
 fn value_f64(v: &gguf_file::Value) -> Option<f64> {
     use gguf_file::Value as V;
@@ -328,4 +448,45 @@ fn value_f64(v: &gguf_file::Value) -> Option<f64> {
         V::Bool(b) => *b as u8 as f64,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hf(extra: serde_json::Value) -> Result<ModelConfig> {
+        let mut j = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 512, "vocab_size": 100, "rope_theta": 500000.0,
+        });
+        j.as_object_mut()
+            .unwrap()
+            .insert("rope_scaling".into(), extra);
+        ModelConfig::from_hf_config(&j, Path::new("config.json"))
+    }
+
+    /// HF `rope_scaling`: llama3 leaves the high frequencies alone and
+    /// divides the low ones by `factor` (Llama 3.2's values); linear scales
+    /// all; unknown types are refused by name, not ignored.
+    #[test]
+    fn hf_rope_scaling_is_read_or_refused() {
+        let c = hf(serde_json::json!({"rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}))
+        .unwrap();
+        let f = c.rope_freq_factors.unwrap();
+        assert_eq!(f.len(), 32);
+        assert_eq!(f[0], 1.0);
+        assert!((f[31] - 32.0).abs() < 1e-3, "{}", f[31]);
+        assert!(f.windows(2).all(|w| w[0] <= w[1] + 1e-6), "monotone: {f:?}");
+        let c = hf(serde_json::json!({"type": "linear", "factor": 4.0})).unwrap();
+        assert_eq!(c.rope_freq_scale, 0.25);
+        let e = hf(serde_json::json!({"rope_type": "yarn", "factor": 4.0})).unwrap_err();
+        assert!(e.to_string().contains("`yarn`"), "{e}");
+        assert!(hf(serde_json::Value::Null)
+            .unwrap()
+            .rope_freq_factors
+            .is_none());
+    }
 }

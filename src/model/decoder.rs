@@ -208,6 +208,8 @@ impl Decoder {
             config.rope_theta,
             config.context_length.max(1),
             config.rope_interleaved,
+            config.rope_freq_scale,
+            config.rope_freq_factors.as_deref(),
         );
         Ok(Decoder {
             config,

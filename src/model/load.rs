@@ -115,7 +115,7 @@ fn load_gguf(path: &Path) -> Result<Model> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let content = gguf_file::Content::read(&mut reader)
         .map_err(|e| Error::model(path, format!("corrupt or truncated GGUF header: {e}")))?;
-    let config = ModelConfig::from_gguf(&content, path)?;
+    let mut config = ModelConfig::from_gguf(&content, path)?;
     let tokenizer = Tokenizer::from_gguf(&content, path)?;
     let n_tensors = content.tensor_infos.len();
 
@@ -125,6 +125,17 @@ fn load_gguf(path: &Path) -> Result<Model> {
         reader,
         device: Device::Cpu,
     };
+    if g.has("rope_freqs.weight") {
+        // Llama 3.x RoPE scaling (its shape was checked with the metadata).
+        let factors = g.dense("rope_freqs.weight", &[config.head_dim / 2])?;
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(Error::model(
+                path,
+                format!("`rope_freqs.weight` holds {bad}: frequency factors must be positive"),
+            ));
+        }
+        config.rope_freq_factors = Some(factors);
+    }
     let c = config.clone();
     // q and the attention output are `heads × head_dim` wide, which is the
     // hidden size except where the architecture sets its own head size.

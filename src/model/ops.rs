@@ -35,13 +35,28 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f32, max_pos: usize, interleaved: bool) -> Self {
+    /// Pair i at position p rotates by `p · freq_scale · theta^(-2i/d) /
+    /// factors[i]` (linear scaling and Llama 3's per-pair factors; 1 and
+    /// `None` for plain RoPE).
+    pub fn new(
+        head_dim: usize,
+        theta: f32,
+        max_pos: usize,
+        interleaved: bool,
+        freq_scale: f32,
+        factors: Option<&[f32]>,
+    ) -> Self {
         let half = head_dim / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| {
+                let f = freq_scale as f64 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                f / factors.and_then(|v| v.get(i)).map_or(1.0, |&x| x as f64)
+            })
+            .collect();
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
         for p in 0..max_pos {
-            for i in 0..half {
-                let inv = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+            for &inv in &inv {
                 let a = p as f64 * inv;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
@@ -101,17 +116,24 @@ mod tests {
     #[test]
     fn rope_rotates_pairs_by_position() {
         // head_dim 4, theta 1: frequencies 1 and 1/sqrt(1)=1 → angle = p.
-        let r = Rope::new(2, 10_000.0, 4, false);
+        let r = Rope::new(2, 10_000.0, 4, false, 1.0, None);
         let mut x = vec![1.0, 0.0];
         r.apply(&mut x, 1, &[1]);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
-        let ri = Rope::new(2, 10_000.0, 4, true);
+        let ri = Rope::new(2, 10_000.0, 4, true, 1.0, None);
         let mut y = vec![1.0, 0.0];
         ri.apply(&mut y, 1, &[1]);
         assert_eq!(x, y, "with one pair both layouts agree");
         let mut z = vec![1.0, 0.0];
         r.apply(&mut z, 1, &[0]);
         assert_eq!(z, vec![1.0, 0.0], "position 0 is the identity");
+        // Linear scale 1/2 and a factor of 2 each halve the angle.
+        for (scale, factors) in [(0.5, None), (1.0, Some(&[2.0f32][..]))] {
+            let h = Rope::new(2, 10_000.0, 4, false, scale, factors);
+            let mut w = vec![1.0, 0.0];
+            h.apply(&mut w, 1, &[2]);
+            assert!((w[0] - 1f32.cos()).abs() < 1e-6 && (w[1] - 1f32.sin()).abs() < 1e-6);
+        }
     }
 
     #[test]
