@@ -103,7 +103,11 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             format!("{a}.attention.layer_norm_rms_epsilon"),
             V::F32(1e-6),
         ),
-        (format!("{a}.rope.freq_base"), V::F32(1_000_000.0)),
+        // candle's Phi-3 fixes the base at 10k (Phi-3 mini's own value).
+        (
+            format!("{a}.rope.freq_base"),
+            V::F32(if a == "phi3" { 10_000.0 } else { 1_000_000.0 }),
+        ),
     ]);
     let mut rng = Lcg(0x005e_ed0f_7e57);
     let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
@@ -127,18 +131,26 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             "attn_norm.weight",
             rng.tensor(&[s.hidden], 1.0, 0.1, GgmlDType::F32),
         );
-        put(
-            "attn_q.weight",
-            rng.tensor(&[q, s.hidden], 0.0, w(s.hidden), q8),
-        );
-        put(
-            "attn_k.weight",
-            rng.tensor(&[kv, s.hidden], 0.0, w(s.hidden), q8),
-        );
-        put(
-            "attn_v.weight",
-            rng.tensor(&[kv, s.hidden], 0.0, w(s.hidden), q8),
-        );
+        if a == "phi3" {
+            // One fused matrix: q rows, then k, then v.
+            put(
+                "attn_qkv.weight",
+                rng.tensor(&[q + 2 * kv, s.hidden], 0.0, w(s.hidden), q8),
+            );
+        } else {
+            put(
+                "attn_q.weight",
+                rng.tensor(&[q, s.hidden], 0.0, w(s.hidden), q8),
+            );
+            put(
+                "attn_k.weight",
+                rng.tensor(&[kv, s.hidden], 0.0, w(s.hidden), q8),
+            );
+            put(
+                "attn_v.weight",
+                rng.tensor(&[kv, s.hidden], 0.0, w(s.hidden), q8),
+            );
+        }
         put(
             "attn_output.weight",
             rng.tensor(&[s.hidden, q], 0.0, w(q), q8),
@@ -157,18 +169,33 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             "ffn_norm.weight",
             rng.tensor(&[s.hidden], 1.0, 0.1, GgmlDType::F32),
         );
-        put(
-            "ffn_gate.weight",
-            rng.tensor(&[s.ffn, s.hidden], 0.0, w(s.hidden), q8),
-        );
-        put(
-            "ffn_up.weight",
-            rng.tensor(&[s.ffn, s.hidden], 0.0, w(s.hidden), q8),
-        );
+        if a == "phi3" {
+            // Gate rows, then up rows.
+            put(
+                "ffn_up.weight",
+                rng.tensor(&[2 * s.ffn, s.hidden], 0.0, w(s.hidden), q8),
+            );
+        } else {
+            put(
+                "ffn_gate.weight",
+                rng.tensor(&[s.ffn, s.hidden], 0.0, w(s.hidden), q8),
+            );
+            put(
+                "ffn_up.weight",
+                rng.tensor(&[s.ffn, s.hidden], 0.0, w(s.hidden), q8),
+            );
+        }
         put(
             "ffn_down.weight",
             rng.tensor(&[s.hidden, s.ffn], 0.0, w(s.ffn), q8),
         );
+    }
+    if a == "phi3" {
+        // candle's Phi-3 reads an untied LM head.
+        tensors.push((
+            "output.weight".into(),
+            rng.tensor(&[vocab, s.hidden], 0.0, 0.5, q8),
+        ));
     }
     if let Some(f) = &s.rope_freqs {
         let t = Tensor::from_vec(f.clone(), f.len(), &Device::Cpu).unwrap();
@@ -208,8 +235,16 @@ fn candle_reference(path: &Path, arch: &str) -> Reference {
             })
         }};
     }
-    use candle_transformers::models::{quantized_llama, quantized_qwen3};
+    use candle_transformers::models::{quantized_llama, quantized_phi3, quantized_qwen3};
     match arch {
+        "phi3" => {
+            let mut m = quantized_phi3::ModelWeights::from_gguf(false, ct, &mut f, &dev).unwrap();
+            Box::new(move |ids: &[u32], offset: usize| {
+                let input = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+                let out = m.forward(&input, offset).unwrap();
+                out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+        }
         "qwen3" => reference!(quantized_qwen3::ModelWeights),
         "llama" => reference!(quantized_llama::ModelWeights),
         other => panic!("no reference for {other}"),
@@ -319,6 +354,26 @@ fn llama_matches_candle_transformers() {
             heads: 4,
             kv_heads: 2,
             head_dim: 64,
+            ffn: 512,
+            rope_freqs: None,
+        },
+    );
+}
+
+/// Phi-3 (mini's layout): q/k/v fused in `attn_qkv`, gate and up fused in
+/// `ffn_up`, halves rotated, an untied LM head, head size 96 as in the real
+/// model (3072 / 32).
+#[test]
+fn phi3_matches_candle_transformers() {
+    compare(
+        "phi3",
+        Shape {
+            arch: "phi3",
+            layers: 2,
+            hidden: 384,
+            heads: 4,
+            kv_heads: 4,
+            head_dim: 96,
             ffn: 512,
             rope_freqs: None,
         },

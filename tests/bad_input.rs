@@ -59,7 +59,7 @@ fn wrong_magic_and_empty_file() {
 }
 
 fn write_gguf(path: &std::path::Path, arch: &str, with_tensor: bool) {
-    write_gguf_with(path, arch, with_tensor, &[], false);
+    write_gguf_with(path, arch, with_tensor, &[], None);
 }
 
 /// A one-layer llama-shaped GGUF with `extra` metadata and, optionally, a
@@ -69,7 +69,7 @@ fn write_gguf_with(
     arch: &str,
     with_tensor: bool,
     extra: &[(&str, gguf_file::Value)],
-    rope_freqs: bool,
+    extra_tensor: Option<&str>,
 ) {
     let mut md = vec![
         (
@@ -98,8 +98,8 @@ fn write_gguf_with(
     } else {
         vec![]
     };
-    if rope_freqs {
-        tensors.push(("rope_freqs.weight", &t));
+    if let Some(name) = extra_tensor {
+        tensors.push((name, &t));
     }
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md, &tensors).unwrap();
@@ -129,7 +129,7 @@ fn config_err(p: &std::path::Path) -> String {
 #[test]
 fn maths_changing_metadata_is_refused_by_name() {
     use gguf_file::Value as V;
-    type Case<'a> = (&'a str, Vec<(&'a str, V)>, bool);
+    type Case<'a> = (&'a str, Vec<(&'a str, V)>, Option<&'a str>);
     let cases: Vec<Case> = vec![
         (
             "llama.rope.scaling.type",
@@ -137,7 +137,7 @@ fn maths_changing_metadata_is_refused_by_name() {
                 ("llama.rope.scaling.type", V::String("yarn".into())),
                 ("llama.rope.scaling.factor", V::F32(4.0)),
             ],
-            false,
+            None,
         ),
         (
             "llama.rope.scaling.factor",
@@ -145,21 +145,21 @@ fn maths_changing_metadata_is_refused_by_name() {
                 ("llama.rope.scaling.type", V::String("linear".into())),
                 ("llama.rope.scaling.factor", V::F32(-2.0)),
             ],
-            false,
+            None,
         ),
         (
             "llama.rope.scaling.attn_factor",
             vec![("llama.rope.scaling.attn_factor", V::F32(1.5))],
-            false,
+            None,
         ),
         // Llama 3's factors are implemented (tests/arch_reference.rs); a
         // tensor of the wrong shape (16 x 32 here, not head_dim / 2) is not
         // read as them.
-        ("rope_freqs.weight", vec![], true),
+        ("rope_freqs.weight", vec![], Some("rope_freqs.weight")),
         (
             "llama.attention.value_length",
             vec![("llama.attention.value_length", V::U32(16))],
-            false,
+            None,
         ),
         (
             // A head size of its own is implemented, a rotary part of a
@@ -169,32 +169,33 @@ fn maths_changing_metadata_is_refused_by_name() {
                 ("llama.attention.key_length", V::U32(16)),
                 ("llama.rope.dimension_count", V::U32(8)),
             ],
-            false,
+            None,
         ),
         (
             "llama.rope.dimension_count",
             vec![("llama.rope.dimension_count", V::U32(4))],
-            false,
+            None,
         ),
+        // Phi-3 128k's LongRoPE.
         (
-            "llama.attention.sliding_window",
-            vec![("llama.attention.sliding_window", V::U32(4096))],
-            false,
+            "rope_factors_long.weight",
+            vec![],
+            Some("rope_factors_long.weight"),
         ),
         (
             "llama.attn_logit_softcapping",
             vec![("llama.attn_logit_softcapping", V::F32(50.0))],
-            false,
+            None,
         ),
         (
             "llama.final_logit_softcapping",
             vec![("llama.final_logit_softcapping", V::F32(30.0))],
-            false,
+            None,
         ),
     ];
-    for (i, (key, extra, rope_freqs)) in cases.into_iter().enumerate() {
+    for (i, (key, extra, tensor)) in cases.into_iter().enumerate() {
         let p = tmp(&format!("maths-{i}.gguf"));
-        write_gguf_with(&p, "llama", true, &extra, rope_freqs);
+        write_gguf_with(&p, "llama", true, &extra, tensor);
         let msg = config_err(&p);
         assert!(
             msg.contains(&format!("`{key}`")) && msg.contains("unsupported GGUF metadata"),
@@ -208,7 +209,7 @@ fn maths_changing_metadata_is_refused_by_name() {
         ("llama.rope.dimension_count", V::U32(8)),
         ("llama.attention.key_length", V::U32(8)),
     ];
-    write_gguf_with(&p, "llama", true, &neutral, false);
+    write_gguf_with(&p, "llama", true, &neutral, None);
     let mut f = std::fs::File::open(&p).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
@@ -219,11 +220,25 @@ fn maths_changing_metadata_is_refused_by_name() {
         ("llama.rope.scaling.type", V::String("linear".into())),
         ("llama.rope.scaling.factor", V::F32(2.0)),
     ];
-    write_gguf_with(&p, "llama", true, &linear, false);
+    write_gguf_with(&p, "llama", true, &linear, None);
     let mut f = std::fs::File::open(&p).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
     assert_eq!(c.rope_freq_scale, 0.5);
+    // A sliding window shorter than the context is honoured by serving at
+    // most the window (within it the window masks nothing).
+    let p = tmp("maths-window.gguf");
+    write_gguf_with(
+        &p,
+        "llama",
+        true,
+        &[("llama.attention.sliding_window", V::U32(100))],
+        None,
+    );
+    let mut f = std::fs::File::open(&p).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
+    assert_eq!(c.context_length, 100, "context 128 capped at the window");
 }
 
 #[test]

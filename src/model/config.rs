@@ -17,6 +17,10 @@ pub enum Arch {
     /// of q and k before RoPE, and a head size of its own (128 whatever the
     /// hidden size).
     Qwen3,
+    /// Llama's maths with q, k, v in one fused matrix (`attn_qkv`) and gate
+    /// and up in one (`ffn_up`, gate rows first), rotating halves; Phi-3
+    /// mini's 4k files also declare a sliding window (see `context_length`).
+    Phi3,
 }
 
 impl Arch {
@@ -25,6 +29,7 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
@@ -34,6 +39,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 }
@@ -127,7 +133,7 @@ impl ModelConfig {
             Error::model(
                 path,
                 format!(
-                    "unsupported architecture `{arch_name}` (treespec runs llama, qwen2 and qwen3)"
+                    "unsupported architecture `{arch_name}` (treespec runs llama, qwen2, qwen3 and phi3)"
                 ),
             )
         })?;
@@ -173,6 +179,21 @@ impl ModelConfig {
         cfg.check(path)?;
         let mut cfg = cfg;
         cfg.rope_freq_scale = gguf_rope_scaling(ct, a, path)?;
+        // A sliding window of W (every layer; Phi-3 mini 4k declares 2047)
+        // lets position p see keys p-W+1..=p, as llama.cpp and HF mask it.
+        // Below W positions that is the whole causal past, so treespec
+        // honours the window exactly by serving at most W positions
+        // (a longer prompt is refused as over the context, not mis-read).
+        let window_key = format!("{a}.attention.sliding_window");
+        if let Some(w) = ct.metadata.get(&window_key).and_then(value_f64) {
+            if w >= 1.0 && (w as usize) < cfg.context_length {
+                tracing::warn!(
+                    "{}: `{window_key}` = {w}: context limited to {w} positions (sliding-window attention beyond it is not implemented)",
+                    path.display()
+                );
+                cfg.context_length = w as usize;
+            }
+        }
         refuse_unimplemented_gguf_maths(ct, a, cfg.head_dim, path)?;
         Ok(cfg)
     }
@@ -283,15 +304,13 @@ fn refuse_unimplemented_gguf_maths(
         ))
     };
     let num = |key: &str| ct.metadata.get(key).and_then(value_f64);
-    for key in ["rope.scaling.attn_factor"] {
-        let key = format!("{a}.{key}");
-        if let Some(f) = num(&key) {
-            if f != 1.0 && f != 0.0 {
-                return refuse(
-                    &key,
-                    &format!("RoPE attention factor {f} is not implemented"),
-                );
-            }
+    let key = format!("{a}.rope.scaling.attn_factor");
+    if let Some(f) = num(&key) {
+        if f != 1.0 && f != 0.0 {
+            return refuse(
+                &key,
+                &format!("RoPE attention factor {f} is not implemented"),
+            );
         }
     }
     // Phi-3's 128k "longrope": two factor sets switched by context length.
@@ -324,11 +343,7 @@ fn refuse_unimplemented_gguf_maths(
             }
         }
     }
-    for key in [
-        "attention.sliding_window",
-        "attn_logit_softcapping",
-        "final_logit_softcapping",
-    ] {
+    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
         let key = format!("{a}.{key}");
         if let Some(n) = num(&key) {
             if n != 0.0 {

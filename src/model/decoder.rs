@@ -72,12 +72,32 @@ impl Layer {
         [w_gate, w_up]: [Linear; 2],
         w_down: Linear,
     ) -> Layer {
-        Layer {
+        Layer::from_projections(
             attn_norm,
-            qkv: Projections::new(vec![wq, wk, wv]),
+            Projections::new(vec![wq, wk, wv]),
             wo,
             ffn_norm,
-            gate_up: Projections::new(vec![w_gate, w_up]),
+            Projections::new(vec![w_gate, w_up]),
+            w_down,
+        )
+    }
+
+    /// A layer whose q/k/v and gate/up projections are already combined
+    /// (fused in the file, as Phi-3 stores them).
+    pub fn from_projections(
+        attn_norm: Vec<f32>,
+        qkv: Projections,
+        wo: Linear,
+        ffn_norm: Vec<f32>,
+        gate_up: Projections,
+        w_down: Linear,
+    ) -> Layer {
+        Layer {
+            attn_norm,
+            qkv,
+            wo,
+            ffn_norm,
+            gate_up,
             w_down,
             qk_norm: None,
         }

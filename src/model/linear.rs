@@ -100,6 +100,22 @@ impl Projections {
         Projections { widths, layers }
     }
 
+    /// Parts that a file already stores as one matrix (Phi-3's fused
+    /// `attn_qkv` and gate/up): `widths` must add up to its rows.
+    pub fn fused(one: Linear, widths: Vec<usize>) -> Result<Self> {
+        let total: usize = widths.iter().sum();
+        if total != one.out_features() {
+            return Err(crate::error::Error::Invalid(format!(
+                "fused projection has {} rows, its parts {widths:?}",
+                one.out_features()
+            )));
+        }
+        Ok(Projections {
+            widths,
+            layers: vec![one],
+        })
+    }
+
     /// Output width of each part.
     pub fn widths(&self) -> &[usize] {
         &self.widths

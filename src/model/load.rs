@@ -10,9 +10,9 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::ModelConfig;
+use super::config::{Arch, ModelConfig};
 use super::decoder::{Decoder, Embedding, Layer, QkNorm};
-use super::linear::Linear;
+use super::linear::{Linear, Projections};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -144,21 +144,35 @@ fn load_gguf(path: &Path) -> Result<Model> {
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
-        let mut layer = Layer::new(
-            g.dense(&format!("{p}.attn_norm.weight"), &[hd])?,
-            [
-                g.linear(&format!("{p}.attn_q"), q, hd, c.qkv_bias)?,
-                g.linear(&format!("{p}.attn_k"), kv, hd, c.qkv_bias)?,
-                g.linear(&format!("{p}.attn_v"), kv, hd, c.qkv_bias)?,
-            ],
-            g.linear(&format!("{p}.attn_output"), hd, q, false)?,
-            g.dense(&format!("{p}.ffn_norm.weight"), &[hd])?,
-            [
-                g.linear(&format!("{p}.ffn_gate"), c.ffn_dim, hd, false)?,
-                g.linear(&format!("{p}.ffn_up"), c.ffn_dim, hd, false)?,
-            ],
-            g.linear(&format!("{p}.ffn_down"), hd, c.ffn_dim, false)?,
-        );
+        let mut layer = if c.arch == Arch::Phi3 {
+            // q, k, v rows in one matrix; gate rows then up rows in another.
+            let qkv = g.linear(&format!("{p}.attn_qkv"), q + 2 * kv, hd, false)?;
+            let gate_up = g.linear(&format!("{p}.ffn_up"), 2 * c.ffn_dim, hd, false)?;
+            Layer::from_projections(
+                g.dense(&format!("{p}.attn_norm.weight"), &[hd])?,
+                Projections::fused(qkv, vec![q, kv, kv])?,
+                g.linear(&format!("{p}.attn_output"), hd, q, false)?,
+                g.dense(&format!("{p}.ffn_norm.weight"), &[hd])?,
+                Projections::fused(gate_up, vec![c.ffn_dim, c.ffn_dim])?,
+                g.linear(&format!("{p}.ffn_down"), hd, c.ffn_dim, false)?,
+            )
+        } else {
+            Layer::new(
+                g.dense(&format!("{p}.attn_norm.weight"), &[hd])?,
+                [
+                    g.linear(&format!("{p}.attn_q"), q, hd, c.qkv_bias)?,
+                    g.linear(&format!("{p}.attn_k"), kv, hd, c.qkv_bias)?,
+                    g.linear(&format!("{p}.attn_v"), kv, hd, c.qkv_bias)?,
+                ],
+                g.linear(&format!("{p}.attn_output"), hd, q, false)?,
+                g.dense(&format!("{p}.ffn_norm.weight"), &[hd])?,
+                [
+                    g.linear(&format!("{p}.ffn_gate"), c.ffn_dim, hd, false)?,
+                    g.linear(&format!("{p}.ffn_up"), c.ffn_dim, hd, false)?,
+                ],
+                g.linear(&format!("{p}.ffn_down"), hd, c.ffn_dim, false)?,
+            )
+        };
         if c.qk_norm {
             layer.qk_norm = Some(QkNorm {
                 q: g.dense(&format!("{p}.attn_q_norm.weight"), &[c.head_dim])?,
