@@ -251,15 +251,32 @@ fn candle_reference(path: &Path, arch: &str) -> Reference {
     }
 }
 
+/// Token ids for the prefill and two decode steps, within SmolLM2's
+/// vocabulary.
+const TOKENS: [u32; 12] = [
+    1, 504, 3_000, 17, 9_999, 42, 271, 12_345, 88, 7, 2_024, 31_000,
+];
+
 fn compare(arch: &str, shape: Shape) {
     let tok = common::model_path("smollm2-135m");
+    compare_on(arch, shape, &tok, |_| TOKENS.to_vec());
+}
+
+/// `tokens(model)` gives the ids to run: all but the last two are the
+/// prefill.
+fn compare_on(
+    arch: &str,
+    shape: Shape,
+    tokenizer_from: &Path,
+    tokens: impl Fn(&Model) -> Vec<u32>,
+) {
     let path = temp(&format!("{arch}.gguf"));
-    write_model(&path, &shape, &tok);
+    write_model(&path, &shape, tokenizer_from);
     let model = Model::load(&path).unwrap_or_else(|e| panic!("treespec loads {arch}: {e}"));
     assert_eq!(model.config().arch.name(), arch);
     assert_eq!(model.config().head_dim, shape.head_dim);
     let reference = candle_reference(&path, arch);
-    let diffs = compare_with(&model, reference, arch);
+    let diffs = compare_with(&model, reference, arch, &tokens(&model));
     let _ = std::fs::remove_file(&path);
     for (k, (diff, bound)) in diffs.iter().enumerate() {
         assert!(
@@ -272,14 +289,17 @@ fn compare(arch: &str, shape: Shape) {
 /// Runs a 10-token prefill and two decode steps through `model` and
 /// `reference`; returns (max |Δ|, bound) per step, having checked the top
 /// token wherever the reference's top-2 gap exceeds the bound.
-fn compare_with(model: &Model, mut reference: Reference, arch: &str) -> Vec<(f32, f32)> {
+fn compare_with(
+    model: &Model,
+    mut reference: Reference,
+    arch: &str,
+    tokens: &[u32],
+) -> Vec<(f32, f32)> {
     let mut out = Vec::new();
-
-    let prompt: Vec<u32> = vec![1, 504, 3_000, 17, 9_999, 42, 271, 12_345, 88, 7];
-    let next = [2_024u32, 31_000];
+    let (prompt, next) = tokens.split_at(tokens.len() - 2);
     let mut cache = model.decoder.new_cache(64);
-    let mut steps: Vec<(Vec<u32>, usize)> = vec![(prompt.clone(), 0)];
-    for (pos, &t) in (prompt.len()..).zip(&next) {
+    let mut steps: Vec<(Vec<u32>, usize)> = vec![(prompt.to_vec(), 0)];
+    for (pos, &t) in (prompt.len()..).zip(next) {
         steps.push((vec![t], pos));
     }
     for (k, (ids, offset)) in steps.iter().enumerate() {
@@ -358,6 +378,46 @@ fn llama_matches_candle_transformers() {
             rope_freqs: None,
         },
     );
+}
+
+/// Mistral 7B (v0.1-v0.3) as llama.cpp converts it: the llama layout with
+/// 8 KV heads per 32 query heads and a SentencePiece BPE vocabulary
+/// (`tokenizer.ggml.model = llama`, tested token for token against
+/// sentencepiece in tests/sentencepiece.rs). The prompt is a real chat
+/// prompt encoded by treespec's tokenizer, so the file is used end to end.
+#[test]
+fn mistral_layout_with_sentencepiece_vocab_matches_candle_transformers() {
+    let tok = temp("spm-tokenizer.gguf");
+    let template =
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}";
+    common::write_sentencepiece_gguf(&tok, Some(template));
+    let shape = Shape {
+        arch: "llama",
+        layers: 2,
+        hidden: 256,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 32,
+        ffn: 512,
+        rope_freqs: None,
+    };
+    compare_on("llama", shape, &tok, |model| {
+        let text = model
+            .tokenizer
+            .apply_chat_template(
+                &[treespec::tokenizer::ChatMessage {
+                    role: "user".into(),
+                    content: "Rename wrap(text) to fill(text), café 日本".into(),
+                }],
+                true,
+            )
+            .unwrap();
+        let ids = model.tokenizer.encode(&text, true).unwrap();
+        assert_eq!(ids[0], 1, "BOS from the template");
+        assert!(ids.len() > 12, "{ids:?}");
+        ids
+    });
+    let _ = std::fs::remove_file(&tok);
 }
 
 /// Phi-3 (mini's layout): q/k/v fused in `attn_qkv`, gate and up fused in
@@ -510,7 +570,7 @@ fn llama3_rope_scaling_matches_candle_transformers() {
 
     let model = Model::load(&path).unwrap();
     assert!(model.config().rope_freq_factors.is_some());
-    let diffs = compare_with(&model, reference(), "llama3");
+    let diffs = compare_with(&model, reference(), "llama3", &TOKENS);
     for (k, (diff, bound)) in diffs.iter().enumerate() {
         assert!(
             diff <= bound,
@@ -519,7 +579,7 @@ fn llama3_rope_scaling_matches_candle_transformers() {
     }
     // Without the factors the same weights miss the reference.
     let unscaled = Model::load(&plain).unwrap();
-    let worst = compare_with(&unscaled, reference(), "llama3 without rope_freqs")
+    let worst = compare_with(&unscaled, reference(), "llama3 without rope_freqs", &TOKENS)
         .iter()
         .map(|(d, b)| d / b)
         .fold(0f32, f32::max);

@@ -1,12 +1,16 @@
-//! Byte-level BPE from GGUF `tokenizer.ggml.*` metadata.
+//! Tokenizers from GGUF `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`)
+//! and SentencePiece BPE (`llama`).
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::models::bpe::BPE;
 
-use super::vocab::{byte_level_char_to_byte, byte_level_decode, TokenKind, Vocab};
-use super::{pretok, Parts};
+use super::spm::SentencePiece;
+use super::vocab::{
+    byte_level_char_to_byte, byte_level_decode, metaspace_decode, TokenKind, Vocab,
+};
+use super::{pretok, Parts, RawEncoder};
 use crate::error::{Error, Result};
 
 fn as_i64(v: &Value) -> Option<i64> {
@@ -86,19 +90,17 @@ impl Meta<'_> {
 
 pub(super) fn load(ct: &Content, path: &Path) -> Result<Parts> {
     let m = Meta { ct, path };
-    match m.str("tokenizer.ggml.model")? {
-        Some("gpt2") => {}
+    let sentencepiece = match m.str("tokenizer.ggml.model")? {
+        Some("gpt2") => false,
+        Some("llama") => true,
         Some(other) => {
             return Err(m.err(format!(
-                "tokenizer model `{other}` is not supported (only byte-level BPE, `gpt2`)"
+                "tokenizer model `{other}` is not supported (byte-level BPE `gpt2` \
+                 and SentencePiece `llama` are)"
             )))
         }
         None => return Err(m.err("no tokenizer in the metadata (tokenizer.ggml.model)")),
-    }
-    let pre = m
-        .str("tokenizer.ggml.pre")?
-        .unwrap_or("default")
-        .to_string();
+    };
     let texts = m.strings("tokenizer.ggml.tokens")?;
     let kinds: Vec<TokenKind> = match ct.metadata.get("tokenizer.ggml.token_type") {
         None => vec![TokenKind::Normal; texts.len()],
@@ -116,6 +118,38 @@ pub(super) fn load(ct: &Content, path: &Path) -> Result<Parts> {
             texts.len()
         )));
     }
+    let (encoder, vocab, default_add_bos) = if sentencepiece {
+        sentencepiece_parts(&m, texts, kinds)?
+    } else {
+        byte_level_parts(&m, texts, kinds)?
+    };
+    Ok(Parts {
+        encoder,
+        vocab,
+        bos: m.id("tokenizer.ggml.bos_token_id")?,
+        eos: m.id("tokenizer.ggml.eos_token_id")?,
+        add_bos: m
+            .bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(default_add_bos),
+        other_stops: vec![
+            m.id("tokenizer.ggml.eot_token_id")?,
+            m.id("tokenizer.ggml.eom_token_id")?,
+        ],
+        template: m.str("tokenizer.chat_template")?.map(str::to_string),
+    })
+}
+
+/// Byte-level BPE: merges and pre-tokenizer regexes from the metadata.
+/// Returns whether BOS is added when the metadata does not say.
+fn byte_level_parts(
+    m: &Meta,
+    texts: Vec<String>,
+    kinds: Vec<TokenKind>,
+) -> Result<(RawEncoder, Vocab, bool)> {
+    let pre = m
+        .str("tokenizer.ggml.pre")?
+        .unwrap_or("default")
+        .to_string();
     let merges = m
         .strings("tokenizer.ggml.merges")?
         .into_iter()
@@ -148,20 +182,39 @@ pub(super) fn load(ct: &Content, path: &Path) -> Result<Parts> {
 
     let byte_map = byte_level_char_to_byte();
     let vocab = Vocab::new(texts, kinds, |t| byte_level_decode(&byte_map, t));
+    // llama.cpp's default for byte-level BPE: only Llama 3 style adds BOS.
+    Ok((RawEncoder::Bpe(Box::new(tok)), vocab, llama3_like))
+}
 
-    Ok(Parts {
-        bpe: tok,
-        vocab,
-        bos: m.id("tokenizer.ggml.bos_token_id")?,
-        eos: m.id("tokenizer.ggml.eos_token_id")?,
-        // llama.cpp's default for byte-level BPE: only Llama 3 style adds BOS.
-        add_bos: m
-            .bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(llama3_like),
-        other_stops: vec![
-            m.id("tokenizer.ggml.eot_token_id")?,
-            m.id("tokenizer.ggml.eom_token_id")?,
-        ],
-        template: m.str("tokenizer.chat_template")?.map(str::to_string),
-    })
+/// SentencePiece BPE: per-token scores decide the merges. llama.cpp's
+/// defaults for this type: a dummy-prefix space and a BOS.
+fn sentencepiece_parts(
+    m: &Meta,
+    texts: Vec<String>,
+    kinds: Vec<TokenKind>,
+) -> Result<(RawEncoder, Vocab, bool)> {
+    let scores = match m.ct.metadata.get("tokenizer.ggml.scores") {
+        // Without scores every merge ties and the leftmost wins (llama.cpp).
+        None => vec![0.0; texts.len()],
+        Some(_) => m
+            .array("tokenizer.ggml.scores")?
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Some(*x),
+                Value::F64(x) => Some(*x as f32),
+                _ => None,
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| m.err("tokenizer.ggml.scores holds a non-float"))?,
+    };
+    let add_space_prefix = m.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+    let spm = SentencePiece::new(
+        &texts,
+        scores,
+        m.id("tokenizer.ggml.unknown_token_id")?,
+        add_space_prefix,
+    )
+    .map_err(|e| m.err(e.to_string()))?;
+    let vocab = Vocab::new(texts, kinds, metaspace_decode);
+    Ok((RawEncoder::SentencePiece(spm), vocab, true))
 }

@@ -6,8 +6,10 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
-use super::vocab::{byte_level_char_to_byte, byte_level_decode, TokenKind, Vocab};
-use super::Parts;
+use super::vocab::{
+    byte_level_char_to_byte, byte_level_decode, metaspace_decode, TokenKind, Vocab,
+};
+use super::{Parts, RawEncoder};
 use crate::error::{Error, Result};
 
 fn read_json(path: &Path) -> Result<Option<Json>> {
@@ -42,18 +44,6 @@ fn chat_template(v: Option<&Json>) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// Bytes of a token from a non-byte-level (SentencePiece style) vocabulary.
-fn metaspace_decode(text: &str) -> Vec<u8> {
-    let hex = text
-        .strip_prefix("<0x")
-        .and_then(|h| h.strip_suffix('>'))
-        .filter(|h| h.len() == 2);
-    if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-        return vec![b];
-    }
-    text.replace('\u{2581}', " ").into_bytes()
 }
 
 pub(super) fn load(dir: &Path) -> Result<Parts> {
@@ -143,7 +133,7 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
     // must treat their spelling as plain text.
     tok.set_encode_special_tokens(true);
     Ok(Parts {
-        bpe: tok,
+        encoder: RawEncoder::Bpe(Box::new(tok)),
         vocab,
         bos,
         eos,

@@ -3,13 +3,15 @@
 //! Encoding matches llama.cpp token for token: special tokens are cut out of
 //! the text first (llama.cpp's order and rules, see [`vocab`]), then each raw
 //! stretch goes through the model's pre-tokenizer regexes ([`pretok`]) and
-//! byte-level BPE (the `tokenizers` crate). Decoding maps every token to its
+//! byte-level BPE (the `tokenizers` crate), or through SentencePiece BPE
+//! ([`spm`]) for `llama`-type vocabularies. Decoding maps every token to its
 //! bytes directly, which is what makes UTF-8-safe streaming simple.
 
 mod chat;
 mod gguf;
 mod hf;
 mod pretok;
+mod spm;
 mod stream;
 mod vocab;
 
@@ -30,8 +32,7 @@ pub struct ChatMessage {
 }
 
 pub struct Tokenizer {
-    /// Encodes raw text (no special tokens in it) to ids.
-    bpe: tokenizers::Tokenizer,
+    encoder: RawEncoder,
     vocab: Vocab,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -42,7 +43,7 @@ pub struct Tokenizer {
 
 /// What a tokenizer source (GGUF metadata, tokenizer.json) provides.
 struct Parts {
-    bpe: tokenizers::Tokenizer,
+    encoder: RawEncoder,
     vocab: Vocab,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -50,6 +51,28 @@ struct Parts {
     /// Declared end ids besides eos (eot, eom, generation config).
     other_stops: Vec<Option<u32>>,
     template: Option<String>,
+}
+
+/// Encodes raw text (no special tokens in it) to ids.
+enum RawEncoder {
+    /// Byte-level BPE (GPT-2 style) or whatever a tokenizer.json describes.
+    Bpe(Box<tokenizers::Tokenizer>),
+    SentencePiece(spm::SentencePiece),
+}
+
+impl RawEncoder {
+    fn encode(&self, raw: &str, out: &mut Vec<u32>) -> Result<()> {
+        match self {
+            RawEncoder::Bpe(t) => {
+                let enc = t
+                    .encode_fast(raw, false)
+                    .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
+                out.extend_from_slice(enc.get_ids());
+                Ok(())
+            }
+            RawEncoder::SentencePiece(s) => s.encode(raw, out),
+        }
+    }
 }
 
 impl Tokenizer {
@@ -77,7 +100,7 @@ impl Tokenizer {
             .template
             .map(|src| ChatTemplate::new(src, text_of(bos), text_of(eos)));
         Tokenizer {
-            bpe: p.bpe,
+            encoder: p.encoder,
             vocab: p.vocab,
             bos,
             eos,
@@ -94,13 +117,7 @@ impl Tokenizer {
         for frag in self.vocab.partition(text, parse_special) {
             match frag {
                 Fragment::Token(id) => ids.push(id),
-                Fragment::Text(raw) => {
-                    let enc = self
-                        .bpe
-                        .encode_fast(raw, false)
-                        .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
-                    ids.extend_from_slice(enc.get_ids());
-                }
+                Fragment::Text(raw) => self.encoder.encode(raw, &mut ids)?,
             }
         }
         Ok(ids)

@@ -128,7 +128,8 @@ impl Vocab {
                 TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown => {
                     t.as_bytes().to_vec()
                 }
-                TokenKind::Unused | TokenKind::Byte => Vec::new(),
+                TokenKind::Byte => byte_token(t).map(|b| vec![b]).unwrap_or_default(),
+                TokenKind::Unused => Vec::new(),
             })
             .collect();
         let mut specials: Vec<u32> = (0..texts.len() as u32)
@@ -223,6 +224,21 @@ impl Vocab {
             }
         }
         set.into_iter().collect()
+    }
+}
+
+/// The byte a SentencePiece byte-fallback token (`<0xE6>`) stands for.
+fn byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+/// Bytes of a token from a SentencePiece (metaspace) vocabulary: `▁` is a
+/// space, `<0xXX>` one byte.
+pub fn metaspace_decode(text: &str) -> Vec<u8> {
+    match byte_token(text) {
+        Some(b) => vec![b],
+        None => text.replace('\u{2581}', " ").into_bytes(),
     }
 }
 

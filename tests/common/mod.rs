@@ -136,3 +136,62 @@ pub fn chat_prompt(model: &treespec::model::Model, text: &str) -> Vec<u32> {
     let t = model.tokenizer.apply_chat_template(&msgs, true).unwrap();
     model.tokenizer.encode(&t, true).unwrap()
 }
+
+/// The SentencePiece BPE vocabulary of tests/fixtures/sentencepiece_bpe.json
+/// (written by scripts/fixtures/sentencepiece_bpe.py with Google's
+/// sentencepiece) as GGUF `tokenizer.ggml.*` metadata, the way llama.cpp's
+/// converter writes a Llama 2 / Mistral tokenizer; with `chat_template`
+/// when given. Returns the fixture.
+#[allow(dead_code)]
+pub fn write_sentencepiece_gguf(
+    path: &std::path::Path,
+    chat_template: Option<&str>,
+) -> serde_json::Value {
+    use candle_core::quantized::gguf_file::{self, Value as V};
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sentencepiece_bpe.json");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let arr = |k: &str| fx[k].as_array().unwrap().clone();
+    let id = |k: &str| V::U32(fx[k].as_u64().unwrap() as u32);
+    let mut md: Vec<(&str, V)> = vec![
+        ("tokenizer.ggml.model", V::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(
+                arr("pieces")
+                    .iter()
+                    .map(|p| V::String(p.as_str().unwrap().into()))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            V::Array(
+                arr("scores")
+                    .iter()
+                    .map(|s| V::F32(s.as_f64().unwrap() as f32))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            V::Array(
+                arr("types")
+                    .iter()
+                    .map(|t| V::I32(t.as_i64().unwrap() as i32))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.bos_token_id", id("bos_id")),
+        ("tokenizer.ggml.eos_token_id", id("eos_id")),
+        ("tokenizer.ggml.unknown_token_id", id("unk_id")),
+    ];
+    if let Some(t) = chat_template {
+        md.push(("tokenizer.chat_template", V::String(t.into())));
+    }
+    let refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &refs, &[]).unwrap();
+    fx
+}
