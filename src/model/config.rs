@@ -179,20 +179,9 @@ impl ModelConfig {
         cfg.check(path)?;
         let mut cfg = cfg;
         cfg.rope_freq_scale = gguf_rope_scaling(ct, a, path)?;
-        // A sliding window of W (every layer; Phi-3 mini 4k declares 2047)
-        // lets position p see keys p-W+1..=p, as llama.cpp and HF mask it.
-        // Below W positions that is the whole causal past, so treespec
-        // honours the window exactly by serving at most W positions
-        // (a longer prompt is refused as over the context, not mis-read).
         let window_key = format!("{a}.attention.sliding_window");
         if let Some(w) = ct.metadata.get(&window_key).and_then(value_f64) {
-            if w >= 1.0 && (w as usize) < cfg.context_length {
-                tracing::warn!(
-                    "{}: `{window_key}` = {w}: context limited to {w} positions (sliding-window attention beyond it is not implemented)",
-                    path.display()
-                );
-                cfg.context_length = w as usize;
-            }
+            cfg.limit_to_window(w, &window_key, path);
         }
         refuse_unimplemented_gguf_maths(ct, a, cfg.head_dim, path)?;
         Ok(cfg)
@@ -216,13 +205,16 @@ impl ModelConfig {
             .and_then(|v| v.as_str())
             .unwrap_or("");
         let arch = match (archs, model_type) {
-            ("LlamaForCausalLM", _) | (_, "llama") => Arch::Llama,
+            // Mistral is the llama layout (its window is read below).
+            ("LlamaForCausalLM" | "MistralForCausalLM", _) | (_, "llama" | "mistral") => {
+                Arch::Llama
+            }
             ("Qwen2ForCausalLM", _) | (_, "qwen2") => Arch::Qwen2,
             ("Qwen3ForCausalLM", _) | (_, "qwen3") => Arch::Qwen3,
             _ => {
                 return Err(Error::model(
                     path,
-                    format!("unsupported architecture `{archs}` / model_type `{model_type}` (treespec runs llama, qwen2 and qwen3)"),
+                    format!("unsupported architecture `{archs}` / model_type `{model_type}` (treespec runs llama, mistral, qwen2 and qwen3)"),
                 ))
             }
         };
@@ -259,7 +251,30 @@ impl ModelConfig {
             cfg.rope_freq_scale = scale;
             cfg.rope_freq_factors = factors;
         }
+        // Qwen2 configs carry a window with `use_sliding_window: false`.
+        let window_used = json.get("use_sliding_window").and_then(|v| v.as_bool()) != Some(false);
+        if let Some(w) = json.get("sliding_window").and_then(|v| v.as_f64()) {
+            if window_used {
+                cfg.limit_to_window(w, "sliding_window", path);
+            }
+        }
         Ok(cfg)
+    }
+
+    /// A sliding window of W (every layer; Phi-3 mini 4k declares 2047,
+    /// Mistral 7B v0.1 4096) lets position p see keys p-W+1..=p, as
+    /// llama.cpp and HF mask it. Below W positions that is the whole causal
+    /// past, so treespec honours the window exactly by serving at most W
+    /// positions (a longer prompt is refused as over the context, not
+    /// mis-read).
+    fn limit_to_window(&mut self, w: f64, key: &str, path: &Path) {
+        if w >= 1.0 && (w as usize) < self.context_length {
+            tracing::warn!(
+                "{}: `{key}` = {w}: context limited to {w} positions (sliding-window attention beyond it is not implemented)",
+                path.display()
+            );
+            self.context_length = w as usize;
+        }
     }
 
     fn check(&self, path: &Path) -> Result<()> {
@@ -479,6 +494,40 @@ mod tests {
             .unwrap()
             .insert("rope_scaling".into(), extra);
         ModelConfig::from_hf_config(&j, Path::new("config.json"))
+    }
+
+    /// HF Mistral is the llama layout; its window (v0.1: 4096) caps the
+    /// context, while Qwen2's declared-but-disabled window does not.
+    #[test]
+    fn hf_mistral_and_sliding_windows() {
+        let base = serde_json::json!({
+            "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 512, "vocab_size": 100, "max_position_embeddings": 32768,
+        });
+        let with = |pairs: serde_json::Value| {
+            let mut j = base.clone();
+            for (k, v) in pairs.as_object().unwrap() {
+                j.as_object_mut().unwrap().insert(k.clone(), v.clone());
+            }
+            ModelConfig::from_hf_config(&j, Path::new("config.json")).unwrap()
+        };
+        let c = with(
+            serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}),
+        );
+        assert_eq!((c.arch, c.context_length), (Arch::Llama, 4096));
+        let c = with(serde_json::json!({"model_type": "mistral", "sliding_window": null}));
+        assert_eq!(c.context_length, 32768);
+        let c = with(
+            serde_json::json!({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false}),
+        );
+        assert_eq!((c.arch, c.context_length), (Arch::Qwen2, 32768));
+        let e = ModelConfig::from_hf_config(
+            &serde_json::json!({"model_type": "gemma2", "hidden_size": 256}),
+            Path::new("config.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unsupported architecture"), "{e}");
     }
 
     /// HF `rope_scaling`: llama3 leaves the high frequencies alone and
