@@ -182,16 +182,6 @@ fn maths_changing_metadata_is_refused_by_name() {
             vec![],
             Some("rope_factors_long.weight"),
         ),
-        (
-            "llama.attn_logit_softcapping",
-            vec![("llama.attn_logit_softcapping", V::F32(50.0))],
-            None,
-        ),
-        (
-            "llama.final_logit_softcapping",
-            vec![("llama.final_logit_softcapping", V::F32(30.0))],
-            None,
-        ),
     ];
     for (i, (key, extra, tensor)) in cases.into_iter().enumerate() {
         let p = tmp(&format!("maths-{i}.gguf"));
@@ -239,6 +229,31 @@ fn maths_changing_metadata_is_refused_by_name() {
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
     assert_eq!(c.context_length, 100, "context 128 capped at the window");
+    // Soft caps are implemented (Gemma 2, tests/arch_reference.rs); a
+    // negative one is refused by name.
+    let p = tmp("maths-softcap.gguf");
+    let caps = [
+        ("llama.attn_logit_softcapping", V::F32(50.0)),
+        ("llama.final_logit_softcapping", V::F32(30.0)),
+    ];
+    write_gguf_with(&p, "llama", true, &caps, None);
+    let mut f = std::fs::File::open(&p).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
+    assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), Some(30.0)));
+    let p = tmp("maths-softcap-negative.gguf");
+    write_gguf_with(
+        &p,
+        "llama",
+        true,
+        &[("llama.final_logit_softcapping", V::F32(-1.0))],
+        None,
+    );
+    let msg = config_err(&p);
+    assert!(
+        msg.contains("`llama.final_logit_softcapping`") && msg.contains("positive"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Hyperparameters of the decoder, read from GGUF metadata or an HF
-//! `config.json`. Llama, Qwen2 and Qwen3 share one decoder; what differs
+//! `config.json`. Llama, Qwen2, Qwen3, Phi-3 and Gemma 2 share one decoder; what differs
 //! between them is data here (biases, per-head q/k norms, a head size of its
 //! own, tied embeddings, rope layout), not code.
 
@@ -21,6 +21,12 @@ pub enum Arch {
     /// and up in one (`ffn_up`, gate rows first), rotating halves; Phi-3
     /// mini's 4k files also declare a sliding window (see `context_length`).
     Phi3,
+    /// Gemma 2: Llama's attention with soft-capped scores and logits, a
+    /// GELU-gated FFN, RMSNorms after attention and FFN too, embeddings
+    /// scaled by √hidden, halves rotated; every other layer has a sliding
+    /// window (see `context_length`). GGUF norm weights have Gemma's `1 +`
+    /// already added by the converter.
+    Gemma2,
 }
 
 impl Arch {
@@ -30,6 +36,7 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
+            "gemma2" => Some(Arch::Gemma2),
             _ => None,
         }
     }
@@ -40,6 +47,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma2 => "gemma2",
         }
     }
 }
@@ -79,6 +87,20 @@ pub struct ModelConfig {
     /// `pos · scale · theta^(-2i/d) / factors[i]`.
     #[serde(skip)]
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Gemma: the FFN gate goes through GELU (tanh form), not SiLU.
+    pub ffn_gelu: bool,
+    /// Gemma multiplies the token embeddings by √hidden; 1 elsewhere.
+    pub embed_scale: f32,
+    /// Multiplies q·k before the softmax: 1/√head_dim except where the
+    /// architecture says otherwise.
+    pub attn_scale: f32,
+    /// Gemma 2: attention scores s become `cap · tanh(s / cap)`.
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2: the same on the output logits.
+    pub final_softcap: Option<f32>,
+    /// Gemma 2: RMSNorm on the attention and FFN outputs (weights
+    /// `post_attention_norm`, `post_ffw_norm`) before each residual add.
+    pub post_norms: bool,
 }
 
 fn meta<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value> {
@@ -175,10 +197,40 @@ impl ModelConfig {
             rope_freq_scale: 1.0,
             // Read from the tensor by the loader (`rope_freqs_shape` checks it).
             rope_freq_factors: None,
+            ffn_gelu: arch == Arch::Gemma2,
+            embed_scale: if arch == Arch::Gemma2 {
+                (hidden as f32).sqrt()
+            } else {
+                1.0
+            },
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            post_norms: arch == Arch::Gemma2,
         };
         cfg.check(path)?;
         let mut cfg = cfg;
         cfg.rope_freq_scale = gguf_rope_scaling(ct, a, path)?;
+        if arch == Arch::Gemma2 && cfg.n_layers == 46 {
+            // Gemma 2 27B scales queries by 1/√(hidden/heads) = 1/√144, not
+            // 1/√head_dim (its `query_pre_attn_scalar`); GGUF files do not
+            // record it, and llama.cpp recognises the 27B by its 46 layers.
+            cfg.attn_scale = 1.0 / ((cfg.hidden / cfg.n_heads) as f32).sqrt();
+        }
+        let cap = |key: &str| -> Result<Option<f32>> {
+            let key = format!("{a}.{key}");
+            match ct.metadata.get(&key).and_then(value_f64) {
+                None => Ok(None),
+                Some(0.0) => Ok(None),
+                Some(c) if c > 0.0 && c.is_finite() => Ok(Some(c as f32)),
+                Some(c) => Err(Error::model(
+                    path,
+                    format!("`{key}` = {c}: a soft cap must be positive"),
+                )),
+            }
+        };
+        cfg.attn_softcap = cap("attn_logit_softcapping")?;
+        cfg.final_softcap = cap("final_logit_softcapping")?;
         let window_key = format!("{a}.attention.sliding_window");
         if let Some(w) = ct.metadata.get(&window_key).and_then(value_f64) {
             cfg.limit_to_window(w, &window_key, path);
@@ -243,9 +295,16 @@ impl ModelConfig {
             rope_interleaved: false,
             rope_freq_scale: 1.0,
             rope_freq_factors: None,
+            ffn_gelu: false,
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (hidden.checked_div(n_heads).unwrap_or(1).max(1) as f32).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            post_norms: false,
         };
         cfg.check(path)?;
         let mut cfg = cfg;
+        cfg.attn_scale = 1.0 / (cfg.head_dim as f32).sqrt();
         if let Some(rs) = json.get("rope_scaling").filter(|v| !v.is_null()) {
             let (scale, factors) = hf_rope_scaling(rs, &cfg, path)?;
             cfg.rope_freq_scale = scale;
@@ -261,8 +320,8 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// A sliding window of W (every layer; Phi-3 mini 4k declares 2047,
-    /// Mistral 7B v0.1 4096) lets position p see keys p-W+1..=p, as
+    /// A sliding window of W (on every layer: Phi-3 mini 4k declares 2047,
+    /// Mistral 7B v0.1 4096; on every other layer: Gemma 2, 4096) lets position p see keys p-W+1..=p, as
     /// llama.cpp and HF mask it. Below W positions that is the whole causal
     /// past, so treespec honours the window exactly by serving at most W
     /// positions (a longer prompt is refused as over the context, not
@@ -355,14 +414,6 @@ fn refuse_unimplemented_gguf_maths(
                     &key,
                     &format!("{n} differs from the head size {head_dim} (separate key and value sizes and partial rotary are not implemented)"),
                 );
-            }
-        }
-    }
-    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
-        let key = format!("{a}.{key}");
-        if let Some(n) = num(&key) {
-            if n != 0.0 {
-                return refuse(&key, &format!("value {n}: not implemented"));
             }
         }
     }

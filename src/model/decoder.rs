@@ -1,18 +1,21 @@
-//! The decoder shared by Llama, Qwen2 and Qwen3, and its one entry point: a
-//! forward over N new tokens arranged as a tree, returning logits for the
-//! rows asked.
+//! The decoder shared by Llama, Qwen2, Qwen3, Phi-3 and Gemma 2, and its one
+//! entry point: a forward over N new tokens arranged as a tree, returning
+//! logits for the rows asked.
 //!
 //! Per layer (pre-norm transformer):
 //!   h = x + Wo · Attn(RoPE(Q), RoPE(K), Wv·n),  n = RMSNorm(x)
 //!   x' = h + Wdown · (SiLU(Wgate·m) ⊙ Wup·m),   m = RMSNorm(h)
 //! with Q = Wq·n and K = Wk·n, each head RMS-normalised first where the
 //! architecture says so (Qwen3's q/k norms), and logits = Wout · RMSNorm(x_L).
+//! Gemma 2's differences are parameters of the same path: x_0 scaled by
+//! √hidden, the attention and FFN outputs RMS-normalised before their adds,
+//! GELU for SiLU, and scores and logits soft-capped (c · tanh(s / c)).
 
-use super::attention::{tree_attention, AttentionShape, TreeMask};
+use super::attention::{tree_attention_with, AttentionShape, ScoreRule, TreeMask};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Projections};
-use super::ops::{add, rms_norm, silu_mul, Rope};
+use super::ops::{add, gelu_tanh_mul, rms_norm, silu_mul, Rope};
 use super::profile::{Clock, Stage};
 use crate::error::{Error, Result};
 use crate::kernels::OutPtr;
@@ -55,6 +58,14 @@ pub struct Layer {
     pub w_down: Linear,
     /// Per-head RMSNorm weights of q and k (Qwen3), applied before RoPE.
     pub qk_norm: Option<QkNorm>,
+    /// RMSNorms of the attention and FFN outputs (Gemma 2).
+    pub post_norms: Option<PostNorms>,
+}
+
+/// Gemma 2's RMSNorm weights for the attention output and the FFN output.
+pub struct PostNorms {
+    pub attn: Vec<f32>,
+    pub ffn: Vec<f32>,
 }
 
 /// Qwen3's per-head RMSNorm weights (`head_dim` each).
@@ -100,14 +111,16 @@ impl Layer {
             gate_up,
             w_down,
             qk_norm: None,
+            post_norms: None,
         }
     }
 }
 
-/// `out[r] = silu(gate[r]) · up[r]` for rows `[gate | up]` of `gate_up`
-/// (`f` wide each), spread over the kernels' pool when there is enough of
-/// it: at 16 rows of a 1.5B model this is millions of exponentials.
-fn swiglu(gate_up: &[f32], f: usize, out: &mut Vec<f32>) {
+/// `out[r] = act(gate[r]) · up[r]` for rows `[gate | up]` of `gate_up`
+/// (`f` wide each), act = SiLU or (`gelu`) GELU, spread over the kernels'
+/// pool when there is enough of it: at 16 rows of a 1.5B model this is
+/// millions of exponentials.
+fn gated_ffn(gate_up: &[f32], f: usize, gelu: bool, out: &mut Vec<f32>) {
     /// Elements per unit of work; below two units it runs here.
     const SPAN: usize = 4096;
     let rows = gate_up.len() / (2 * f);
@@ -123,7 +136,11 @@ fn swiglu(gate_up: &[f32], f: usize, out: &mut Vec<f32>) {
             // outlives the call.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * f + c0), len) };
             o.copy_from_slice(&row[c0..c0 + len]);
-            silu_mul(o, &row[f + c0..f + c0 + len]);
+            if gelu {
+                gelu_tanh_mul(o, &row[f + c0..f + c0 + len]);
+            } else {
+                silu_mul(o, &row[f + c0..f + c0 + len]);
+            }
         }
     };
     crate::kernels::parallel_for(rows * spans, 1, &work);
@@ -371,6 +388,13 @@ impl Decoder {
         let eps = c.rms_eps as f32;
         let mut clock = Clock::start();
         let mut x = self.embedding.lookup(&tokens)?; // [N][hidden]
+        if c.embed_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= c.embed_scale);
+        }
+        let rule = ScoreRule {
+            scale: c.attn_scale,
+            softcap: c.attn_softcap,
+        };
         WORK.with_borrow_mut(|w| {
             w.normed.resize(x.len(), 0.0);
             for (l, layer) in self.layers.iter().enumerate() {
@@ -409,12 +433,22 @@ impl Decoder {
                 for (i, s) in segs.iter().enumerate() {
                     let r = rows(i);
                     let q = &w.q[r.start * qw..r.end * qw];
-                    w.attn
-                        .extend(tree_attention(&shape, q, &s.cache.layer(l), &masks[i]));
+                    w.attn.extend(tree_attention_with(
+                        &shape,
+                        rule,
+                        q,
+                        &s.cache.layer(l),
+                        &masks[i],
+                    ));
                 }
                 clock.lap(Stage::Attention);
                 layer.wo.forward_into(&w.attn, n, &mut w.out);
                 clock.lap(Stage::AttnOut);
+                if let Some(post) = &layer.post_norms {
+                    w.heads.resize(w.out.len(), 0.0);
+                    rms_norm(&w.out, &post.attn, eps, &mut w.heads);
+                    std::mem::swap(&mut w.out, &mut w.heads);
+                }
                 add(&mut x, &w.out);
 
                 rms_norm(&x, &layer.ffn_norm, eps, &mut w.normed);
@@ -424,10 +458,15 @@ impl Decoder {
                     .forward_into(&w.normed, n, &mut w.gate_up, &mut w.part);
                 clock.lap(Stage::GateUp);
                 let f = layer.gate_up.widths()[0];
-                swiglu(&w.gate_up, f, &mut w.gate);
+                gated_ffn(&w.gate_up, f, c.ffn_gelu, &mut w.gate);
                 clock.lap(Stage::Elementwise);
                 layer.w_down.forward_into(&w.gate, n, &mut w.out);
                 clock.lap(Stage::Down);
+                if let Some(post) = &layer.post_norms {
+                    w.heads.resize(w.out.len(), 0.0);
+                    rms_norm(&w.out, &post.ffn, eps, &mut w.heads);
+                    std::mem::swap(&mut w.out, &mut w.heads);
+                }
                 add(&mut x, &w.out);
             }
         });
@@ -468,6 +507,9 @@ impl Decoder {
         if total > 0 {
             data = SPARE_LOGITS.with(|s| s.take());
             self.lm_head.forward_into(&normed, total, &mut data);
+            if let Some(cap) = c.final_softcap {
+                data.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            }
         }
         clock.lap(Stage::LmHead);
         if segs.len() == 1 {
@@ -560,7 +602,7 @@ mod tests {
             .map(|i| ((i * 7919 % 2003) as f32 - 1000.0) / 150.0)
             .collect();
         let mut out = vec![f32::NAN; 5];
-        swiglu(&gate_up, f, &mut out);
+        gated_ffn(&gate_up, f, false, &mut out);
         assert_eq!(out.len(), rows * f);
         for r in 0..rows {
             let row = &gate_up[r * 2 * f..(r + 1) * 2 * f];

@@ -11,7 +11,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, ModelConfig};
-use super::decoder::{Decoder, Embedding, Layer, QkNorm};
+use super::decoder::{Decoder, Embedding, Layer, PostNorms, QkNorm};
 use super::linear::{Linear, Projections};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -177,6 +177,12 @@ fn load_gguf(path: &Path) -> Result<Model> {
             layer.qk_norm = Some(QkNorm {
                 q: g.dense(&format!("{p}.attn_q_norm.weight"), &[c.head_dim])?,
                 k: g.dense(&format!("{p}.attn_k_norm.weight"), &[c.head_dim])?,
+            });
+        }
+        if c.post_norms {
+            layer.post_norms = Some(PostNorms {
+                attn: g.dense(&format!("{p}.post_attention_norm.weight"), &[hd])?,
+                ffn: g.dense(&format!("{p}.post_ffw_norm.weight"), &[hd])?,
             });
         }
         layers.push(layer);

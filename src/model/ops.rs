@@ -102,6 +102,17 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     super::lanes::silu_mul(gate, up)
 }
 
+/// `gate = gelu(gate) * up`, in place, GELU in its tanh form (Gemma's
+/// `gelu_pytorch_tanh`, llama.cpp's `ggml_gelu`).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let t = (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh();
+        *g = 0.5 * x * (1.0 + t) * u;
+    }
+}
+
 /// `x += y`.
 pub fn add(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {

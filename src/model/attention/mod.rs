@@ -74,8 +74,38 @@ pub struct AttentionShape {
 /// the last N of them (the ones before were appended by earlier forwards of
 /// the same tree, [`crate::model::KvCache::extend`]). Returns
 /// `[N][n_heads][head_dim]`.
+/// How a query·key product becomes a score before the softmax.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreRule {
+    /// Multiplies q·k: 1/√head_dim, or the architecture's own (Gemma 2 27B
+    /// scales by 1/√(hidden/heads)).
+    pub scale: f32,
+    /// Gemma 2's soft cap: a score s becomes `cap · tanh(s / cap)`.
+    pub softcap: Option<f32>,
+}
+
+impl ScoreRule {
+    pub fn standard(head_dim: usize) -> Self {
+        ScoreRule {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+        }
+    }
+}
+
 pub fn tree_attention(
     shape: &AttentionShape,
+    q: &[f32],
+    kv: &LayerKv,
+    mask: &TreeMask,
+) -> Vec<f32> {
+    tree_attention_with(shape, ScoreRule::standard(shape.head_dim), q, kv, mask)
+}
+
+/// [`tree_attention`] with scores computed by `rule`.
+pub fn tree_attention_with(
+    shape: &AttentionShape,
+    rule: ScoreRule,
     q: &[f32],
     kv: &LayerKv,
     mask: &TreeMask,
@@ -123,7 +153,8 @@ pub fn tree_attention(
         group,
         rows_per_head,
         full,
-        scale: 1.0 / (d as f32).sqrt(),
+        scale: rule.scale,
+        softcap: rule.softcap,
         out: OutPtr(out.as_mut_ptr()),
         parts: OutPtr(prefix_parts.as_mut_ptr()),
     };
@@ -191,6 +222,7 @@ struct Call<'a> {
     /// Chunks wholly inside the committed prefix.
     full: usize,
     scale: f32,
+    softcap: Option<f32>,
     out: OutPtr,
     /// Partials of the `full` chunks: `[kv head][row][chunk][PART_HEAD + d]`.
     parts: OutPtr,
@@ -310,6 +342,15 @@ unsafe fn score_rows<V: F32x16>(
         }
     }
     put_scratch(Scratch::Widened, wide);
+    // Before any masking (masked scores are set to -inf afterwards, which
+    // the cap must not turn into a finite -cap).
+    if let Some(cap) = c.softcap {
+        for r in 0..r1 - r0 {
+            for x in &mut s[r * stride..r * stride + tiles * KEY_TILE] {
+                *x = cap * (*x / cap).tanh();
+            }
+        }
+    }
 }
 
 /// `acc[r] += Σ_j p[r][j] · values[j]` for `rows` rows (`p` rows `stride`
