@@ -152,6 +152,7 @@ fn rec(
         check,
         first_diff: None,
         diff_margin: None,
+        peer_margin: None,
     }
 }
 
@@ -283,6 +284,7 @@ fn same_run_peer_rows_are_compared_not_held_to_losslessness() {
     );
     differs.first_diff = Some(3);
     differs.diff_margin = Some(0.001);
+    differs.peer_margin = Some(0.0123);
     recs.extend([
         rec(
             "sb",
@@ -343,7 +345,7 @@ fn same_run_peer_rows_are_compared_not_held_to_losslessness() {
     assert!(md.contains("## llama.cpp in the same run"), "{md}");
     assert!(md.contains("vs llama.cpp:none"), "{md}");
     assert!(
-        md.contains("from token 3 (plain top-2 margin 0.0010)"),
+        md.contains("from token 3 (top-2 margin there: treespec plain 0.0010, llama.cpp 0.0123)"),
         "{md}"
     );
     // The findings name treespec's best method, never the peer.

@@ -21,7 +21,7 @@
 mod common;
 
 use treespec::engine::{generate, GenerateOptions, Session, PREFILL_CHUNK};
-use treespec::model::{LogitRows, Model};
+use treespec::model::Model;
 use treespec::sampling::{argmax, top2_margin};
 
 /// See the module comment.
@@ -41,36 +41,6 @@ fn log_softmax_at(row: &[f32], ids: &[u32]) -> Vec<f64> {
         .ln()
         + max;
     ids.iter().map(|&i| row[i as usize] as f64 - lse).collect()
-}
-
-/// Logits for every position of `seq` from `from` on (teacher forcing).
-fn forced_logits(model: &Model, seq: &[u32], from: usize) -> Vec<Vec<f32>> {
-    let mut cache = model.decoder.new_cache(seq.len() + 1);
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < seq.len() {
-        let end = (start + PREFILL_CHUNK).min(seq.len());
-        let chunk = &seq[start..end];
-        let pos: Vec<usize> = (start..end).collect();
-        let par: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
-        let want = if end > from {
-            LogitRows::All
-        } else {
-            LogitRows::None
-        };
-        let l = model
-            .decoder
-            .forward(&mut cache, chunk, &pos, &par, want)
-            .unwrap();
-        cache.keep_all();
-        for r in 0..l.rows {
-            if start + r >= from {
-                out.push(l.row(r).to_vec());
-            }
-        }
-        start = end;
-    }
-    out
 }
 
 fn check_model(name: &str) {
@@ -95,7 +65,10 @@ fn check_model(name: &str) {
         let mut seq = prompt.clone();
         seq.extend(&want);
         // Row i predicts want[i].
-        let rows = forced_logits(&model, &seq[..seq.len() - 1], prompt.len() - 1);
+        let rows = model
+            .decoder
+            .teacher_forced(&seq[..seq.len() - 1], prompt.len() - 1, PREFILL_CHUNK)
+            .unwrap();
         let mut matched = 0;
         let mut note = String::new();
         for (i, row) in rows.iter().enumerate() {

@@ -143,3 +143,73 @@ fn malformed_responses_are_errors() {
         ))
     );
 }
+
+/// The untimed margin probe (`n_probs: 2`): each token's top-2 margin, from
+/// llama-server's `top_logprobs`; a malformed list is an error, not a margin.
+#[test]
+fn parses_top2_margins_and_refuses_malformed_ones() {
+    let body = fixture("completion_plain_n_probs.json");
+    let c = parse_completion(&body).unwrap();
+    assert_eq!(
+        c.tokens.as_deref(),
+        Some(&[25870, 317, 198, 504, 2365, 6354][..])
+    );
+    let m = c.top2_margins.expect("margins");
+    assert_eq!(m.len(), 6);
+    // Token 0: logprobs -1.8267 (" cob") and -2.4417 (" fox").
+    let want = (-1.8266957998275757f64).exp() - (-2.4417243003845215f64).exp();
+    assert!((m[0] as f64 - want).abs() < 1e-6, "{}", m[0]);
+    assert!(m.iter().all(|&x| (0.0..=1.0).contains(&x)));
+    // Without n_probs there are none.
+    assert_eq!(
+        parse_completion(&fixture("completion_ngram_simple.json"))
+            .unwrap()
+            .top2_margins,
+        None
+    );
+    let good: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        parse_completion(&v.to_string())
+    };
+    // Post-sampling form (`top_probs` with `prob`) reads the same way.
+    let post = with(&|v| {
+        let e = &mut v["completion_probabilities"][0];
+        e.as_object_mut().unwrap().remove("top_logprobs");
+        e["top_probs"] = serde_json::json!([{"id": 1, "prob": 0.7}, {"id": 2, "prob": 0.2}]);
+    })
+    .unwrap();
+    assert!((post.top2_margins.unwrap()[0] - 0.5).abs() < 1e-6);
+    for (what, f) in [
+        (
+            "unsorted",
+            &(|v: &mut serde_json::Value| {
+                v["completion_probabilities"][1]["top_logprobs"][1]["logprob"] =
+                    serde_json::json!(-0.01)
+            }) as &dyn Fn(&mut serde_json::Value),
+        ),
+        ("no list", &|v: &mut serde_json::Value| {
+            v["completion_probabilities"][2]
+                .as_object_mut()
+                .unwrap()
+                .remove("top_logprobs");
+        }),
+        ("not a number", &|v: &mut serde_json::Value| {
+            v["completion_probabilities"][0]["top_logprobs"][0]["logprob"] =
+                serde_json::json!("high")
+        }),
+        ("above one", &|v: &mut serde_json::Value| {
+            v["completion_probabilities"][0]["top_logprobs"][0]["logprob"] = serde_json::json!(0.5)
+        }),
+        ("empty", &|v: &mut serde_json::Value| {
+            v["completion_probabilities"][3]["top_logprobs"] = serde_json::json!([])
+        }),
+    ] {
+        assert!(
+            matches!(with(f), Err(PeerResponseError::BadProbabilities { .. })),
+            "{what}: {:?}",
+            with(f)
+        );
+    }
+}

@@ -254,6 +254,15 @@ pub struct CompletionRequest<'a> {
     /// turns of a conversation, as treespec's session does); off for a
     /// conversation's first turn so no prefill is skipped that treespec pays.
     pub cache_prompt: bool,
+    /// Ask for the top `n_probs` probabilities of every generated token
+    /// (softmax of the raw logits). 0 = not asked: llama-server sorts the
+    /// vocabulary for each token it reports, which a timed run must not pay.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub n_probs: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A running `llama-server`, killed when dropped.

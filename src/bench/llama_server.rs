@@ -32,6 +32,9 @@ pub struct PeerCompletion {
     /// The generated token ids, when the request asked for them
     /// (`return_tokens`); `None` when the response carries none.
     pub tokens: Option<Vec<u32>>,
+    /// Per generated token, the top-2 probability margin (p1 - p2) of the
+    /// distribution it was drawn from, when the request asked `n_probs`.
+    pub top2_margins: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,8 @@ pub enum PeerResponseError {
     CountMismatch { timings: u64, reported: u64 },
     #[error("llama-server returned {ids} token ids for {decoded} decoded tokens")]
     TokenCountMismatch { ids: usize, decoded: u64 },
+    #[error("llama-server token probabilities are malformed at token {index}: {why}")]
+    BadProbabilities { index: usize, why: String },
 }
 
 #[derive(Deserialize)]
@@ -93,6 +98,7 @@ struct Raw {
     error: Option<serde_json::Value>,
     #[serde(default)]
     tokens: Vec<u32>,
+    completion_probabilities: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -211,7 +217,13 @@ pub fn parse_completion(body: &str) -> Result<PeerCompletion, PeerResponseError>
             });
         }
     }
+    let top2_margins = raw
+        .completion_probabilities
+        .as_deref()
+        .map(top2_margins)
+        .transpose()?;
     Ok(PeerCompletion {
+        top2_margins,
         tokens,
         text,
         prompt_n,
@@ -221,4 +233,50 @@ pub fn parse_completion(body: &str) -> Result<PeerCompletion, PeerResponseError>
         draft,
         stop,
     })
+}
+
+/// p1 - p2 of each entry of `completion_probabilities`. llama-server writes
+/// `top_logprobs: [{id, logprob}]` (log-probabilities of the raw logits),
+/// or `top_probs: [{id, prob}]` when asked for post-sampling probabilities;
+/// older servers wrote `probs: [{tok_str, prob}]`. Either list is sorted, most
+/// probable first. One candidate only (a point mass) is a margin of 1.
+fn top2_margins(entries: &[serde_json::Value]) -> Result<Vec<f32>, PeerResponseError> {
+    let mut out = Vec::with_capacity(entries.len());
+    for (index, e) in entries.iter().enumerate() {
+        let bad = |why: &str| PeerResponseError::BadProbabilities {
+            index,
+            why: why.to_string(),
+        };
+        let (list, key, log) = if let Some(l) = e.get("top_logprobs") {
+            (l, "logprob", true)
+        } else if let Some(l) = e.get("top_probs") {
+            (l, "prob", false)
+        } else if let Some(l) = e.get("probs") {
+            (l, "prob", false)
+        } else {
+            return Err(bad("no top_logprobs / top_probs / probs list"));
+        };
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad("the list is not an array"))?;
+        let mut p = Vec::with_capacity(2);
+        for c in list.iter().take(2) {
+            let v = c
+                .get(key)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| bad(&format!("a candidate has no numeric `{key}`")))?;
+            let v = if log { v.exp() } else { v };
+            if !(0.0..=1.0 + 1e-6).contains(&v) {
+                return Err(bad(&format!("probability {v} is outside [0, 1]")));
+            }
+            p.push(v);
+        }
+        out.push(match p[..] {
+            [] => return Err(bad("no candidates")),
+            [a] => a as f32,
+            [a, b] if a + 1e-6 >= b => (a - b) as f32,
+            _ => return Err(bad("candidates are not sorted by probability")),
+        });
+    }
+    Ok(out)
 }

@@ -212,6 +212,10 @@ pub struct PromptRecord {
     pub first_diff: Option<usize>,
     /// Plain decoding's top-2 margin at `first_diff`.
     pub diff_margin: Option<f32>,
+    /// For a peer's generation that differs: the peer's own top-2 margin at
+    /// `first_diff` (llama-server asked again, untimed, for probabilities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_margin: Option<f32>,
 }
 
 impl PromptRecord {

@@ -432,13 +432,14 @@ fn peer_section(results: &BenchResults, agg: &Aggregate, peer: &super::record::P
         .take(40)
         .map(|r| {
             format!(
-                "{} {} turn {}: {} from token {} (plain top-2 margin {})",
+                "{} {} turn {}: {} from token {} (top-2 margin there: treespec plain {}, llama.cpp {})",
                 r.dataset,
                 super::dataset::id_text(&r.question_id),
                 r.turn,
                 r.method,
                 r.first_diff.map_or("?".into(), |d| d.to_string()),
                 r.diff_margin.map_or("?".into(), |m| format!("{m:.4}")),
+                r.peer_margin.map_or("?".into(), |m| format!("{m:.4}")),
             )
         })
         .collect();

@@ -273,7 +273,8 @@ struct PeerTurn {
     /// the peer returned ids.
     ids: Option<Vec<u32>>,
     eos: bool,
-    prompt_tokens: usize,
+    /// The prompt it was given (this turn's whole conversation, as ids).
+    prompt: Vec<u32>,
 }
 
 /// The peer's servers, one per mode, started once for the whole run.
@@ -307,6 +308,7 @@ impl Runner<'_> {
                 temperature: self.sampling.temperature,
                 seed: self.sampling.seed,
                 cache_prompt: t > 0,
+                n_probs: 0,
             })?;
             let eos = c.stop.as_deref() == Some("eos");
             let gen_ids = c.tokens.clone().map(|mut v| {
@@ -323,10 +325,37 @@ impl Runner<'_> {
                 c,
                 ids: gen_ids,
                 eos,
-                prompt_tokens: ids.len(),
+                prompt: ids,
             });
         }
         Ok(out)
+    }
+}
+
+impl Runner<'_> {
+    /// The peer's own top-2 margin at token `at` of a turn that departed
+    /// from plain decoding there. The same prompt goes again, untimed, to
+    /// llama.cpp's plain server asking for probabilities (a timed run must
+    /// not pay for them); the margin counts only if that regenerates the
+    /// turn's first `at + 1` tokens, so it is the margin at this departure.
+    fn peer_margin(&self, plain: &LlamaServer, turn: &PeerTurn, at: usize) -> Option<f32> {
+        let ids = turn.ids.as_ref()?;
+        let c = plain
+            .complete(&CompletionRequest {
+                prompt: &turn.prompt,
+                n_predict: at + 1,
+                temperature: 0.0,
+                seed: self.sampling.seed,
+                cache_prompt: false,
+                n_probs: 2,
+            })
+            .map_err(|e| tracing::warn!("peer margin probe: {e:#}"))
+            .ok()?;
+        let again = c.tokens.as_ref()?;
+        let n = (at + 1).min(ids.len());
+        (again.len() >= n && again[..n] == ids[..n])
+            .then(|| c.top2_margins?.get(at).copied())
+            .flatten()
     }
 }
 
@@ -412,6 +441,7 @@ fn blank_record(
         check: check.0,
         first_diff: check.1,
         diff_margin: check.2,
+        peer_margin: None,
     }
 }
 
@@ -434,7 +464,7 @@ fn peer_record(
     // accepted; the first comes from the prompt's forward, as in treespec.
     let steps = mat_tokens.saturating_sub(accepted).max(1);
     PromptRecord {
-        prompt_tokens: r.prompt_tokens,
+        prompt_tokens: r.prompt.len(),
         prefilled_tokens: c.prompt_n as usize,
         new_tokens,
         mat_tokens,
@@ -881,12 +911,15 @@ pub fn run(a: SuiteArgs) -> Result<()> {
                         .push(record(item, t, repeat, &methods[mi].label, tr, ck));
                 }
             }
+            let plain_peer = servers.iter().position(|s| s.mode == "none");
             for (pi, r) in peer_runs.iter().enumerate() {
                 let Some(r) = r else { continue };
                 for (t, (tr, ck)) in r.iter().zip(peer_checks(r, plain, sampled)).enumerate() {
-                    results
-                        .records
-                        .push(peer_record(item, t, repeat, &peer_labels[pi], tr, ck));
+                    let mut rec = peer_record(item, t, repeat, &peer_labels[pi], tr, ck);
+                    if let (Check::PeerDiffers, Some(at), Some(ps)) = (ck.0, ck.1, plain_peer) {
+                        rec.peer_margin = runner.peer_margin(&servers[ps], tr, at);
+                    }
+                    results.records.push(rec);
                 }
             }
             results.info.elapsed_s = started.elapsed().as_secs_f64();

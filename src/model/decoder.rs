@@ -339,6 +339,35 @@ impl Decoder {
         })
     }
 
+    /// Teacher forcing: the logits that follow each of `seq[from..]`, i.e.
+    /// row `i` is the model's prediction of `seq[from + i + 1]` given
+    /// `seq[..=from + i]`. Runs `seq` as a chain in chunks of `chunk` tokens
+    /// in a fresh cache; what a golden-file comparison or a perplexity needs.
+    pub fn teacher_forced(&self, seq: &[u32], from: usize, chunk: usize) -> Result<Vec<Vec<f32>>> {
+        let mut cache = self.new_cache(seq.len() + 1);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < seq.len() {
+            let end = (start + chunk.max(1)).min(seq.len());
+            let pos: Vec<usize> = (start..end).collect();
+            let par: Vec<Option<usize>> = (0..end - start).map(|i| i.checked_sub(1)).collect();
+            let want = if end > from {
+                LogitRows::All
+            } else {
+                LogitRows::None
+            };
+            let l = self.forward(&mut cache, &seq[start..end], &pos, &par, want)?;
+            cache.keep_all();
+            for r in 0..l.rows {
+                if start + r >= from {
+                    out.push(l.row(r).to_vec());
+                }
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
     /// [`Decoder::forward_batch`] of one segment.
     pub fn forward_segment(&self, seg: Segment<'_>) -> Result<Logits> {
         let mut segs = [seg];

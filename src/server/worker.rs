@@ -326,19 +326,24 @@ impl Scheduler {
                     }
                 }
             }
-            // Finished requests leave the batch.
-            let retiring = running.iter().any(|r| r.seq.is_finished());
+            // Finished requests leave the batch. Their clients hear it only
+            // after the metrics account for them (a client's next look at
+            // /metrics must see its own request's cache hits and memory).
+            let mut answers = Vec::new();
             let mut i = 0;
             while i < running.len() {
                 if running[i].seq.is_finished() {
                     let r = running.swap_remove(i);
-                    self.retire(r);
+                    answers.push(self.retire(r));
                 } else {
                     i += 1;
                 }
             }
-            if retiring {
+            if !answers.is_empty() {
                 self.publish_memory(&running);
+            }
+            for (events, result) in answers {
+                let _ = events.send(Event::Done(result));
             }
         }
     }
@@ -438,8 +443,15 @@ impl Scheduler {
         self.metrics.set_memory(slots, self.prefix.stats());
     }
 
-    /// Answers a finished request and gives its slot back.
-    fn retire(&mut self, r: Running<'_>) {
+    /// Accounts for a finished request and gives its slot back; returns
+    /// its answer, for the caller to send once the metrics are published.
+    fn retire(
+        &mut self,
+        r: Running<'_>,
+    ) -> (
+        UnboundedSender<Event>,
+        Box<std::result::Result<Generation, ApiError>>,
+    ) {
         let (result, mut session) = r.seq.finish();
         let result = result.map_err(ApiError::from);
         match &result {
@@ -469,7 +481,7 @@ impl Scheduler {
         // client's next look at the gauges is consistent.
         self.counts.running.fetch_sub(1, Ordering::SeqCst);
         self.counts.admitted.fetch_sub(1, Ordering::SeqCst);
-        let _ = r.events.send(Event::Done(Box::new(result)));
+        (r.events, Box::new(result))
     }
 }
 
