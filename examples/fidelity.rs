@@ -176,16 +176,16 @@ fn run_reference(
         s.spawn(|| -> Result<Probed> {
             let mut m = Reference::load(path)?;
             let mut out = Vec::new();
-            for (r, rec) in records.iter().enumerate() {
+            for (rec, probe) in records.iter().zip(probe) {
                 // Position 0 starts a fresh cache in both candle models.
                 let mut row = m.forward(&rec.prompt, 0)?;
                 let mut steps = Vec::new();
-                for i in 0..rec.tokens.len() {
+                for (i, weigh) in probe.iter().enumerate() {
                     let step = Step {
                         argmax: argmax(&row),
                         margin: top2_margin(&row),
                     };
-                    steps.push((step, softmax_at(&row, &probe[r][i])));
+                    steps.push((step, softmax_at(&row, weigh)));
                     if i + 1 < rec.tokens.len() {
                         row = m.forward(&rec.tokens[i..=i], rec.prompt.len() + i)?;
                     }
