@@ -112,6 +112,8 @@ fn unknown_architecture() {
     write_gguf(&p, "mamba", true);
     let msg = load_err(&p);
     assert!(msg.contains("unsupported architecture `mamba`"), "{msg}");
+    // The list of what does run is complete (it once forgot gemma2).
+    assert!(msg.contains("phi3, gemma2"), "{msg}");
 }
 
 fn config_err(p: &std::path::Path) -> String {

@@ -339,15 +339,32 @@ fn same_run_peer_rows_are_compared_not_held_to_losslessness() {
     // and 2: pld 70 tokens in 7 s, the peer 50 in 8 s.
     let r = treespec::bench::report::tok_s_ratio(&res, "pld", "llama.cpp:none").unwrap();
     assert!(close(r, (70.0 / 7.0) / (50.0 / 8.0)), "{r}");
+    // A later turn of the differing item inherits the verdict with no
+    // position: its prompt holds the peer's own earlier answer.
+    res.records.push(rec(
+        "sb",
+        2,
+        "translation",
+        1,
+        "llama.cpp:none",
+        1.0,
+        5,
+        5,
+        PeerDiffers,
+    ));
     let agg = treespec::bench::report::aggregate_results(&res);
     let md = treespec::bench::render_markdown(&res, &agg);
     assert!(md.contains("| llama.cpp:none (peer) |"), "{md}");
     assert!(md.contains("## llama.cpp in the same run"), "{md}");
     assert!(md.contains("vs llama.cpp:none"), "{md}");
     assert!(
-        md.contains("from token 3 (top-2 margin there: treespec plain 0.0010, llama.cpp 0.0123)"),
+        md.contains(
+            "from token 3 (top-2 margin there: treespec plain 0.0010, llama.cpp 0.0123): llama.cpp:none"
+        ),
         "{md}"
     );
+    assert!(md.contains("1 later-turn generation(s) differ too"), "{md}");
+    assert!(!md.contains("from token ?"), "{md}");
     // The findings name treespec's best method, never the peer.
     assert!(md.contains("**pld**"), "{md}");
 }

@@ -425,28 +425,69 @@ fn peer_section(results: &BenchResults, agg: &Aggregate, peer: &super::record::P
     // Where the peer's output first differs, and how close plain decoding
     // was to a tie there: a small margin is float noise, a large one a
     // different model (template, tokenizer, maths).
-    let diffs: Vec<String> = results
+    // Modes that part at the same token are one line; later turns that
+    // inherit a difference (their prompt holds the peer's own earlier
+    // answer, so there is no common text) are only counted.
+    struct DiffPlace<'a> {
+        key: (String, String, usize, usize),
+        modes: Vec<&'a str>,
+        ours: Option<f32>,
+        theirs: Option<f32>,
+    }
+    let mut groups: Vec<DiffPlace> = Vec::new();
+    let mut inherited = 0;
+    for r in results
         .records
         .iter()
         .filter(|r| r.check == super::record::Check::PeerDiffers)
-        .take(40)
-        .map(|r| {
-            format!(
-                "{} {} turn {}: {} from token {} (top-2 margin there: treespec plain {}, llama.cpp {})",
-                r.dataset,
-                super::dataset::id_text(&r.question_id),
-                r.turn,
-                r.method,
-                r.first_diff.map_or("?".into(), |d| d.to_string()),
-                r.diff_margin.map_or("?".into(), |m| format!("{m:.4}")),
-                r.peer_margin.map_or("?".into(), |m| format!("{m:.4}")),
-            )
-        })
-        .collect();
-    if !diffs.is_empty() {
-        md.push_str("\nFirst differences from treespec's plain output (up to 40):\n\n");
-        for d in diffs {
-            let _ = writeln!(md, "- {d}");
+    {
+        let Some(at) = r.first_diff else {
+            inherited += 1;
+            continue;
+        };
+        let key = (
+            r.dataset.clone(),
+            super::dataset::id_text(&r.question_id),
+            r.turn,
+            at,
+        );
+        match groups.iter_mut().find(|g| g.key == key) {
+            Some(g) => {
+                g.modes.push(&r.method);
+                g.ours = g.ours.or(r.diff_margin);
+                g.theirs = g.theirs.or(r.peer_margin);
+            }
+            None => groups.push(DiffPlace {
+                key,
+                modes: vec![&r.method],
+                ours: r.diff_margin,
+                theirs: r.peer_margin,
+            }),
+        }
+    }
+    if !groups.is_empty() || inherited > 0 {
+        let _ = writeln!(
+            md,
+            "\nFirst differences from treespec's plain output ({} places{}):\n",
+            groups.len(),
+            if groups.len() > 40 { ", first 40" } else { "" }
+        );
+        let margin = |m: Option<f32>| m.map_or("?".into(), |m| format!("{m:.4}"));
+        for g in groups.iter().take(40) {
+            let (dataset, id, turn, at) = &g.key;
+            let _ = writeln!(
+                md,
+                "- {dataset} {id} turn {turn}: from token {at} (top-2 margin there: treespec plain {}, llama.cpp {}): {}",
+                margin(g.ours),
+                margin(g.theirs),
+                g.modes.join(", ")
+            );
+        }
+        if inherited > 0 {
+            let _ = writeln!(
+                md,
+                "\n{inherited} later-turn generation(s) differ too: their prompts hold the peer's own earlier, different answers."
+            );
         }
     }
     md

@@ -526,7 +526,8 @@ fn start_peer(a: &SuiteArgs, model: &Model, out_dir: &Path) -> Result<Option<Pee
         run: PeerRun {
             name: PEER.into(),
             version: found.version.clone(),
-            binary: found.bin_dir.join("llama-server").display().to_string(),
+            // The binary the servers really ran (the no-AMX build on AMX hosts).
+            binary: found.binary("llama-server")?.display().to_string(),
             modes: modes.iter().map(|m| format!("{PEER}:{m}")).collect(),
             draft_model: draft.map(|d| d.display().to_string()),
         },

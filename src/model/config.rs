@@ -30,6 +30,15 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture a GGUF file may name, for error messages.
+    pub const ALL: [Arch; 5] = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Phi3,
+        Arch::Gemma2,
+    ];
+
     pub fn parse(name: &str) -> Option<Arch> {
         match name {
             "llama" => Some(Arch::Llama),
@@ -155,7 +164,8 @@ impl ModelConfig {
             Error::model(
                 path,
                 format!(
-                    "unsupported architecture `{arch_name}` (treespec runs llama, qwen2, qwen3 and phi3)"
+                    "unsupported architecture `{arch_name}` (treespec runs {})",
+                    Arch::ALL.map(Arch::name).join(", ")
                 ),
             )
         })?;
