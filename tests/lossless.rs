@@ -46,6 +46,10 @@ fn methods() -> Vec<(&'static str, SpecConfig)> {
         // prompts' outputs (the drafter is kept across prompts).
         ("suffix", cfg(SpecMethod::Suffix, "", 32)),
         (
+            "hybrid-fixed dynamic",
+            cfg(SpecMethod::HybridFixed, "dynamic", 12),
+        ),
+        (
             "hybrid-pld dynamic",
             cfg(SpecMethod::HybridPld, "dynamic", 12),
         ),

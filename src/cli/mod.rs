@@ -108,7 +108,9 @@ impl ModelArgs {
 #[derive(Args, Debug, Clone)]
 pub struct SpecArgs {
     /// Speculative method: none, pld, recycle, suffix, hybrid (suffix +
-    /// prompt lookup + recycling), hybrid-pld (prompt lookup + recycling).
+    /// prompt lookup + recycling, sharing the budget by what each source's
+    /// nodes were accepted), hybrid-fixed (the same with a fixed split),
+    /// hybrid-pld (prompt lookup + recycling).
     #[arg(long, env = "TREESPEC_SPEC", default_value = "hybrid")]
     pub spec: String,
     /// Tree shape for recycle/hybrid: `auto` (dynamic tree with the budget

@@ -8,7 +8,14 @@
 //! guess, and where they agree (the chain's first tokens are often TR's
 //! rank-0 path, and the suffix draft's) the shared prefix is stored once.
 //! Without the suffix drafter this is the earlier `hybrid-pld`.
+//!
+//! How the sources share the budget: by default ([`Allocation::Learned`])
+//! each source's nodes are valued by how often such nodes of that source
+//! were accepted, and the best are kept ([`crate::draft::allocate`]); the
+//! earlier fixed split ([`Allocation::Fixed`], `--spec hybrid-fixed`) is
+//! kept to compare against.
 
+use crate::draft::allocate::{self, Source, SourceRecord, Union};
 use crate::draft::draft_model::ModelDrafter;
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{TokenRecycler, TreeBuilder};
@@ -18,9 +25,20 @@ use crate::draft::{DraftTree, Drafter, NodeTopK, Proposal};
 /// Default share of the node budget reserved for the PLD chain.
 pub const DEFAULT_CHAIN_SHARE: f32 = 0.5;
 
+/// How the hybrid's sources share the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Allocation {
+    /// By each source's learned acceptance, best nodes first, none below
+    /// [`allocate::MIN_PATH_PROB`]: the tree may be smaller than the budget.
+    #[default]
+    Learned,
+    /// The fixed split described on [`Hybrid`] (every budget filled).
+    Fixed,
+}
+
 /// The hybrid drafter.
 ///
-/// Budget split for `max_draft = B`: the suffix draft (when there is one)
+/// Fixed budget split for `max_draft = B`: the suffix draft (when there is one)
 /// goes in first, whole: it is already capped by its match length and its
 /// minimum probability, so it is long only where a long copy is under way
 /// (and the budget controller learns, per outlook class, whether the big
@@ -43,6 +61,9 @@ pub struct Hybrid {
     chain_share: f32,
     builder: TreeBuilder,
     node_of: Vec<Option<usize>>,
+    allocation: Allocation,
+    union: Union,
+    record: SourceRecord,
 }
 
 impl Hybrid {
@@ -55,7 +76,24 @@ impl Hybrid {
             chain_share: DEFAULT_CHAIN_SHARE,
             builder: TreeBuilder::new(0),
             node_of: Vec::new(),
+            allocation: Allocation::default(),
+            union: Union::default(),
+            record: SourceRecord::default(),
         }
+    }
+
+    pub fn with_allocation(mut self, allocation: Allocation) -> Self {
+        self.allocation = allocation;
+        self
+    }
+
+    pub fn allocation(&self) -> Allocation {
+        self.allocation
+    }
+
+    /// What the learned allocation knows of each source so far.
+    pub fn source_record(&self) -> &SourceRecord {
+        &self.record
     }
 
     /// Adds the suffix drafter's tree as a third source.
@@ -157,10 +195,39 @@ impl Hybrid {
     }
 }
 
+impl Hybrid {
+    /// Every source proposes as if it had the budget alone (the draft
+    /// model, whose nodes cost forwards, up to the chain share of it); the
+    /// union keeps the nodes worth most.
+    fn propose_learned(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
+        let root = context.last().copied().unwrap_or(0);
+        self.union.reset(root);
+        if let Some(s) = self.suffix.as_mut() {
+            let tree = s.propose(context, max_draft);
+            self.union.add_tree(&self.record, Source::Suffix, &tree);
+        }
+        let share = self.chain_first(max_draft);
+        if let Some(d) = self.draft.as_mut() {
+            let tree = d.propose(context, share);
+            self.union.add_tree(&self.record, Source::Draft, &tree);
+        }
+        if let Some(range) = self.lookup.find(context) {
+            let end = range.end.min(range.start + max_draft);
+            self.union
+                .add_chain(&self.record, Source::Pld, &context[range.start..end]);
+        }
+        let tr = self.recycler.propose(context, max_draft);
+        self.union.add_tree(&self.record, Source::Recycle, &tr);
+        self.union
+            .select(max_draft, allocate::MIN_PATH_PROB, &mut self.builder)
+    }
+}
+
 impl Drafter for Hybrid {
     fn name(&self) -> &'static str {
         match (&self.suffix, &self.draft) {
             (_, Some(_)) => "hybrid-draft",
+            (Some(_), None) if self.allocation == Allocation::Fixed => "hybrid-fixed",
             (Some(_), None) => "hybrid",
             (None, None) => "hybrid-pld",
         }
@@ -197,7 +264,11 @@ impl Drafter for Hybrid {
         let root = context.last().copied().unwrap_or(0);
         self.builder.reset(root);
         if max_draft == 0 {
+            self.union.reset(root);
             return self.builder.build();
+        }
+        if self.allocation == Allocation::Learned {
+            return self.propose_learned(context, max_draft);
         }
         if let Some(s) = self.suffix.as_mut() {
             let tree = s.propose(context, max_draft);
@@ -227,6 +298,9 @@ impl Drafter for Hybrid {
 
     fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
         self.recycler.observe(tree, topk, accepted);
+        if self.allocation == Allocation::Learned {
+            self.union.learn(&mut self.record, tree, accepted);
+        }
     }
 
     fn wants_topk(&self) -> usize {
@@ -257,7 +331,7 @@ mod tests {
             },
         )
         .unwrap();
-        Hybrid::new(recycler, PromptLookup::default())
+        Hybrid::new(recycler, PromptLookup::default()).with_allocation(Allocation::Fixed)
     }
 
     /// (token path from the root) for every node, to compare trees as sets.
@@ -371,7 +445,7 @@ mod tests {
                 ..Default::default()
             },
         ));
-        assert_eq!(h.name(), "hybrid");
+        assert_eq!(h.name(), "hybrid-fixed");
         // A 20-token span copied: after its first 8 tokens the suffix (and
         // PLD) predict the remaining 12; TR knows 5 -> {6, 7}... and the
         // span's next token 18 -> {19, 60}.
@@ -399,5 +473,70 @@ mod tests {
         // A small budget: the suffix draft is placed first.
         let t = h.propose(&ctx, 3);
         assert_eq!(t.tokens, vec![17, 18, 19, 20]);
+    }
+
+    #[test]
+    fn learned_allocation_gives_a_copy_the_budget_and_leaves_junk_out() {
+        use crate::draft::suffix::{SuffixConfig, SuffixDrafter};
+        let mut h = hybrid("[[0],[1],[2],[0,0],[1,0]]")
+            .with_allocation(Allocation::Learned)
+            .with_suffix(SuffixDrafter::new(
+                100,
+                SuffixConfig {
+                    cache_requests: 0,
+                    ..Default::default()
+                },
+            ));
+        assert_eq!(h.allocation(), Allocation::Learned);
+        // The text copies a 40-token span; TR's guesses are never right.
+        let span: Vec<u32> = (10..50).collect();
+        let mut ctx = vec![1, 2];
+        ctx.extend(&span);
+        ctx.push(3);
+        ctx.extend(&span[..4]);
+        h.start(&ctx);
+        for t in 10..50 {
+            h.recycler_mut().write_row(t, &topk(&[60, 61, 62]));
+        }
+        let mut last = DraftTree::root(0);
+        for _ in 0..12 {
+            let t = h.propose(&ctx, 16);
+            t.validate().unwrap();
+            // The model copies: the deepest node on the span is accepted.
+            let mut node = 0;
+            let mut accepted = vec![0];
+            // The copy goes on with the span after its first 4 tokens.
+            let next = &span[4..];
+            for &tok in next {
+                match t.child_with_token(node, tok) {
+                    Some(c) => {
+                        node = c;
+                        accepted.push(c);
+                    }
+                    None => break,
+                }
+            }
+            let tops: Vec<NodeTopK> = (0..t.len()).map(|_| topk(&[60, 61, 62])).collect();
+            h.observe(&t, &tops, &accepted);
+            last = t;
+        }
+        // The copy's nodes (PLD's 10-token chain, the suffix's 4 shared
+        // with it) are in; TR's never-accepted guesses are gone, though the
+        // budget had room for them.
+        assert_eq!(
+            last.num_drafted(),
+            crate::draft::pld::DEFAULT_MAX_CHAIN,
+            "{last:?}"
+        );
+        assert!(
+            last.tokens[1..].iter().all(|t| !(60..63).contains(t)),
+            "{last:?}"
+        );
+        assert!(h.source_record().observed(Source::Recycle) > 0.0);
+        // No match and only unpromising TR guesses: a smaller tree than
+        // the budget rather than a full one.
+        let t = h.propose(&[70, 71, 72, 10], 16);
+        t.validate().unwrap();
+        assert!(t.num_drafted() < 16, "{t:?}");
     }
 }

@@ -3,6 +3,7 @@
 //! accepted (that is [`crate::verify`]) and never runs the model (that is
 //! [`crate::engine::scorer`]). A new drafting method is one file here.
 
+pub mod allocate;
 pub mod draft_model;
 pub mod hybrid;
 pub(crate) mod persist;

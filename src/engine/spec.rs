@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::draft::draft_model::{DraftModel, DraftModelConfig, ModelDrafter, TREE_WIDTH};
-use crate::draft::hybrid::Hybrid;
+use crate::draft::hybrid::{Allocation, Hybrid};
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{RecycleConfig, TokenRecycler, TreeShape};
 use crate::draft::suffix::{SuffixConfig, SuffixDrafter};
@@ -20,6 +20,10 @@ pub enum SpecMethod {
     Suffix,
     /// Suffix + prompt lookup + recycling.
     Hybrid,
+    /// The hybrid with the fixed budget split it had before the learned
+    /// allocation (to compare against).
+    #[serde(rename = "hybrid-fixed")]
+    HybridFixed,
     /// Prompt lookup + recycling (the hybrid before the suffix drafter).
     #[serde(rename = "hybrid-pld")]
     HybridPld,
@@ -42,13 +46,14 @@ impl SpecMethod {
             "recycle" | "tr" => SpecMethod::Recycle,
             "suffix" => SpecMethod::Suffix,
             "hybrid" => SpecMethod::Hybrid,
+            "hybrid-fixed" => SpecMethod::HybridFixed,
             "hybrid-pld" => SpecMethod::HybridPld,
             "draft" | "draft-chain" => SpecMethod::Draft,
             "draft-tree" => SpecMethod::DraftTree,
             "hybrid-draft" => SpecMethod::HybridDraft,
             _ => {
                 return Err(Error::Invalid(format!(
-                "unknown speculative method `{s}` (none, pld, recycle, suffix, hybrid, hybrid-pld, draft, draft-tree, hybrid-draft)"
+                "unknown speculative method `{s}` (none, pld, recycle, suffix, hybrid, hybrid-fixed, hybrid-pld, draft, draft-tree, hybrid-draft)"
             )))
             }
         })
@@ -61,6 +66,7 @@ impl SpecMethod {
             SpecMethod::Recycle => "recycle",
             SpecMethod::Suffix => "suffix",
             SpecMethod::Hybrid => "hybrid",
+            SpecMethod::HybridFixed => "hybrid-fixed",
             SpecMethod::HybridPld => "hybrid-pld",
             SpecMethod::Draft => "draft",
             SpecMethod::DraftTree => "draft-tree",
@@ -82,6 +88,7 @@ impl SpecMethod {
             self,
             SpecMethod::Recycle
                 | SpecMethod::Hybrid
+                | SpecMethod::HybridFixed
                 | SpecMethod::HybridPld
                 | SpecMethod::HybridDraft
         )
@@ -235,6 +242,11 @@ impl SpecDrafter {
                     None => h,
                 }))
             }
+            SpecMethod::HybridFixed => Some(SpecDrafter::Hybrid(
+                Hybrid::new(recycler()?, PromptLookup::default())
+                    .with_suffix(suffix())
+                    .with_allocation(Allocation::Fixed),
+            )),
             SpecMethod::HybridPld => Some(SpecDrafter::Hybrid(Hybrid::new(
                 recycler()?,
                 PromptLookup::default(),
