@@ -8,7 +8,10 @@
 //! down to a floor. What a node is worth comes from what that source's
 //! nodes *in the same place* were worth before: per source, per depth and
 //! per rank among its siblings, the fraction of such nodes accepted when
-//! their parent was (learned online, every step). So a source that is
+//! their parent was (learned online, every step). "The same place" is the
+//! node's depth and what the source itself says of it: the suffix drafter's
+//! count-ratio estimate, the length of the n-gram prompt lookup matched,
+//! the rank among siblings for the others. So a source that is
 //! right gets the budget, a long copy (whose deep nodes are accepted nearly
 //! always) gets a long chain, and a source that is wrong here gets nothing,
 //! instead of each getting a fixed share whatever happens.
@@ -34,13 +37,14 @@ pub enum Source {
 }
 
 pub const SOURCES: usize = 4;
-/// Depths told apart (deeper nodes share the last bucket) and sibling ranks
-/// (rank 2 and below share one): a copy's acceptance rises with depth for
-/// the first few tokens, TR's falls with rank; past that the counts would
-/// be too thin to tell anything.
+/// Depths told apart (deeper nodes share the last bucket) and slots per
+/// depth (what the source says of the node: a confidence bin, an n-gram
+/// length, a sibling rank; higher ones share the last): a copy's acceptance
+/// rises with depth for the first few tokens, TR's falls with rank; past
+/// that the counts would be too thin to tell anything.
 const DEPTHS: usize = 8;
-const RANKS: usize = 3;
-const BUCKETS: usize = DEPTHS * RANKS;
+pub const SLOTS: usize = 6;
+const BUCKETS: usize = DEPTHS * SLOTS;
 
 /// Weight, in observations, of the prior of a bucket, and the most
 /// observations a bucket remembers: past it, older ones fade, so a bucket
@@ -57,12 +61,14 @@ const MEMORY: f32 = 64.0;
 pub const MIN_PATH_PROB: f32 = crate::draft::suffix::DEFAULT_MIN_PROB;
 
 /// Before any observation: the chance a source's node is accepted when its
-/// parent was. Deliberately generous for chains (a copy, once started,
-/// continues) so that deep buckets get tried and learn their real rate;
-/// the first few steps replace these.
-fn prior(source: Source, depth: usize, rank: usize) -> f32 {
-    match (source, rank) {
-        (Source::Suffix | Source::Pld, 0) => (0.5 + 0.1 * depth as f32).min(0.9),
+/// parent was. The suffix drafter's own estimate (the middle of its bin);
+/// for prompt lookup generous, more so for deeper nodes and longer n-grams
+/// (a copy, once started, continues), so that deep buckets get tried and
+/// learn their real rate; the first few steps replace these.
+fn prior(source: Source, depth: usize, slot: usize) -> f32 {
+    match (source, slot) {
+        (Source::Suffix, _) => (slot as f32 + 0.5) / SLOTS as f32,
+        (Source::Pld, _) => (0.4 + 0.05 * slot as f32 + 0.1 * depth as f32).min(0.9),
         (Source::Draft, 0) => 0.7,
         (Source::Recycle, 0) => 0.4,
         (_, 1) => 0.2,
@@ -70,8 +76,17 @@ fn prior(source: Source, depth: usize, rank: usize) -> f32 {
     }
 }
 
-fn bucket(depth: usize, rank: usize) -> usize {
-    (depth.clamp(1, DEPTHS) - 1) * RANKS + rank.min(RANKS - 1)
+fn bucket(depth: usize, slot: usize) -> usize {
+    (depth.clamp(1, DEPTHS) - 1) * SLOTS + slot.min(SLOTS - 1)
+}
+
+/// The slot of a node a source estimates `p` likely given its parent.
+pub fn confidence_slot(p: f32) -> usize {
+    if p.is_finite() {
+        ((p.clamp(0.0, 1.0) * SLOTS as f32) as usize).min(SLOTS - 1)
+    } else {
+        0
+    }
 }
 
 /// Per source and bucket: nodes verified with an accepted parent, and how
@@ -92,17 +107,49 @@ impl Default for SourceRecord {
 }
 
 impl SourceRecord {
-    /// Estimated chance that `source`'s node at `depth` (>= 1) with `rank`
-    /// earlier siblings in its own tree is accepted when its parent is.
-    pub fn estimate(&self, source: Source, depth: usize, rank: usize) -> f32 {
-        let (s, b) = (source as usize, bucket(depth, rank));
-        (self.hits[s][b] + PRIOR_WEIGHT * prior(source, depth.min(DEPTHS), rank))
+    /// Estimated chance that `source`'s node at `depth` (>= 1) in `slot`
+    /// is accepted when its parent is.
+    pub fn estimate(&self, source: Source, depth: usize, slot: usize) -> f32 {
+        let slot = slot.min(SLOTS - 1);
+        let (s, b) = (source as usize, bucket(depth, slot));
+        (self.hits[s][b] + PRIOR_WEIGHT * prior(source, depth.min(DEPTHS), slot))
             / (self.offered[s][b] + PRIOR_WEIGHT)
     }
 
     /// Nodes of `source` recorded so far (all buckets).
     pub fn observed(&self, source: Source) -> f32 {
         self.offered[source as usize].iter().sum()
+    }
+
+    /// One line per source: for each depth, the buckets seen, as
+    /// `slot:accepted/offered`; for `-vv` logs.
+    pub fn summary(&self) -> String {
+        let names = ["suffix", "draft", "pld", "recycle"];
+        let mut out = String::new();
+        for (s, name) in names.iter().enumerate() {
+            out.push_str(name);
+            for d in 0..DEPTHS {
+                let mut any = false;
+                for k in 0..SLOTS {
+                    let b = d * SLOTS + k;
+                    if self.offered[s][b] >= 0.5 {
+                        if !any {
+                            out.push_str(&format!(" d{}[", d + 1));
+                            any = true;
+                        }
+                        out.push_str(&format!(
+                            " {k}:{:.0}/{:.0}",
+                            self.hits[s][b], self.offered[s][b]
+                        ));
+                    }
+                }
+                if any {
+                    out.push(']');
+                }
+            }
+            out.push('\n');
+        }
+        out
     }
 
     fn record(&mut self, source: usize, bucket: usize, accepted: bool) {
@@ -199,7 +246,7 @@ impl Union {
         parent: usize,
         token: u32,
         depth: usize,
-        rank: usize,
+        slot: usize,
     ) -> usize {
         let node = match self.child(parent, token) {
             Some(n) => n,
@@ -213,15 +260,23 @@ impl Union {
         };
         let s = source as usize;
         if self.origin[node][s] == NOT_FROM {
-            self.origin[node][s] = bucket(depth, rank) as u8;
-            self.value[node] = self.value[node].max(record.estimate(source, depth, rank));
+            self.origin[node][s] = bucket(depth, slot) as u8;
+            self.value[node] = self.value[node].max(record.estimate(source, depth, slot));
         }
         node
     }
 
-    /// Adds `source`'s tree (same root). A node's rank is its position
+    /// Adds `source`'s tree (same root). A node's slot is the
+    /// [`confidence_slot`] of its `confidence` (the source's own estimate
+    /// given its parent, per node of `tree`) when given, else its rank
     /// among its siblings in `tree` (drafters add the likelier first).
-    pub fn add_tree(&mut self, record: &SourceRecord, source: Source, tree: &DraftTree) {
+    pub fn add_tree(
+        &mut self,
+        record: &SourceRecord,
+        source: Source,
+        tree: &DraftTree,
+        confidence: Option<&[f32]>,
+    ) {
         self.node_of.clear();
         self.node_of.push(0);
         let mut kids = vec![0usize; tree.len()];
@@ -229,13 +284,17 @@ impl Union {
             let p = tree.parents[i].unwrap_or(0);
             let rank = kids[p];
             kids[p] += 1;
+            let slot = match confidence.and_then(|c| c.get(i)) {
+                Some(&c) => confidence_slot(c),
+                None => rank,
+            };
             let node = self.place(
                 record,
                 source,
                 self.node_of[p],
                 tree.tokens[i],
                 tree.depths[i],
-                rank,
+                slot,
             );
             self.node_of.push(node);
         }
@@ -244,11 +303,11 @@ impl Union {
         }
     }
 
-    /// Adds a single path of `source` below the root.
-    pub fn add_chain(&mut self, record: &SourceRecord, source: Source, chain: &[u32]) {
+    /// Adds a single path of `source` below the root, every node in `slot`.
+    pub fn add_chain(&mut self, record: &SourceRecord, source: Source, chain: &[u32], slot: usize) {
         let mut node = 0;
         for (d, &t) in chain.iter().enumerate() {
-            node = self.place(record, source, node, t, d + 1, 0);
+            node = self.place(record, source, node, t, d + 1, slot);
         }
     }
 
@@ -308,6 +367,26 @@ impl Union {
         out.build()
     }
 
+    /// The path probabilities of the nodes [`Union::select`] would take, in
+    /// the order it takes them (non-increasing), up to `max` nodes, none
+    /// below `min_path_prob`: the first b of them are the tree of budget b.
+    pub fn ranked(&mut self, max: usize, min_path_prob: f32) -> Vec<f32> {
+        let mut scratch = TreeBuilder::new(0);
+        let tree = self.select(max, min_path_prob, &mut scratch);
+        // select() already ran best-first; recompute the probabilities of
+        // what it took from the node values along each path.
+        let mut probs: Vec<f32> = vec![1.0; tree.len()];
+        let mut node_of = vec![0usize; tree.len()];
+        for i in 1..tree.len() {
+            let p = tree.parents[i].unwrap_or(0);
+            node_of[i] = self.child(node_of[p], tree.tokens[i]).unwrap_or(0);
+            probs[i] = probs[p] * self.value[node_of[i]];
+        }
+        let mut out = probs.split_off(1.min(probs.len()));
+        out.sort_by(|a, b| b.total_cmp(a));
+        out
+    }
+
     /// After verifying `tree` (this union's selection, or any tree over
     /// the same nodes): every node whose parent was accepted counts for the
     /// sources that proposed it, accepted or not.
@@ -350,17 +429,32 @@ mod tests {
         t
     }
 
+    /// A 10-token PLD copy after root 1 and two TR guesses at depth 1.
+    fn copy_and_two_guesses() -> Union {
+        let rec = SourceRecord::default();
+        let mut u = Union::default();
+        u.reset(1);
+        // PLD prior (slot 2) 0.6, 0.7, 0.8, 0.9 ...: path 0.6, 0.42, 0.336, ...
+        u.add_chain(&rec, Source::Pld, &[2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 2);
+        // TR rank 0 (0.4) and rank 1 (0.2) at depth 1.
+        let mut tr = DraftTree::root(1);
+        tr.push(0, 20);
+        tr.push(0, 21);
+        u.add_tree(&rec, Source::Recycle, &tr, None);
+        u
+    }
+
     #[test]
     fn shared_guesses_are_one_node_valued_by_the_better_source() {
         let rec = SourceRecord::default();
         let mut u = Union::default();
         u.reset(5);
-        u.add_chain(&rec, Source::Pld, &[6, 7, 8]);
+        u.add_chain(&rec, Source::Pld, &[6, 7, 8], 0);
         let mut tr = DraftTree::root(5);
         let a = tr.push(0, 6);
         tr.push(0, 9);
         tr.push(a, 10);
-        u.add_tree(&rec, Source::Recycle, &tr);
+        u.add_tree(&rec, Source::Recycle, &tr, None);
         // 6 is shared: 3 chain nodes + 9 + 10.
         assert_eq!(u.len(), 6);
         let six = u.child(0, 6).unwrap();
@@ -376,16 +470,7 @@ mod tests {
 
     #[test]
     fn selection_is_best_first_and_stops_at_the_floor_and_the_budget() {
-        let rec = SourceRecord::default();
-        let mut u = Union::default();
-        u.reset(1);
-        // PLD prior 0.6, 0.7, 0.8 ... : path 0.6, 0.42, 0.336, 0.2688 ...
-        u.add_chain(&rec, Source::Pld, &[2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-        // TR rank 0 (0.4) and rank 1 (0.2) at depth 1.
-        let mut tr = DraftTree::root(1);
-        tr.push(0, 20);
-        tr.push(0, 21);
-        u.add_tree(&rec, Source::Recycle, &tr);
+        let mut u = copy_and_two_guesses();
         let mut b = TreeBuilder::new(0);
         let t = u.select(3, 0.0, &mut b);
         // 0.6 (2), 0.42 (3), then 0.4 (20) beats 0.336 (4).
@@ -411,8 +496,8 @@ mod tests {
         let build = |rec: &SourceRecord, b: &mut TreeBuilder| {
             let mut u = Union::default();
             u.reset(1);
-            u.add_chain(rec, Source::Pld, &chain);
-            u.add_tree(rec, Source::Recycle, &tr);
+            u.add_chain(rec, Source::Pld, &chain, 0);
+            u.add_tree(rec, Source::Recycle, &tr, None);
             let t = u.select(8, MIN_PATH_PROB, b);
             (u, t)
         };
@@ -457,7 +542,7 @@ mod tests {
             dist: vec![(3, 1.0)],
             drawn: vec![3],
         });
-        u.add_tree(&rec, Source::Draft, &d);
+        u.add_tree(&rec, Source::Draft, &d, None);
         let mut b = TreeBuilder::new(0);
         let t = u.select(4, 0.0, &mut b);
         assert_eq!(t.proposals.len(), 1);
@@ -479,5 +564,41 @@ mod tests {
             rec.record(Source::Pld as usize, bucket(1, 0), false);
         }
         assert!(rec.estimate(Source::Pld, 1, 0) < 0.5);
+    }
+
+    #[test]
+    fn a_source_confidence_picks_its_bucket() {
+        assert_eq!(confidence_slot(0.0), 0);
+        assert_eq!(confidence_slot(0.99), SLOTS - 1);
+        assert_eq!(confidence_slot(1.0), SLOTS - 1);
+        assert_eq!(confidence_slot(f32::NAN), 0);
+        let mut rec = SourceRecord::default();
+        // Confident suffix nodes are accepted, unsure ones are not.
+        let mut t = DraftTree::root(1);
+        t.push(0, 2);
+        t.push(0, 3);
+        for _ in 0..30 {
+            let mut u = Union::default();
+            u.reset(1);
+            u.add_tree(&rec, Source::Suffix, &t, Some(&[1.0, 0.9, 0.3]));
+            let sel = u.select(4, 0.0, &mut TreeBuilder::new(0));
+            let two = sel.child_with_token(0, 2).unwrap();
+            u.learn(&mut rec, &sel, &[0, two]);
+        }
+        assert!(rec.estimate(Source::Suffix, 1, confidence_slot(0.9)) > 0.9);
+        assert!(rec.estimate(Source::Suffix, 1, confidence_slot(0.3)) < 0.1);
+    }
+
+    #[test]
+    fn ranked_gives_each_budget_its_expected_drafts() {
+        let mut u = copy_and_two_guesses();
+        let r = u.ranked(4, 0.0);
+        let want = [0.6, 0.42, 0.4, 0.336];
+        assert_eq!(r.len(), 4);
+        for (a, b) in r.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{r:?}");
+        }
+        // The floor cuts the list as it cuts the tree.
+        assert_eq!(u.ranked(64, 0.25).len(), 6);
     }
 }

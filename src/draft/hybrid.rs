@@ -64,6 +64,9 @@ pub struct Hybrid {
     allocation: Allocation,
     union: Union,
     record: SourceRecord,
+    /// The context (length, last token) and budget `union` was built for
+    /// by [`Drafter::estimate`], for the `propose` that follows.
+    prepared: Option<(usize, u32, usize)>,
 }
 
 impl Hybrid {
@@ -79,6 +82,7 @@ impl Hybrid {
             allocation: Allocation::default(),
             union: Union::default(),
             record: SourceRecord::default(),
+            prepared: None,
         }
     }
 
@@ -201,25 +205,40 @@ impl Hybrid {
     /// union keeps the nodes worth most.
     fn propose_learned(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
         let root = context.last().copied().unwrap_or(0);
+        let key = (context.len(), root);
+        match self.prepared.take() {
+            Some((len, last, built)) if (len, last) == key && built >= max_draft => {}
+            _ => self.gather(context, max_draft),
+        }
+        self.union
+            .select(max_draft, allocate::MIN_PATH_PROB, &mut self.builder)
+    }
+
+    /// Every source's tree for `context` into the union, as if each had
+    /// `max_draft` nodes alone.
+    fn gather(&mut self, context: &[u32], max_draft: usize) {
+        let root = context.last().copied().unwrap_or(0);
         self.union.reset(root);
         if let Some(s) = self.suffix.as_mut() {
             let tree = s.propose(context, max_draft);
-            self.union.add_tree(&self.record, Source::Suffix, &tree);
+            self.union
+                .add_tree(&self.record, Source::Suffix, &tree, Some(s.confidence()));
         }
         let share = self.chain_first(max_draft);
         if let Some(d) = self.draft.as_mut() {
             let tree = d.propose(context, share);
-            self.union.add_tree(&self.record, Source::Draft, &tree);
-        }
-        if let Some(range) = self.lookup.find(context) {
-            let end = range.end.min(range.start + max_draft);
             self.union
-                .add_chain(&self.record, Source::Pld, &context[range.start..end]);
+                .add_tree(&self.record, Source::Draft, &tree, None);
+        }
+        if let Some((range, ngram)) = self.lookup.find_match(context) {
+            let end = range.end.min(range.start + max_draft);
+            let chain = &context[range.start..end];
+            self.union
+                .add_chain(&self.record, Source::Pld, chain, ngram.saturating_sub(1));
         }
         let tr = self.recycler.propose(context, max_draft);
-        self.union.add_tree(&self.record, Source::Recycle, &tr);
         self.union
-            .select(max_draft, allocate::MIN_PATH_PROB, &mut self.builder)
+            .add_tree(&self.record, Source::Recycle, &tr, None);
     }
 }
 
@@ -234,6 +253,7 @@ impl Drafter for Hybrid {
     }
 
     fn start(&mut self, prompt: &[u32]) {
+        self.prepared = None;
         self.lookup.start(prompt);
         self.recycler.start(prompt);
         if let Some(s) = self.suffix.as_mut() {
@@ -254,7 +274,37 @@ impl Drafter for Hybrid {
         self.suffix.as_mut().map_or(0, |s| s.outlook(context))
     }
 
+    /// The learned allocation's estimate: the union's best nodes, their
+    /// path probabilities summed per budget. Without a draft model only:
+    /// its nodes' cost (draft forwards) grows with the budget in a way the
+    /// controller's running means capture and this does not.
+    fn estimate(&mut self, context: &[u32], budgets: &[usize]) -> Option<Vec<(f64, f64)>> {
+        if self.allocation != Allocation::Learned || self.draft.is_some() {
+            return None;
+        }
+        let max = budgets.iter().copied().max().unwrap_or(0);
+        if max == 0 {
+            return None;
+        }
+        self.gather(context, max);
+        let root = context.last().copied().unwrap_or(0);
+        self.prepared = Some((context.len(), root, max));
+        let ranked = self.union.ranked(max, allocate::MIN_PATH_PROB);
+        Some(
+            budgets
+                .iter()
+                .map(|&b| {
+                    let n = b.min(ranked.len());
+                    (n as f64, ranked[..n].iter().map(|&p| p as f64).sum())
+                })
+                .collect(),
+        )
+    }
+
     fn finish(&mut self, generated: &[u32]) {
+        if self.allocation == Allocation::Learned {
+            tracing::debug!("hybrid sources so far:\n{}", self.record.summary());
+        }
         if let Some(s) = self.suffix.as_mut() {
             s.finish(generated);
         }
@@ -297,6 +347,7 @@ impl Drafter for Hybrid {
     }
 
     fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
+        self.prepared = None;
         self.recycler.observe(tree, topk, accepted);
         if self.allocation == Allocation::Learned {
             self.union.learn(&mut self.record, tree, accepted);

@@ -51,6 +51,17 @@ pub trait Drafter: Send {
         0
     }
 
+    /// Before a step with `--tree auto`, after [`Drafter::outlook`]: for
+    /// each of `budgets`, the (draft nodes, expected accepted drafts) of
+    /// the tree it would propose now, if the drafter can estimate them
+    /// (calibrated on its own record). The controller then chooses this
+    /// step's budget from them instead of from its running means per class,
+    /// which average steps with a good guess together with steps without.
+    /// The next `propose` on the same context is the tree estimated.
+    fn estimate(&mut self, _context: &[u32], _budgets: &[usize]) -> Option<Vec<(f64, f64)>> {
+        None
+    }
+
     /// After a request: the tokens it generated (drafters that learn across
     /// requests, like the suffix drafter's global index, keep them).
     fn finish(&mut self, _generated: &[u32]) {}
@@ -83,6 +94,9 @@ impl<D: Drafter + ?Sized> Drafter for &mut D {
     }
     fn outlook(&mut self, context: &[u32]) -> usize {
         (**self).outlook(context)
+    }
+    fn estimate(&mut self, context: &[u32], budgets: &[usize]) -> Option<Vec<(f64, f64)>> {
+        (**self).estimate(context, budgets)
     }
     fn finish(&mut self, generated: &[u32]) {
         (**self).finish(generated)

@@ -76,6 +76,12 @@ impl PromptLookup {
     /// The continuation of the longest matching suffix of `context`, as a
     /// range of `context` (at most `max_chain` tokens), or `None`.
     pub fn find(&mut self, context: &[u32]) -> Option<Range<usize>> {
+        self.find_match(context).map(|(r, _)| r)
+    }
+
+    /// [`PromptLookup::find`] with the length of the n-gram that matched
+    /// (a longer match is likelier to continue).
+    pub fn find_match(&mut self, context: &[u32]) -> Option<(Range<usize>, usize)> {
         self.update(context);
         let len = context.len();
         for n in (self.min_ngram..=self.max_ngram).rev() {
@@ -92,7 +98,7 @@ impl PromptLookup {
             if end < n || end >= len || &context[end - n..end] != suffix {
                 continue;
             }
-            return Some(end..(end + self.max_chain).min(len));
+            return Some((end..(end + self.max_chain).min(len), n));
         }
         None
     }

@@ -456,6 +456,11 @@ pub struct SuffixDrafter {
     states: Vec<Match>,
     /// Expected accepted drafts of the last proposal (sum of node scores).
     expected: f32,
+    /// Path score of each node of the tree under construction.
+    node_scores: Vec<f32>,
+    /// Per node of the last proposed tree: its estimated probability given
+    /// its parent (count ratio), for the hybrid's allocation.
+    confidence: Vec<f32>,
 }
 
 impl SuffixDrafter {
@@ -486,6 +491,8 @@ impl SuffixDrafter {
             heap: BinaryHeap::new(),
             states: Vec::new(),
             expected: 0.0,
+            node_scores: Vec::new(),
+            confidence: Vec::new(),
         }
     }
 
@@ -558,6 +565,28 @@ impl SuffixDrafter {
         };
         self.last = Some((key.0, key.1, slot, m));
         (slot, m)
+    }
+
+    /// Per node of the last proposed tree (root first, 1.0): the
+    /// estimated probability of its token given its parent's path.
+    pub fn confidence(&self) -> &[f32] {
+        &self.confidence
+    }
+
+    /// Emits the tree and records each node's confidence in its order.
+    fn built(&mut self) -> DraftTree {
+        let tree = self.builder.build();
+        self.confidence.clear();
+        self.confidence.resize(tree.len(), 1.0);
+        for old in 1..self.node_scores.len() {
+            let parent = self.node_scores[self.builder.parent(old)];
+            self.confidence[self.builder.built_index(old)] = if parent > 0.0 {
+                (self.node_scores[old] / parent).min(1.0)
+            } else {
+                0.0
+            };
+        }
+        tree
     }
 
     /// Length of the longest suffix match of `context` (request or global).
@@ -762,14 +791,16 @@ impl Drafter for SuffixDrafter {
         let root = context.last().copied().unwrap_or(0);
         self.builder.reset(root);
         self.expected = 0.0;
+        self.node_scores.clear();
+        self.node_scores.push(1.0);
         if max_draft == 0 || context.is_empty() {
-            return self.builder.build();
+            return self.built();
         }
         let (slot, m0) = self.match_of(context);
         let p = m0.len();
         let cap = max_draft.min((self.cfg.spec_factor * p as f32).floor() as usize);
         if cap == 0 {
-            return self.builder.build();
+            return self.built();
         }
         self.heap.clear();
         self.states.clear();
@@ -787,6 +818,7 @@ impl Drafter for SuffixDrafter {
             }
             let node = self.builder.add(best.parent, best.token);
             self.expected += best.score;
+            self.node_scores.push(best.score);
             path.clear();
             let mut n = node;
             while n != 0 {
@@ -807,7 +839,7 @@ impl Drafter for SuffixDrafter {
             self.states.push(m);
             self.push_children(slot, node, best.score, &mut seq);
         }
-        self.builder.build()
+        self.built()
     }
 
     fn finish(&mut self, generated: &[u32]) {

@@ -366,6 +366,53 @@ impl BudgetController {
         self.best_in(ctx, class, others, cap)
     }
 
+    /// [`BudgetController::choose_in`] for a drafter that estimated this
+    /// step's trees ([`crate::draft::Drafter::estimate`]): `estimates[i]`
+    /// = (draft nodes, expected accepted drafts) with budget
+    /// `CANDIDATE_BUDGETS[i]`. Warm-up and exploration as `choose_in` (the
+    /// running means still learn every budget's real yield and drafting
+    /// time); otherwise the budget whose estimated tree gives the forward
+    /// the most tokens per second, now, rather than on average over the
+    /// class.
+    pub fn choose_estimated(
+        &mut self,
+        ctx: usize,
+        class: usize,
+        others: Batch,
+        cap: usize,
+        estimates: &[(f64, f64)],
+    ) -> usize {
+        let steps = self.class(class).steps + 1;
+        let exploring = self
+            .class(class)
+            .arms
+            .iter()
+            .any(|a| a.budget <= cap && a.pulls < WARMUP_STEPS)
+            || steps.is_multiple_of(EXPLORE_EVERY);
+        if exploring || estimates.len() != CANDIDATE_BUDGETS.len() {
+            return self.choose_in(ctx, class, others, cap);
+        }
+        self.class(class).steps = steps;
+        let c = &self.classes[class.min(self.classes.len() - 1)];
+        let mut best = (0, f64::MIN);
+        for a in c.arms.iter().filter(|a| a.budget <= cap) {
+            let Some(i) = CANDIDATE_BUDGETS.iter().position(|&b| b == a.budget) else {
+                continue;
+            };
+            let (nodes, drafts) = estimates[i];
+            if !(nodes.is_finite() && drafts.is_finite()) {
+                continue;
+            }
+            let draft_ms = if a.budget == 0 { 0.0 } else { a.draft_ms };
+            let rate = (others.tokens + 1.0 + drafts) * 1000.0
+                / (self.cost.cost_ms(others.rows + 1.0 + nodes, ctx) + draft_ms);
+            if rate > best.1 {
+                best = (a.budget, rate);
+            }
+        }
+        best.0
+    }
+
     /// Expected tokens per second of a forward holding an arm's tree (with
     /// `ctx` tokens cached) and `others`.
     fn rate(&self, a: &Arm, ctx: usize, others: Batch) -> f64 {
@@ -496,6 +543,59 @@ mod tests {
                 .collect(),
             ms_per_kctx: per_kctx.to_vec(),
         }
+    }
+
+    #[test]
+    fn a_step_estimate_chooses_this_step_budget() {
+        let cost = curve(&[10., 11., 12., 14., 25., 50., 100.]);
+        let mut c = BudgetController::new(&cost, 64);
+        // Warm-up first: every budget is tried whatever the estimate.
+        let none = [(0.0, 0.0); 7];
+        let mut tried = Vec::new();
+        for _ in 0..4 * 7 {
+            let b = c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &none);
+            c.record(0, b, 1, b + 1, 0.0);
+            tried.push(b);
+        }
+        for b in CANDIDATE_BUDGETS {
+            assert_eq!(tried.iter().filter(|&&t| t == b).count(), 4);
+        }
+        // Then the estimate decides, step by step: nothing worth a row ->
+        // plain; a confident 8-token copy -> 8 (9 rows cost 14 ms for ~8
+        // more tokens), though the running means say drafting never paid.
+        let paying: Vec<(f64, f64)> = vec![
+            (0.0, 0.0),
+            (2.0, 1.9),
+            (4.0, 3.8),
+            (8.0, 7.5),
+            (8.0, 7.5),
+            (8.0, 7.5),
+            (8.0, 7.5),
+        ];
+        let mut picks = Vec::new();
+        for step in 0..10 {
+            let est: Vec<(f64, f64)> = if step % 2 == 0 {
+                vec![
+                    (0.0, 0.0),
+                    (2.0, 0.05),
+                    (4.0, 0.2),
+                    (8.0, 0.3),
+                    (8.0, 0.3),
+                    (8.0, 0.3),
+                    (8.0, 0.3),
+                ]
+            } else {
+                paying.clone()
+            };
+            picks.push(c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &est));
+        }
+        // (step 24 of the class would explore; these are steps 29..38.)
+        assert_eq!(picks, vec![0, 8, 0, 8, 0, 8, 0, 8, 0, 8]);
+        // A cap below the best budget: the best that fits.
+        assert_eq!(
+            c.choose_estimated(CURVE_CTX, 0, Batch::default(), 4, &paying),
+            4
+        );
     }
 
     #[test]

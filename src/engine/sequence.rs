@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::budget::Batch;
+use super::budget::{Batch, CANDIDATE_BUDGETS};
 use super::{GenStats, SpecStats, PREFILL_CHUNK};
 use super::{GenerateOptions, Generation, Session, StopReason, StopScanner, TokenEvent};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
@@ -212,15 +212,20 @@ impl<'a> Sequence<'a> {
         let cap = max_draft
             .min(room - 1)
             .min(self.opts.max_new_tokens - self.tokens.len() - 1);
+        // Drafting time from here: an estimating drafter gathers its
+        // sources' trees before the budget is chosen.
+        let td = Instant::now();
         let (class, chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
             (Some(c), Some(d)) => {
                 let class = d.outlook(&self.context);
-                let b = c.lock().unwrap_or_else(|e| e.into_inner()).choose_in(
-                    self.session.cache.len(),
-                    class,
-                    share.others,
-                    cap,
-                );
+                let budgets: Vec<usize> = CANDIDATE_BUDGETS.iter().map(|&b| b.min(cap)).collect();
+                let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+                let b = match d.estimate(&self.context, &budgets) {
+                    Some(est) => {
+                        c.choose_estimated(self.session.cache.len(), class, share.others, cap, &est)
+                    }
+                    None => c.choose_in(self.session.cache.len(), class, share.others, cap),
+                };
                 (class, b)
             }
             _ => (0, self.opts.max_draft),
@@ -234,7 +239,6 @@ impl<'a> Sequence<'a> {
             others_tokens = share.others.tokens,
             "draft budget"
         );
-        let td = Instant::now();
         let tree = match self.drafter.as_deref_mut() {
             Some(d) if budget > 0 => d.propose(&self.context, budget),
             _ => DraftTree::root(root),

@@ -79,6 +79,11 @@ impl TreeBuilder {
         }
     }
 
+    /// Where `node` went in the tree the last [`TreeBuilder::build`] emitted.
+    pub fn built_index(&self, node: usize) -> usize {
+        self.new_index[node]
+    }
+
     /// Emits the nodes in BFS order: by depth, insertion order within a depth.
     pub fn build(&mut self) -> DraftTree {
         let n = self.tokens.len();
