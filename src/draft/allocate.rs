@@ -67,7 +67,12 @@ pub const MIN_PATH_PROB: f32 = crate::draft::suffix::DEFAULT_MIN_PROB;
 /// learn their real rate; the first few steps replace these.
 fn prior(source: Source, depth: usize, slot: usize) -> f32 {
     match (source, slot) {
-        (Source::Suffix, _) => (slot as f32 + 0.5) / SLOTS as f32,
+        // The middle of the count-ratio bin, then (for likely tokens) by
+        // match length: short, medium, long.
+        (Source::Suffix, 0..=2) => (slot as f32 + 0.5) / 6.0,
+        (Source::Suffix, 3) => 0.5,
+        (Source::Suffix, 4) => 0.7,
+        (Source::Suffix, _) => 0.9,
         (Source::Pld, _) => (0.4 + 0.05 * slot as f32 + 0.1 * depth as f32).min(0.9),
         (Source::Draft, 0) => 0.7,
         (Source::Recycle, 0) => 0.4,
@@ -80,12 +85,27 @@ fn bucket(depth: usize, slot: usize) -> usize {
     (depth.clamp(1, DEPTHS) - 1) * SLOTS + slot.min(SLOTS - 1)
 }
 
-/// The slot of a node a source estimates `p` likely given its parent.
-pub fn confidence_slot(p: f32) -> usize {
-    if p.is_finite() {
-        ((p.clamp(0.0, 1.0) * SLOTS as f32) as usize).min(SLOTS - 1)
+/// The slot of a suffix-tree node from its count ratio `p` given its
+/// parent and the length of the match that ratio was read at. Unlikely
+/// tokens (p < 1/2) by ratio: [0, 1/6), [1/6, 1/3), [1/3, 1/2); likely ones
+/// by match length: up to 3, 4 to 11, 12 or more tokens. A ratio of 1 read
+/// after a 2-token match is weak evidence (one earlier occurrence of a
+/// common pair), after a 12-token one it is a copy under way: the reason
+/// SuffixDecoding caps a draft by its match length.
+pub fn suffix_slot(p: f32, match_len: usize) -> usize {
+    let p = if p.is_finite() {
+        p.clamp(0.0, 1.0)
     } else {
-        0
+        0.0
+    };
+    if p < 0.5 {
+        ((p * 6.0) as usize).min(2)
+    } else {
+        match match_len {
+            0..=3 => 3,
+            4..=11 => 4,
+            _ => 5,
+        }
     }
 }
 
@@ -266,16 +286,16 @@ impl Union {
         node
     }
 
-    /// Adds `source`'s tree (same root). A node's slot is the
-    /// [`confidence_slot`] of its `confidence` (the source's own estimate
-    /// given its parent, per node of `tree`) when given, else its rank
-    /// among its siblings in `tree` (drafters add the likelier first).
+    /// Adds `source`'s tree (same root). A node's slot is `slots[i]` (what
+    /// the source says of node i of `tree`, e.g. [`suffix_slot`]) when
+    /// given, else its rank among its siblings in `tree` (drafters add the
+    /// likelier first).
     pub fn add_tree(
         &mut self,
         record: &SourceRecord,
         source: Source,
         tree: &DraftTree,
-        confidence: Option<&[f32]>,
+        slots: Option<&[usize]>,
     ) {
         self.node_of.clear();
         self.node_of.push(0);
@@ -284,10 +304,7 @@ impl Union {
             let p = tree.parents[i].unwrap_or(0);
             let rank = kids[p];
             kids[p] += 1;
-            let slot = match confidence.and_then(|c| c.get(i)) {
-                Some(&c) => confidence_slot(c),
-                None => rank,
-            };
+            let slot = slots.and_then(|s| s.get(i).copied()).unwrap_or(rank);
             let node = self.place(
                 record,
                 source,
@@ -567,26 +584,30 @@ mod tests {
     }
 
     #[test]
-    fn a_source_confidence_picks_its_bucket() {
-        assert_eq!(confidence_slot(0.0), 0);
-        assert_eq!(confidence_slot(0.99), SLOTS - 1);
-        assert_eq!(confidence_slot(1.0), SLOTS - 1);
-        assert_eq!(confidence_slot(f32::NAN), 0);
+    fn a_suffix_node_is_binned_by_ratio_then_match_length() {
+        assert_eq!(suffix_slot(0.0, 30), 0);
+        assert_eq!(suffix_slot(0.2, 30), 1);
+        assert_eq!(suffix_slot(0.45, 30), 2);
+        assert_eq!(suffix_slot(f32::NAN, 30), 0);
+        assert_eq!(suffix_slot(1.0, 2), 3);
+        assert_eq!(suffix_slot(0.5, 8), 4);
+        assert_eq!(suffix_slot(1.0, 12), 5);
         let mut rec = SourceRecord::default();
-        // Confident suffix nodes are accepted, unsure ones are not.
+        // Long-match suffix nodes are accepted, short-match ones are not.
         let mut t = DraftTree::root(1);
         t.push(0, 2);
         t.push(0, 3);
+        let (long, short) = (suffix_slot(1.0, 20), suffix_slot(1.0, 2));
         for _ in 0..30 {
             let mut u = Union::default();
             u.reset(1);
-            u.add_tree(&rec, Source::Suffix, &t, Some(&[1.0, 0.9, 0.3]));
+            u.add_tree(&rec, Source::Suffix, &t, Some(&[0, long, short]));
             let sel = u.select(4, 0.0, &mut TreeBuilder::new(0));
             let two = sel.child_with_token(0, 2).unwrap();
             u.learn(&mut rec, &sel, &[0, two]);
         }
-        assert!(rec.estimate(Source::Suffix, 1, confidence_slot(0.9)) > 0.9);
-        assert!(rec.estimate(Source::Suffix, 1, confidence_slot(0.3)) < 0.1);
+        assert!(rec.estimate(Source::Suffix, 1, long) > 0.9);
+        assert!(rec.estimate(Source::Suffix, 1, short) < 0.1);
     }
 
     #[test]

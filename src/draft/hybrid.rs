@@ -221,8 +221,12 @@ impl Hybrid {
         self.union.reset(root);
         if let Some(s) = self.suffix.as_mut() {
             let tree = s.propose(context, max_draft);
+            let slots: Vec<usize> = (s.confidence().iter())
+                .zip(s.match_lens())
+                .map(|(&p, &m)| allocate::suffix_slot(p, m))
+                .collect();
             self.union
-                .add_tree(&self.record, Source::Suffix, &tree, Some(s.confidence()));
+                .add_tree(&self.record, Source::Suffix, &tree, Some(&slots));
         }
         let share = self.chain_first(max_draft);
         if let Some(d) = self.draft.as_mut() {

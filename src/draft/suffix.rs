@@ -461,6 +461,11 @@ pub struct SuffixDrafter {
     /// Per node of the last proposed tree: its estimated probability given
     /// its parent (count ratio), for the hybrid's allocation.
     confidence: Vec<f32>,
+    /// Per node of the tree under construction: the length of the match
+    /// its count ratio was read at (its parent's).
+    node_matches: Vec<usize>,
+    /// The same per node of the last proposed tree, in its order.
+    matches: Vec<usize>,
 }
 
 impl SuffixDrafter {
@@ -493,6 +498,8 @@ impl SuffixDrafter {
             expected: 0.0,
             node_scores: Vec::new(),
             confidence: Vec::new(),
+            node_matches: Vec::new(),
+            matches: Vec::new(),
         }
     }
 
@@ -573,12 +580,22 @@ impl SuffixDrafter {
         &self.confidence
     }
 
+    /// Per node of the last proposed tree (root first, 0): how long the
+    /// match was where its estimate was read. A count ratio of 1 after a
+    /// 2-token match is weak evidence, after a 20-token one it is a copy.
+    pub fn match_lens(&self) -> &[usize] {
+        &self.matches
+    }
+
     /// Emits the tree and records each node's confidence in its order.
     fn built(&mut self) -> DraftTree {
         let tree = self.builder.build();
         self.confidence.clear();
         self.confidence.resize(tree.len(), 1.0);
+        self.matches.clear();
+        self.matches.resize(tree.len(), 0);
         for old in 1..self.node_scores.len() {
+            self.matches[self.builder.built_index(old)] = self.node_matches[old];
             let parent = self.node_scores[self.builder.parent(old)];
             self.confidence[self.builder.built_index(old)] = if parent > 0.0 {
                 (self.node_scores[old] / parent).min(1.0)
@@ -793,6 +810,8 @@ impl Drafter for SuffixDrafter {
         self.expected = 0.0;
         self.node_scores.clear();
         self.node_scores.push(1.0);
+        self.node_matches.clear();
+        self.node_matches.push(0);
         if max_draft == 0 || context.is_empty() {
             return self.built();
         }
@@ -819,6 +838,7 @@ impl Drafter for SuffixDrafter {
             let node = self.builder.add(best.parent, best.token);
             self.expected += best.score;
             self.node_scores.push(best.score);
+            self.node_matches.push(self.states[best.parent].len());
             path.clear();
             let mut n = node;
             while n != 0 {
