@@ -461,10 +461,8 @@ pub struct SuffixDrafter {
     /// Per node of the last proposed tree: its estimated probability given
     /// its parent (count ratio), for the hybrid's allocation.
     confidence: Vec<f32>,
-    /// Per node of the tree under construction: the length of the match
-    /// its count ratio was read at (its parent's).
-    node_matches: Vec<usize>,
-    /// The same per node of the last proposed tree, in its order.
+    /// Per node of the last proposed tree: the length of the match its
+    /// count ratio was read at (its parent's state).
     matches: Vec<usize>,
 }
 
@@ -498,7 +496,6 @@ impl SuffixDrafter {
             expected: 0.0,
             node_scores: Vec::new(),
             confidence: Vec::new(),
-            node_matches: Vec::new(),
             matches: Vec::new(),
         }
     }
@@ -595,9 +592,11 @@ impl SuffixDrafter {
         self.matches.clear();
         self.matches.resize(tree.len(), 0);
         for old in 1..self.node_scores.len() {
-            self.matches[self.builder.built_index(old)] = self.node_matches[old];
-            let parent = self.node_scores[self.builder.parent(old)];
-            self.confidence[self.builder.built_index(old)] = if parent > 0.0 {
+            let (new, parent) = (self.builder.built_index(old), self.builder.parent(old));
+            // states[i] is builder node i's match (pushed as nodes are added).
+            self.matches[new] = self.states[parent].len();
+            let parent = self.node_scores[parent];
+            self.confidence[new] = if parent > 0.0 {
                 (self.node_scores[old] / parent).min(1.0)
             } else {
                 0.0
@@ -810,8 +809,6 @@ impl Drafter for SuffixDrafter {
         self.expected = 0.0;
         self.node_scores.clear();
         self.node_scores.push(1.0);
-        self.node_matches.clear();
-        self.node_matches.push(0);
         if max_draft == 0 || context.is_empty() {
             return self.built();
         }
@@ -838,7 +835,6 @@ impl Drafter for SuffixDrafter {
             let node = self.builder.add(best.parent, best.token);
             self.expected += best.score;
             self.node_scores.push(best.score);
-            self.node_matches.push(self.states[best.parent].len());
             path.clear();
             let mut n = node;
             while n != 0 {
