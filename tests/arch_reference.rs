@@ -58,6 +58,16 @@ struct Shape {
 /// no `output.weight`: the LM head is the token table, as both engines read
 /// it) and the tokenizer of `tokenizer_from`.
 fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
+    write_model_with(path, s, tokenizer_from, &[]);
+}
+
+/// [`write_model`] with `extra` metadata (a Gemma 3 window, say).
+fn write_model_with(
+    path: &Path,
+    s: &Shape,
+    tokenizer_from: &Path,
+    extra: &[(&str, gguf_file::Value)],
+) {
     let mut f = std::fs::File::open(tokenizer_from).unwrap();
     let src = gguf_file::Content::read(&mut f).unwrap();
     let vocab = src
@@ -118,6 +128,7 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             (format!("{a}.attention.sliding_window"), V::U32(256)),
         ]);
     }
+    md.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let mut rng = Lcg(0x005e_ed0f_7e57);
     let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let q8 = GgmlDType::Q8_0;
@@ -164,7 +175,7 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             "attn_output.weight",
             rng.tensor(&[s.hidden, q], 0.0, w(q), q8),
         );
-        if a == "qwen3" {
+        if a == "qwen3" || a == "gemma3" {
             put(
                 "attn_q_norm.weight",
                 rng.tensor(&[s.head_dim], 1.0, 0.3, GgmlDType::F32),
@@ -198,7 +209,7 @@ fn write_model(path: &Path, s: &Shape, tokenizer_from: &Path) {
             "ffn_down.weight",
             rng.tensor(&[s.hidden, s.ffn], 0.0, w(s.ffn), q8),
         );
-        if a == "gemma2" {
+        if a == "gemma2" || a == "gemma3" {
             put(
                 "post_attention_norm.weight",
                 rng.tensor(&[s.hidden], 1.0, 0.1, GgmlDType::F32),
@@ -269,7 +280,9 @@ fn candle_reference(path: &Path, arch: &str) -> Reference {
             })
         }};
     }
-    use candle_transformers::models::{quantized_llama, quantized_phi3, quantized_qwen3};
+    use candle_transformers::models::{
+        quantized_gemma3, quantized_llama, quantized_phi3, quantized_qwen3,
+    };
     match arch {
         "phi3" => {
             let mut m = quantized_phi3::ModelWeights::from_gguf(false, ct, &mut f, &dev).unwrap();
@@ -281,6 +294,7 @@ fn candle_reference(path: &Path, arch: &str) -> Reference {
         }
         "qwen3" => reference!(quantized_qwen3::ModelWeights),
         "llama" => reference!(quantized_llama::ModelWeights),
+        "gemma3" => reference!(quantized_gemma3::ModelWeights),
         other => panic!("no reference for {other}"),
     }
 }
@@ -633,8 +647,8 @@ fn llama3_rope_scaling_matches_candle_transformers() {
 /// llama.cpp's converter writes them) against candle-transformers' HF
 /// Gemma 2 fed the same dequantized weights (norms minus one): embeddings
 /// scaled by √hidden, post-attention and post-FFN norms, GELU(tanh) gate,
-/// attention and final soft caps. The window (256) is longer than the test
-/// and caps treespec's context, which keeps it exact.
+/// attention and final soft caps. The window (256, on the even layers) is
+/// longer than the test.
 #[test]
 fn gemma2_matches_candle_transformers() {
     use candle_transformers::models::gemma2 as hf;
@@ -655,45 +669,14 @@ fn gemma2_matches_candle_transformers() {
     let c = model.config();
     assert_eq!(c.arch.name(), "gemma2");
     assert_eq!((c.attn_softcap, c.final_softcap), (Some(2.0), Some(60.0)));
-    assert_eq!(c.context_length, 256, "the window caps the context");
+    assert_eq!(
+        (c.window_of(0), c.window_of(1)),
+        (Some(256), None),
+        "even layers are local"
+    );
 
     let dev = Device::Cpu;
-    let (vocab, mut get) = dequantized(&path);
-    let mut w = std::collections::HashMap::new();
-    w.insert(
-        "model.embed_tokens.weight".to_string(),
-        get("token_embd.weight"),
-    );
-    let minus_one = |t: Tensor| (t - 1.0).unwrap();
-    w.insert(
-        "model.norm.weight".to_string(),
-        minus_one(get("output_norm.weight")),
-    );
-    for l in 0..shape.layers {
-        let (p, b) = (format!("model.layers.{l}"), format!("blk.{l}"));
-        for (h, g) in [
-            ("self_attn.q_proj", "attn_q"),
-            ("self_attn.k_proj", "attn_k"),
-            ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"),
-            ("mlp.gate_proj", "ffn_gate"),
-            ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"),
-        ] {
-            w.insert(format!("{p}.{h}.weight"), get(&format!("{b}.{g}.weight")));
-        }
-        for (h, g) in [
-            ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "post_attention_norm"),
-            ("pre_feedforward_layernorm", "ffn_norm"),
-            ("post_feedforward_layernorm", "post_ffw_norm"),
-        ] {
-            w.insert(
-                format!("{p}.{h}.weight"),
-                minus_one(get(&format!("{b}.{g}.weight"))),
-            );
-        }
-    }
+    let (vocab, w) = hf_gemma_weights(&path, shape.layers, false);
     let cfg = hf::Config {
         attention_bias: false,
         head_dim: shape.head_dim,
@@ -752,5 +735,266 @@ fn gemma2_matches_candle_transformers() {
     assert!(
         worst > 1.0,
         "ignoring the attention cap went unnoticed ({worst})"
+    );
+}
+
+/// A Gemma GGUF's weights under HF names, dequantized, for candle's HF
+/// Gemma 2/3 models: norm weights minus the `1 +` that llama.cpp's
+/// converter baked in (HF's Gemma norm adds it back), and Gemma 3's
+/// per-head q/k norms when `qk_norm`.
+fn hf_gemma_weights(
+    path: &Path,
+    layers: usize,
+    qk_norm: bool,
+) -> (usize, std::collections::HashMap<String, Tensor>) {
+    let (vocab, mut get) = dequantized(path);
+    let mut w = std::collections::HashMap::new();
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        get("token_embd.weight"),
+    );
+    let minus_one = |t: Tensor| (t - 1.0).unwrap();
+    w.insert(
+        "model.norm.weight".to_string(),
+        minus_one(get("output_norm.weight")),
+    );
+    for l in 0..layers {
+        let (p, b) = (format!("model.layers.{l}"), format!("blk.{l}"));
+        for (h, g) in [
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ] {
+            w.insert(format!("{p}.{h}.weight"), get(&format!("{b}.{g}.weight")));
+        }
+        let mut norms = vec![
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "post_attention_norm"),
+            ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"),
+        ];
+        if qk_norm {
+            norms.extend([
+                ("self_attn.q_norm", "attn_q_norm"),
+                ("self_attn.k_norm", "attn_k_norm"),
+            ]);
+        }
+        for (h, g) in norms {
+            w.insert(
+                format!("{p}.{h}.weight"),
+                minus_one(get(&format!("{b}.{g}.weight"))),
+            );
+        }
+    }
+    (vocab, w)
+}
+
+fn gemma3_shape() -> Shape {
+    Shape {
+        arch: "gemma3",
+        // Six layers: five local (base 10k) and one global (base 1M), the
+        // real pattern.
+        layers: 6,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        ffn: 512,
+        rope_freqs: None,
+    }
+}
+
+fn worst_ratio(diffs: &[(f32, f32)]) -> f32 {
+    diffs.iter().map(|(d, b)| d / b).fold(0f32, f32::max)
+}
+
+/// candle-transformers' HF Gemma 3 fed `path`'s dequantized weights, with
+/// a window of `window` positions.
+fn gemma3_reference(path: &Path, shape: &Shape, window: usize) -> Reference {
+    use candle_transformers::models::gemma3 as hf;
+    let (vocab, w) = hf_gemma_weights(path, shape.layers, true);
+    let cfg = hf::Config {
+        attention_bias: false,
+        head_dim: shape.head_dim,
+        hidden_activation: candle_nn::Activation::GeluPytorchTanh,
+        hidden_size: shape.hidden,
+        intermediate_size: shape.ffn,
+        num_attention_heads: shape.heads,
+        num_hidden_layers: shape.layers,
+        num_key_value_heads: shape.kv_heads,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_local_base_freq: 10_000.0,
+        vocab_size: vocab,
+        final_logit_softcapping: None,
+        attn_logit_softcapping: None,
+        query_pre_attn_scalar: shape.head_dim,
+        sliding_window: window,
+        sliding_window_pattern: 6,
+        max_position_embeddings: 512,
+    };
+    let dev = Device::Cpu;
+    let vb = candle_nn::VarBuilder::from_tensors(w, candle_core::DType::F32, &dev);
+    let mut m = hf::Model::new(false, &cfg, vb).unwrap();
+    // One token per forward: candle's HF Gemma 3 appends its transposed
+    // (non-contiguous) values to the cache, which fails for more than one
+    // row ("slice-set only supports contiguous tensors").
+    Box::new(move |ids: &[u32], offset: usize| {
+        let mut last = Vec::new();
+        for (k, &id) in ids.iter().enumerate() {
+            let input = Tensor::new(&[id], &dev).unwrap().unsqueeze(0).unwrap();
+            let out = m.forward(&input, offset + k).unwrap();
+            last = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        }
+        last
+    })
+}
+
+/// Gemma 3 against candle-transformers' HF Gemma 3 (candle's quantized
+/// Gemma 3 gates its FFN with SiLU, not Gemma's GELU, so it is no
+/// reference): per-head q/k norms,
+/// post norms, GELU, √hidden embedding scale, and the local layers' own
+/// RoPE base. The window (512) is longer than the test. Controls: without
+/// the q/k norms, or with the local layers rotated at the global base (a
+/// file whose `rope.freq_base_swa` says 1M), the match must fail.
+#[test]
+fn gemma3_matches_candle_transformers() {
+    use gguf_file::Value as V;
+    let shape = gemma3_shape();
+    let tok = common::model_path("smollm2-135m");
+    let path = temp("gemma3.gguf");
+    let window = [("gemma3.attention.sliding_window", V::U32(512))];
+    write_model_with(&path, &shape, &tok, &window);
+    let model = Model::load(&path).unwrap_or_else(|e| panic!("treespec loads gemma3: {e}"));
+    let c = model.config();
+    assert_eq!(c.arch.name(), "gemma3");
+    assert!(c.qk_norm && c.post_norms && c.ffn_gelu);
+    assert_eq!(c.rope_theta_local, Some(10_000.0));
+    assert_eq!(
+        (0..6).map(|l| c.is_local(l)).collect::<Vec<_>>(),
+        [true, true, true, true, true, false]
+    );
+    // The bound as for Gemma 2 (√hidden inflates the logits, not the
+    // rounding): 1% of the largest logit.
+    let frac = 0.01;
+    let diffs = compare_within(
+        &model,
+        gemma3_reference(&path, &shape, 512),
+        "gemma3",
+        &TOKENS,
+        frac,
+    );
+    for (k, (diff, bound)) in diffs.iter().enumerate() {
+        assert!(
+            diff <= bound,
+            "gemma3 step {k}: logits differ by {diff} (bound {bound})"
+        );
+    }
+    let mut no_qk = Model::load(&path).unwrap();
+    for l in &mut no_qk.decoder.layers {
+        l.qk_norm = None;
+    }
+    let worst = worst_ratio(&compare_within(
+        &no_qk,
+        gemma3_reference(&path, &shape, 512),
+        "gemma3 without q/k norms",
+        &TOKENS,
+        frac,
+    ));
+    assert!(
+        worst > 1.0,
+        "leaving out the q/k norms went unnoticed ({worst})"
+    );
+    let global = temp("gemma3-global-base.gguf");
+    write_model_with(
+        &global,
+        &shape,
+        &tok,
+        &[
+            window[0].clone(),
+            ("gemma3.rope.freq_base_swa", V::F32(1e6)),
+        ],
+    );
+    let one_base = Model::load(&global).unwrap();
+    let worst = worst_ratio(&compare_within(
+        &one_base,
+        gemma3_reference(&path, &shape, 512),
+        "gemma3 with one RoPE base",
+        &TOKENS,
+        frac,
+    ));
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&global);
+    assert!(worst > 1.0, "the local RoPE base went unnoticed ({worst})");
+}
+
+/// Gemma 3's sliding window, against candle's rotating cache of W keys
+/// (the reference runs one token at a time): 12 tokens through a window
+/// of 7, so every local layer's last rows see only part of the past
+/// (HF's and llama.cpp's i - j < W). Without the window
+/// the match fails; and the window holds across the cache: decoding the
+/// 12 tokens one at a time gives the prefill's logits bit for bit.
+#[test]
+fn gemma3_sliding_window_matches_candle_transformers() {
+    use gguf_file::Value as V;
+    let shape = gemma3_shape();
+    let tok = common::model_path("smollm2-135m");
+    let path = temp("gemma3-window.gguf");
+    write_model_with(
+        &path,
+        &shape,
+        &tok,
+        &[("gemma3.attention.sliding_window", V::U32(7))],
+    );
+    let model = Model::load(&path).unwrap();
+    assert_eq!(model.config().window_of(0), Some(7));
+    assert_eq!(model.config().window_of(5), None, "the global layer");
+    let prefill = |m: &Model| -> Vec<f32> {
+        let mut cache = m.decoder.new_cache(64);
+        let pos: Vec<usize> = (0..TOKENS.len()).collect();
+        let par: Vec<Option<usize>> = (0..TOKENS.len()).map(|i| i.checked_sub(1)).collect();
+        m.decoder
+            .forward(&mut cache, &TOKENS, &pos, &par, LogitRows::Last)
+            .unwrap()
+            .row(0)
+            .to_vec()
+    };
+    let mut reference = gemma3_reference(&path, &shape, 7);
+    let want = reference(&TOKENS, 0);
+    let diff = |got: &[f32]| -> f32 {
+        got.iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+    };
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let bound = 0.01 * scale;
+    let got = prefill(&model);
+    eprintln!(
+        "gemma3 window: max |logit| {scale:.3}, max |Δ| {:.4}",
+        diff(&got)
+    );
+    assert!(diff(&got) <= bound, "{} > {bound}", diff(&got));
+    let stepwise = model
+        .decoder
+        .teacher_forced(&TOKENS, TOKENS.len() - 1, 1)
+        .unwrap();
+    assert!(
+        stepwise[0]
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "one token at a time differs from the prefill"
+    );
+    let mut unwindowed = model;
+    unwindowed.decoder.config.sliding_window = None;
+    let off = diff(&prefill(&unwindowed));
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        off > bound,
+        "ignoring the window went unnoticed ({off} <= {bound})"
     );
 }

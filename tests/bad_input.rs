@@ -217,8 +217,8 @@ fn maths_changing_metadata_is_refused_by_name() {
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
     assert_eq!(c.rope_freq_scale, 0.5);
-    // A sliding window shorter than the context is honoured by serving at
-    // most the window (within it the window masks nothing).
+    // A sliding window shorter than the context is honoured on every layer
+    // of a llama file (the context stays the trained one).
     let p = tmp("maths-window.gguf");
     write_gguf_with(
         &p,
@@ -230,7 +230,8 @@ fn maths_changing_metadata_is_refused_by_name() {
     let mut f = std::fs::File::open(&p).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let c = treespec::model::ModelConfig::from_gguf(&ct, &p).unwrap();
-    assert_eq!(c.context_length, 100, "context 128 capped at the window");
+    assert_eq!(c.context_length, 128, "the window does not cap the context");
+    assert_eq!(c.window_of(0), Some(100));
     // Soft caps are implemented (Gemma 2, tests/arch_reference.rs); a
     // negative one is refused by name.
     let p = tmp("maths-softcap.gguf");

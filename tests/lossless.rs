@@ -146,6 +146,21 @@ fn check_greedy(model_name: &str, prompts: &[(String, String)], new_tokens: usiz
     assert!(mismatches.is_empty(), "NOT LOSSLESS: {mismatches:#?}");
 }
 
+/// Gemma 3 270M, the real file: two prompts longer than its 512-position
+/// window (the first two Spec-Bench turns over 4000 characters, 700+
+/// tokens), so every step's tree runs through the local layers' windowed
+/// attention and the global layer's chunked one.
+#[test]
+fn greedy_speculation_is_lossless_gemma3() {
+    let long: Vec<(String, String)> = spec_bench_first_turns()
+        .into_iter()
+        .filter(|(_, t)| t.len() > 4000)
+        .take(2)
+        .collect();
+    assert_eq!(long.len(), 2);
+    check_greedy("gemma3-270m", &long, 40);
+}
+
 /// CI subset: 12 prompts spread over all Spec-Bench categories.
 #[test]
 fn greedy_speculation_is_lossless_smollm2() {

@@ -1,5 +1,5 @@
 //! Hyperparameters of the decoder, read from GGUF metadata or an HF
-//! `config.json`. Llama, Qwen2, Qwen3, Phi-3 and Gemma 2 share one decoder; what differs
+//! `config.json`. Llama, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 share one decoder; what differs
 //! between them is data here (biases, per-head q/k norms, a head size of its
 //! own, tied embeddings, rope layout), not code.
 
@@ -27,16 +27,23 @@ pub enum Arch {
     /// window (see `context_length`). GGUF norm weights have Gemma's `1 +`
     /// already added by the converter.
     Gemma2,
+    /// Gemma 3: Gemma 2's layout without soft caps, with Qwen3's per-head
+    /// q/k RMSNorm; five of every six layers have a sliding window (512
+    /// positions on the 270M and 1B, 1024 above) and rotate with a local
+    /// base of 10k, the sixth is global with the file's base (1M) and any
+    /// linear RoPE scaling (the 4B+ files' factor 8), as llama.cpp runs it.
+    Gemma3,
 }
 
 impl Arch {
     /// Every architecture a GGUF file may name, for error messages.
-    pub const ALL: [Arch; 5] = [
+    pub const ALL: [Arch; 6] = [
         Arch::Llama,
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Phi3,
         Arch::Gemma2,
+        Arch::Gemma3,
     ];
 
     pub fn parse(name: &str) -> Option<Arch> {
@@ -46,6 +53,7 @@ impl Arch {
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
             "gemma2" => Some(Arch::Gemma2),
+            "gemma3" => Some(Arch::Gemma3),
             _ => None,
         }
     }
@@ -57,6 +65,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
             Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 }
@@ -107,9 +116,20 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// Gemma 2: the same on the output logits.
     pub final_softcap: Option<f32>,
-    /// Gemma 2: RMSNorm on the attention and FFN outputs (weights
+    /// Gemma 2/3: RMSNorm on the attention and FFN outputs (weights
     /// `post_attention_norm`, `post_ffw_norm`) before each residual add.
     pub post_norms: bool,
+    /// Sliding-window attention: on a windowed layer position p sees keys
+    /// at positions p-W+1..=p (HF's and llama.cpp's mask), W this. `None`:
+    /// no window shorter than the context.
+    pub sliding_window: Option<usize>,
+    /// Which layers are local (`n_layers` flags; empty: none): all of them
+    /// (Mistral, Phi-3), every other one from layer 0 (Gemma 2), five of
+    /// six (Gemma 3).
+    pub windowed_layers: Vec<bool>,
+    /// Gemma 3: the RoPE base of the windowed layers (10k), which also
+    /// rotate unscaled; the other layers use `rope_theta` and the scaling.
+    pub rope_theta_local: Option<f32>,
 }
 
 fn meta<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value> {
@@ -188,6 +208,7 @@ impl ModelConfig {
                 .map(|t| t.shape.dims()[0])
                 .ok_or_else(|| Error::model(path, "missing tensor `token_embd.weight`"))?,
         };
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         let cfg = ModelConfig {
             arch,
             n_layers: meta_usize(ct, &format!("{a}.block_count"), path)?,
@@ -202,29 +223,35 @@ impl ModelConfig {
                 as f32,
             rms_eps: meta_f64(ct, &format!("{a}.attention.layer_norm_rms_epsilon"), path)?,
             qkv_bias: arch == Arch::Qwen2,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             rope_interleaved: arch == Arch::Llama,
             rope_freq_scale: 1.0,
             // Read from the tensor by the loader (`rope_freqs_shape` checks it).
             rope_freq_factors: None,
-            ffn_gelu: arch == Arch::Gemma2,
-            embed_scale: if arch == Arch::Gemma2 {
-                (hidden as f32).sqrt()
-            } else {
-                1.0
-            },
+            ffn_gelu: gemma,
+            embed_scale: if gemma { (hidden as f32).sqrt() } else { 1.0 },
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
             attn_softcap: None,
             final_softcap: None,
-            post_norms: arch == Arch::Gemma2,
+            post_norms: gemma,
+            sliding_window: None,
+            windowed_layers: Vec::new(),
+            // llama.cpp's value for Gemma 3 (its GGUF files do not carry
+            // it); a file that does (`rope.freq_base_swa`) overrides it.
+            rope_theta_local: (arch == Arch::Gemma3).then(|| {
+                meta_f64(ct, &format!("{a}.rope.freq_base_swa"), path).unwrap_or(10_000.0) as f32
+            }),
         };
         cfg.check(path)?;
         let mut cfg = cfg;
         cfg.rope_freq_scale = gguf_rope_scaling(ct, a, path)?;
-        if arch == Arch::Gemma2 && cfg.n_layers == 46 {
-            // Gemma 2 27B scales queries by 1/√(hidden/heads) = 1/√144, not
-            // 1/√head_dim (its `query_pre_attn_scalar`); GGUF files do not
-            // record it, and llama.cpp recognises the 27B by its 46 layers.
+        if (arch == Arch::Gemma2 && cfg.n_layers == 46)
+            || (arch == Arch::Gemma3 && cfg.n_layers == 62)
+        {
+            // Gemma 2 27B and Gemma 3 27B scale queries by 1/√(hidden/heads)
+            // (1/√144, 1/√168), not 1/√head_dim (their
+            // `query_pre_attn_scalar`); GGUF files do not record it, and
+            // llama.cpp recognises the 27Bs by their layer counts.
             cfg.attn_scale = 1.0 / ((cfg.hidden / cfg.n_heads) as f32).sqrt();
         }
         let cap = |key: &str| -> Result<Option<f32>> {
@@ -243,7 +270,15 @@ impl ModelConfig {
         cfg.final_softcap = cap("final_logit_softcapping")?;
         let window_key = format!("{a}.attention.sliding_window");
         if let Some(w) = ct.metadata.get(&window_key).and_then(value_f64) {
-            cfg.limit_to_window(w, &window_key, path);
+            // llama.cpp's layer patterns: Gemma 2 windows the even layers,
+            // Gemma 3 all but every sixth; elsewhere a declared window
+            // covers every layer.
+            let period = match arch {
+                Arch::Gemma2 => 2,
+                Arch::Gemma3 => 6,
+                _ => 1,
+            };
+            cfg.set_window(w, period, &window_key, path)?;
         }
         refuse_unimplemented_gguf_maths(ct, a, cfg.head_dim, path)?;
         Ok(cfg)
@@ -311,6 +346,9 @@ impl ModelConfig {
             attn_softcap: None,
             final_softcap: None,
             post_norms: false,
+            sliding_window: None,
+            windowed_layers: Vec::new(),
+            rope_theta_local: None,
         };
         cfg.check(path)?;
         let mut cfg = cfg;
@@ -324,26 +362,42 @@ impl ModelConfig {
         let window_used = json.get("use_sliding_window").and_then(|v| v.as_bool()) != Some(false);
         if let Some(w) = json.get("sliding_window").and_then(|v| v.as_f64()) {
             if window_used {
-                cfg.limit_to_window(w, "sliding_window", path);
+                cfg.set_window(w, 1, "sliding_window", path)?;
             }
         }
         Ok(cfg)
     }
 
-    /// A sliding window of W (on every layer: Phi-3 mini 4k declares 2047,
-    /// Mistral 7B v0.1 4096; on every other layer: Gemma 2, 4096) lets position p see keys p-W+1..=p, as
-    /// llama.cpp and HF mask it. Below W positions that is the whole causal
-    /// past, so treespec honours the window exactly by serving at most W
-    /// positions (a longer prompt is refused as over the context, not
-    /// mis-read).
-    fn limit_to_window(&mut self, w: f64, key: &str, path: &Path) {
-        if w >= 1.0 && (w as usize) < self.context_length {
-            tracing::warn!(
-                "{}: `{key}` = {w}: context limited to {w} positions (sliding-window attention beyond it is not implemented)",
-                path.display()
-            );
-            self.context_length = w as usize;
+    /// A sliding window of W on the layers `l` with `l % period != period
+    /// - 1` (period 1: every layer). A window at least the context long
+    /// masks nothing and is dropped.
+    fn set_window(&mut self, w: f64, period: usize, key: &str, path: &Path) -> Result<()> {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(Error::model(
+                path,
+                format!("`{key}` = {w} is not a window size"),
+            ));
         }
+        let w = w as usize;
+        // The pattern stays even when the window masks nothing: Gemma 3's
+        // local layers keep their own RoPE base.
+        self.windowed_layers = (0..self.n_layers)
+            .map(|l| period <= 1 || l % period != period - 1)
+            .collect();
+        if w >= 1 && w < self.context_length {
+            self.sliding_window = Some(w);
+        }
+        Ok(())
+    }
+
+    /// Whether layer `l` is a local (sliding-window) layer.
+    pub fn is_local(&self, l: usize) -> bool {
+        self.windowed_layers.get(l).copied().unwrap_or(false)
+    }
+
+    /// The window of layer `l`, if it has one shorter than the context.
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.is_local(l))
     }
 
     fn check(&self, path: &Path) -> Result<()> {
@@ -557,8 +611,8 @@ mod tests {
         ModelConfig::from_hf_config(&j, Path::new("config.json"))
     }
 
-    /// HF Mistral is the llama layout; its window (v0.1: 4096) caps the
-    /// context, while Qwen2's declared-but-disabled window does not.
+    /// HF Mistral is the llama layout; its window (v0.1: 4096) applies to
+    /// every layer, while Qwen2's declared-but-disabled window does not.
     #[test]
     fn hf_mistral_and_sliding_windows() {
         let base = serde_json::json!({
@@ -575,13 +629,14 @@ mod tests {
         let c = with(
             serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}),
         );
-        assert_eq!((c.arch, c.context_length), (Arch::Llama, 4096));
+        assert_eq!((c.arch, c.context_length), (Arch::Llama, 32768));
+        assert_eq!((c.window_of(0), c.window_of(1)), (Some(4096), Some(4096)));
         let c = with(serde_json::json!({"model_type": "mistral", "sliding_window": null}));
-        assert_eq!(c.context_length, 32768);
+        assert_eq!((c.context_length, c.window_of(0)), (32768, None));
         let c = with(
             serde_json::json!({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false}),
         );
-        assert_eq!((c.arch, c.context_length), (Arch::Qwen2, 32768));
+        assert_eq!((c.arch, c.window_of(0)), (Arch::Qwen2, None));
         let e = ModelConfig::from_hf_config(
             &serde_json::json!({"model_type": "gemma2", "hidden_size": 256}),
             Path::new("config.json"),

@@ -11,7 +11,7 @@
 //! √hidden, the attention and FFN outputs RMS-normalised before their adds,
 //! GELU for SiLU, and scores and logits soft-capped (c · tanh(s / c)).
 
-use super::attention::{tree_attention_with, AttentionShape, ScoreRule, TreeMask};
+use super::attention::{tree_attention_in_window, AttentionShape, ScoreRule, TreeMask};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Projections};
@@ -189,6 +189,8 @@ pub struct Decoder {
     pub output_norm: Vec<f32>,
     pub lm_head: Linear,
     rope: Rope,
+    /// Gemma 3's local layers' own rotation (base 10k, unscaled).
+    rope_local: Option<Rope>,
 }
 
 /// Which rows of the forward need logits.
@@ -248,6 +250,16 @@ impl Decoder {
             config.rope_freq_scale,
             config.rope_freq_factors.as_deref(),
         );
+        let rope_local = config.rope_theta_local.map(|theta| {
+            Rope::new(
+                config.head_dim,
+                theta,
+                config.context_length.max(1),
+                config.rope_interleaved,
+                1.0,
+                None,
+            )
+        });
         Ok(Decoder {
             config,
             embedding,
@@ -255,6 +267,7 @@ impl Decoder {
             output_norm,
             lm_head,
             rope,
+            rope_local,
         })
     }
 
@@ -447,8 +460,12 @@ impl Decoder {
                     rms_norm(&w.k, &qk.k, eps, &mut w.heads);
                     std::mem::swap(&mut w.k, &mut w.heads);
                 }
-                self.rope.apply(&mut w.q, c.n_heads, &positions);
-                self.rope.apply(&mut w.k, c.n_kv_heads, &positions);
+                let rope = match &self.rope_local {
+                    Some(local) if c.is_local(l) => local,
+                    _ => &self.rope,
+                };
+                rope.apply(&mut w.q, c.n_heads, &positions);
+                rope.apply(&mut w.k, c.n_kv_heads, &positions);
                 for (i, s) in segs.iter_mut().enumerate() {
                     let r = rows(i);
                     s.cache.write(
@@ -462,9 +479,10 @@ impl Decoder {
                 for (i, s) in segs.iter().enumerate() {
                     let r = rows(i);
                     let q = &w.q[r.start * qw..r.end * qw];
-                    w.attn.extend(tree_attention_with(
+                    w.attn.extend(tree_attention_in_window(
                         &shape,
                         rule,
+                        c.window_of(l),
                         q,
                         &s.cache.layer(l),
                         &masks[i],

@@ -128,13 +128,21 @@ pub fn write_smollm2_hf_tokenizer(dir: &std::path::Path) {
 }
 
 /// `text` as one user turn in the model's chat template, tokenized.
+/// A base model without a chat template (Gemma 3 270M) gets the text
+/// itself after its BOS, as `treespec generate` gives it.
 pub fn chat_prompt(model: &treespec::model::Model, text: &str) -> Vec<u32> {
     let msgs = [treespec::tokenizer::ChatMessage {
         role: "user".into(),
         content: text.into(),
     }];
-    let t = model.tokenizer.apply_chat_template(&msgs, true).unwrap();
-    model.tokenizer.encode(&t, true).unwrap()
+    match model.tokenizer.apply_chat_template(&msgs, true) {
+        Ok(t) => model.tokenizer.encode(&t, true).unwrap(),
+        Err(_) => {
+            let mut ids: Vec<u32> = model.tokenizer.bos_to_add().into_iter().collect();
+            ids.extend(model.tokenizer.encode(text, false).unwrap());
+            ids
+        }
+    }
 }
 
 /// The SentencePiece BPE vocabulary of tests/fixtures/sentencepiece_bpe.json

@@ -14,6 +14,7 @@
 
 mod kernels;
 mod mask;
+mod window;
 
 pub use mask::TreeMask;
 
@@ -100,6 +101,39 @@ pub fn tree_attention(
     mask: &TreeMask,
 ) -> Vec<f32> {
     tree_attention_with(shape, ScoreRule::standard(shape.head_dim), q, kv, mask)
+}
+
+/// [`tree_attention_with`] on a layer with a sliding window of `window`
+/// positions (`None`: none): rows whose window starts after position 0
+/// take the windowed path, the others the chunked kernel (see
+/// `window.rs` for why the choice per row keeps results bit-stable).
+pub fn tree_attention_in_window(
+    shape: &AttentionShape,
+    rule: ScoreRule,
+    window: Option<usize>,
+    q: &[f32],
+    kv: &LayerKv,
+    mask: &TreeMask,
+) -> Vec<f32> {
+    let Some(w) = window.filter(|&w| w > 0) else {
+        return tree_attention_with(shape, rule, q, kv, mask);
+    };
+    let n = q.len() / (shape.n_heads * shape.head_dim);
+    let first = mask.len() - n;
+    let ctx = kv.len() - mask.len();
+    let far: Vec<usize> = (0..n)
+        .filter(|&i| ctx + mask.ancestors(first + i).len() > w)
+        .collect();
+    if far.is_empty() {
+        return tree_attention_with(shape, rule, q, kv, mask);
+    }
+    let mut out = if far.len() < n {
+        tree_attention_with(shape, rule, q, kv, mask)
+    } else {
+        vec![0f32; q.len()]
+    };
+    window::attend_rows(shape, rule, w, q, kv, mask, &far, &mut out);
+    out
 }
 
 /// [`tree_attention`] with scores computed by `rule`.
@@ -630,12 +664,33 @@ mod tests {
         // pass, a 16-wide one and the rest. ctx 37 crosses key tiles; GQA
         // group of 3 (15 query rows per kv head: row groups of 8 and 7).
         // ctx 2100: two whole chunks and the start of a third.
-        check_against_naive(6, 2, 24, 37);
-        check_against_naive(6, 2, 88, 37);
-        check_against_naive(6, 2, 24, 2100);
+        check_against_naive(6, 2, 24, 37, None);
+        check_against_naive(6, 2, 88, 37, None);
+        check_against_naive(6, 2, 24, 2100, None);
     }
 
-    fn check_against_naive(heads: usize, kv_heads: usize, d: usize, ctx: usize) {
+    /// A sliding window of W: a row at position p sees p-W+1..=p. With
+    /// ctx 37 and the tree's depths 0..=2, W = 38 leaves the root (p 37)
+    /// on the chunked kernel and moves its children to the windowed path
+    /// (one forward, both paths); W = 4 cuts into the tree's own ancestors
+    /// never (depth < 4) but into the prefix for every row; W = 2 drops the
+    /// grandchildren's root; 2100 positions with W = 1500 crosses chunks.
+    #[test]
+    fn windowed_attention_matches_naive() {
+        for w in [38, 4, 2] {
+            check_against_naive(6, 2, 24, 37, Some(w));
+        }
+        check_against_naive(6, 2, 88, 37, Some(20));
+        check_against_naive(6, 2, 24, 2100, Some(1500));
+    }
+
+    fn check_against_naive(
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        ctx: usize,
+        window: Option<usize>,
+    ) {
         let shape = AttentionShape {
             n_heads: heads,
             n_kv_heads: kv_heads,
@@ -663,12 +718,23 @@ mod tests {
         );
         cache.write(0, &nk, &nv);
         let mask = TreeMask::from_parents(&parents);
-        let out = tree_attention(&shape, &q, &cache.layer(0), &mask);
+        let rule = ScoreRule::standard(d);
+        let out = tree_attention_in_window(&shape, rule, window, &q, &cache.layer(0), &mask);
+        // Position of cache slot j: itself in the prefix, ctx + depth for
+        // a tree node.
+        let pos = |j: usize| {
+            if j < ctx {
+                j
+            } else {
+                ctx + mask.ancestors(j - ctx).len() - 1
+            }
+        };
         for i in 0..n {
             for h in 0..heads {
                 let g = h / (heads / kv_heads);
                 let vis: Vec<usize> = (0..ctx + n)
                     .filter(|&j| j < ctx || mask.sees(i, j - ctx))
+                    .filter(|&j| window.is_none_or(|w| pos(ctx + i) - pos(j) < w))
                     .collect();
                 let qrow = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
                 let s: Vec<f32> = vis
@@ -728,7 +794,8 @@ mod tests {
     /// Each tree node's output equals, bit for bit, the output of the same
     /// token decoded alone after its ancestors were committed: ancestors
     /// that cross a chunk boundary (ctx 1020, chunk end 1024), a long chain
-    /// crossing two (ctx 900, 1200 new), a cache ending on a boundary.
+    /// crossing two (ctx 900, 1200 new), a cache ending on a boundary; and
+    /// the same under a sliding window.
     #[test]
     fn tree_equals_sequential_across_chunks() {
         let (heads, kv_heads, d) = (4, 2, 24);
@@ -768,8 +835,12 @@ mod tests {
             let prefix: Vec<usize> = (0..ctx).collect();
             let new: Vec<usize> = (0..n).map(|j| 10_000 + j).collect();
             let cache = cache_of(kv_heads, d, &prefix, &new);
-            {
-                let tree = tree_attention(&shape, &q, &cache.layer(0), &mask);
+            // A window of 1025 puts some of each tree's nodes on the
+            // windowed path and some on the chunked kernel.
+            let rule = ScoreRule::standard(d);
+            for window in [None, Some(1025)] {
+                let tree =
+                    tree_attention_in_window(&shape, rule, window, &q, &cache.layer(0), &mask);
                 for &i in &check {
                     let anc = mask.ancestors(i);
                     let mut committed = prefix.clone();
@@ -777,13 +848,20 @@ mod tests {
                     let alone = cache_of(kv_heads, d, &committed, &[10_000 + i]);
                     let one = TreeMask::from_parents(&[None]);
                     {
-                        let seq = tree_attention(&shape, &q_of(i), &alone.layer(0), &one);
+                        let seq = tree_attention_in_window(
+                            &shape,
+                            rule,
+                            window,
+                            &q_of(i),
+                            &alone.layer(0),
+                            &one,
+                        );
                         let got = &tree[i * heads * d..(i + 1) * heads * d];
                         let same = got
                             .iter()
                             .zip(&seq)
                             .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "ctx {ctx} node {i}");
+                        assert!(same, "ctx {ctx} node {i} window {window:?}");
                     }
                 }
             }
