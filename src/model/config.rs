@@ -368,9 +368,9 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// A sliding window of W on the layers `l` with `l % period != period
-    /// - 1` (period 1: every layer). A window at least the context long
-    /// masks nothing and is dropped.
+    /// A sliding window of W on the layers `l` with `l % period` other
+    /// than `period - 1` (period 1: every layer). A window at least the
+    /// context long masks nothing and is dropped.
     fn set_window(&mut self, w: f64, period: usize, key: &str, path: &Path) -> Result<()> {
         if !(w.is_finite() && w >= 0.0) {
             return Err(Error::model(

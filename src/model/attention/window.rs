@@ -24,6 +24,8 @@ use crate::model::kv_cache::{LayerKv, KEY_TILE};
 /// Writes into `out` (`[N][n_heads][head_dim]`) the attention of the new
 /// tokens `rows` (indices among the N), each over its window of `window`
 /// positions. `q`, `kv`, `mask` as for [`super::tree_attention_with`].
+// The arguments are the attention call's own, plus the window and rows.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attend_rows(
     shape: &AttentionShape,
     rule: ScoreRule,
