@@ -70,11 +70,27 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// `q`: `[N][n_heads][head_dim]` (rotated). `kv`: the layer's cache, whose
-/// last `mask.len()` positions are pending tree nodes: the N new tokens are
-/// the last N of them (the ones before were appended by earlier forwards of
-/// the same tree, [`crate::model::KvCache::extend`]). Returns
-/// `[N][n_heads][head_dim]`.
+/// Where one forward's new rows sit: `n` tokens, the first of them at mask
+/// index `first`, after `ctx` committed cache positions.
+#[derive(Clone, Copy)]
+struct NewRows {
+    n: usize,
+    first: usize,
+    ctx: usize,
+}
+
+impl NewRows {
+    fn of(shape: &AttentionShape, q: &[f32], kv: &LayerKv, mask: &TreeMask) -> Self {
+        let n = q.len() / (shape.n_heads * shape.head_dim);
+        debug_assert!(n >= 1 && n <= mask.len() && q.len() == n * shape.n_heads * shape.head_dim);
+        NewRows {
+            n,
+            first: mask.len() - n,
+            ctx: kv.len() - mask.len(),
+        }
+    }
+}
+
 /// How a query·key product becomes a score before the softmax.
 #[derive(Debug, Clone, Copy)]
 pub struct ScoreRule {
@@ -94,6 +110,11 @@ impl ScoreRule {
     }
 }
 
+/// `q`: `[N][n_heads][head_dim]` (rotated). `kv`: the layer's cache, whose
+/// last `mask.len()` positions are pending tree nodes: the N new tokens are
+/// the last N of them (the ones before were appended by earlier forwards of
+/// the same tree, [`crate::model::KvCache::extend`]). Returns
+/// `[N][n_heads][head_dim]`.
 pub fn tree_attention(
     shape: &AttentionShape,
     q: &[f32],
@@ -118,9 +139,7 @@ pub fn tree_attention_in_window(
     let Some(w) = window.filter(|&w| w > 0) else {
         return tree_attention_with(shape, rule, q, kv, mask);
     };
-    let n = q.len() / (shape.n_heads * shape.head_dim);
-    let first = mask.len() - n;
-    let ctx = kv.len() - mask.len();
+    let NewRows { n, first, ctx } = NewRows::of(shape, q, kv, mask);
     let far: Vec<usize> = (0..n)
         .filter(|&i| ctx + mask.ancestors(first + i).len() > w)
         .collect();
@@ -149,10 +168,7 @@ pub fn tree_attention_with(
         n_kv_heads,
         head_dim: d,
     } = *shape;
-    let n = q.len() / (n_heads * d);
-    debug_assert!(n >= 1 && n <= mask.len() && q.len() == n * n_heads * d);
-    let first = mask.len() - n;
-    let ctx = kv.len() - mask.len();
+    let NewRows { n, first, ctx } = NewRows::of(shape, q, kv, mask);
     let group = n_heads / n_kv_heads;
     let rows_per_head = n * group;
     let full = ctx / CHUNK;

@@ -18,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use super::{AttentionShape, ScoreRule, TreeMask};
+use super::{AttentionShape, NewRows, ScoreRule, TreeMask};
 use crate::model::kv_cache::{LayerKv, KEY_TILE};
 
 /// Writes into `out` (`[N][n_heads][head_dim]`) the attention of the new
@@ -41,9 +41,7 @@ pub(super) fn attend_rows(
         n_kv_heads,
         head_dim: d,
     } = *shape;
-    let n = q.len() / (n_heads * d);
-    let first = mask.len() - n;
-    let ctx = kv.len() - mask.len();
+    let NewRows { first, ctx, .. } = NewRows::of(shape, q, kv, mask);
     let group = n_heads / n_kv_heads;
     let done = Mutex::new(Vec::with_capacity(rows.len() * n_kv_heads));
     let work = |range: std::ops::Range<usize>| {
