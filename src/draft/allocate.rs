@@ -36,6 +36,11 @@ pub enum Source {
     Recycle = 3,
 }
 
+impl Source {
+    /// Indexed by the discriminant.
+    const ALL: [Source; SOURCES] = [Source::Suffix, Source::Draft, Source::Pld, Source::Recycle];
+}
+
 pub const SOURCES: usize = 4;
 /// Depths told apart (deeper nodes share the last bucket) and slots per
 /// depth (what the source says of the node: a confidence bin, an n-gram
@@ -109,31 +114,68 @@ pub fn suffix_slot(p: f32, match_len: usize) -> usize {
     }
 }
 
-/// Per source and bucket: nodes verified with an accepted parent, and how
+/// Records kept per source: each bucket twice, for nodes the source
+/// proposed alone and for nodes another source proposed too. Sources agree
+/// most where the text copies, so a guess shared with a copy is accepted far
+/// more often than the same source's guess alone. Pooled, the shared hits
+/// would value the lone guesses as if they were copies: measured on code
+/// edits (Qwen2.5-Coder-1.5B), the hybrid verified ~0.8 more nodes per step
+/// than the suffix drafter alone and they added ~0.03 accepted tokens.
+const RECORDS: usize = 2 * BUCKETS;
+
+/// Per source and record: nodes verified with an accepted parent, and how
 /// many of them were accepted.
 #[derive(Debug, Clone)]
 pub struct SourceRecord {
-    offered: [[f32; BUCKETS]; SOURCES],
-    hits: [[f32; BUCKETS]; SOURCES],
+    offered: [[f32; RECORDS]; SOURCES],
+    hits: [[f32; RECORDS]; SOURCES],
 }
 
 impl Default for SourceRecord {
     fn default() -> Self {
         SourceRecord {
-            offered: [[0.0; BUCKETS]; SOURCES],
-            hits: [[0.0; BUCKETS]; SOURCES],
+            offered: [[0.0; RECORDS]; SOURCES],
+            hits: [[0.0; RECORDS]; SOURCES],
         }
     }
 }
 
+/// The record of a node in `bucket`, proposed by several sources or not.
+fn record_of(bucket: usize, shared: bool) -> usize {
+    bucket + if shared { BUCKETS } else { 0 }
+}
+
 impl SourceRecord {
-    /// Estimated chance that `source`'s node at `depth` (>= 1) in `slot`
-    /// is accepted when its parent is.
+    /// Estimated chance that `source`'s node at `depth` (>= 1) in `slot`,
+    /// proposed by no other source, is accepted when its parent is.
     pub fn estimate(&self, source: Source, depth: usize, slot: usize) -> f32 {
-        let slot = slot.min(SLOTS - 1);
-        let (s, b) = (source as usize, bucket(depth, slot));
-        (self.hits[s][b] + PRIOR_WEIGHT * prior(source, depth.min(DEPTHS), slot))
-            / (self.offered[s][b] + PRIOR_WEIGHT)
+        self.rate(source as usize, record_of(bucket(depth, slot), false))
+    }
+
+    /// The same for a node that another source proposed too.
+    pub fn estimate_shared(&self, source: Source, depth: usize, slot: usize) -> f32 {
+        self.rate(source as usize, record_of(bucket(depth, slot), true))
+    }
+
+    /// Hits over offers of record `r`, with the prior of its bucket (the
+    /// same prior alone and shared: the record then tells them apart).
+    fn rate(&self, s: usize, r: usize) -> f32 {
+        let b = r % BUCKETS;
+        let (depth, slot) = (b / SLOTS + 1, b % SLOTS);
+        let source = Source::ALL[s];
+        (self.hits[s][r] + PRIOR_WEIGHT * prior(source, depth, slot))
+            / (self.offered[s][r] + PRIOR_WEIGHT)
+    }
+
+    /// A union node's value: the best of its sources' estimates.
+    fn value_of(&self, origin: &[u8; SOURCES]) -> f32 {
+        let shared = origin.iter().filter(|&&b| b != NOT_FROM).count() > 1;
+        origin
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b != NOT_FROM)
+            .map(|(s, &b)| self.rate(s, record_of(b as usize, shared)))
+            .fold(0.0, f32::max)
     }
 
     /// Nodes of `source` recorded so far (all buckets).
@@ -150,16 +192,18 @@ impl SourceRecord {
             out.push_str(name);
             for d in 0..DEPTHS {
                 let mut any = false;
-                for k in 0..SLOTS {
-                    let b = d * SLOTS + k;
-                    if self.offered[s][b] >= 0.5 {
+                for (k, shared) in (0..SLOTS).flat_map(|k| [(k, false), (k, true)]) {
+                    let r = record_of(d * SLOTS + k, shared);
+                    if self.offered[s][r] >= 0.5 {
                         if !any {
                             out.push_str(&format!(" d{}[", d + 1));
                             any = true;
                         }
                         out.push_str(&format!(
-                            " {k}:{:.0}/{:.0}",
-                            self.hits[s][b], self.offered[s][b]
+                            " {k}{}:{:.0}/{:.0}",
+                            if shared { "s" } else { "" },
+                            self.hits[s][r],
+                            self.offered[s][r]
                         ));
                     }
                 }
@@ -172,10 +216,10 @@ impl SourceRecord {
         out
     }
 
-    fn record(&mut self, source: usize, bucket: usize, accepted: bool) {
+    fn record(&mut self, source: usize, record: usize, accepted: bool) {
         let (o, h) = (
-            &mut self.offered[source][bucket],
-            &mut self.hits[source][bucket],
+            &mut self.offered[source][record],
+            &mut self.hits[source][record],
         );
         if *o >= MEMORY {
             let keep = (MEMORY - 1.0) / *o;
@@ -197,7 +241,8 @@ const NOT_FROM: u8 = u8::MAX;
 pub struct Union {
     tokens: Vec<u32>,
     parents: Vec<usize>,
-    /// Estimated acceptance given the parent: the best of its sources'.
+    /// Estimated acceptance given the parent: the best of its sources'
+    /// ([`SourceRecord::value_of`]).
     value: Vec<f32>,
     /// Per node and source: the bucket it was proposed in, or NOT_FROM.
     origin: Vec<[u8; SOURCES]>,
@@ -281,7 +326,9 @@ impl Union {
         let s = source as usize;
         if self.origin[node][s] == NOT_FROM {
             self.origin[node][s] = bucket(depth, slot) as u8;
-            self.value[node] = self.value[node].max(record.estimate(source, depth, slot));
+            // Re-valued whole: a second source turns the first's estimate
+            // into its shared one.
+            self.value[node] = record.value_of(&self.origin[node]);
         }
         node
     }
@@ -425,9 +472,10 @@ impl Union {
             if !on_path[p] {
                 continue;
             }
+            let shared = self.origin[u].iter().filter(|&&b| b != NOT_FROM).count() > 1;
             for (s, &b) in self.origin[u].iter().enumerate() {
                 if b != NOT_FROM {
-                    record.record(s, b as usize, on_path[i]);
+                    record.record(s, record_of(b as usize, shared), on_path[i]);
                 }
             }
         }
@@ -477,12 +525,50 @@ mod tests {
         let six = u.child(0, 6).unwrap();
         assert_eq!(
             u.value[six],
-            rec.estimate(Source::Pld, 1, 0)
-                .max(rec.estimate(Source::Recycle, 1, 0))
+            rec.estimate_shared(Source::Pld, 1, 0)
+                .max(rec.estimate_shared(Source::Recycle, 1, 0))
         );
         let t = u.select(16, 0.0, &mut TreeBuilder::new(0));
         t.validate().unwrap();
         assert_eq!(t.num_drafted(), 5);
+    }
+
+    #[test]
+    fn a_guess_shared_with_a_copy_does_not_value_the_lone_guesses() {
+        // Each step TR's top guess agrees with the copy (and is accepted)
+        // and its second guess is alone (and never accepted).
+        let mut rec = SourceRecord::default();
+        let mut b = TreeBuilder::new(0);
+        for _ in 0..40 {
+            let mut u = Union::default();
+            u.reset(1);
+            u.add_chain(&rec, Source::Pld, &[2], 0);
+            let mut tr = DraftTree::root(1);
+            tr.push(0, 2);
+            tr.push(0, 30);
+            u.add_tree(&rec, Source::Recycle, &tr, Some(&[0, 0, 0]));
+            let t = u.select(8, 0.0, &mut b);
+            let two = t.child_with_token(0, 2).unwrap();
+            u.learn(&mut rec, &t, &t.path_to(two));
+        }
+        // Pooled, slot 0 would read about 1/2; kept apart, the lone guess
+        // falls under the floor and the shared one stays high.
+        assert!(
+            rec.estimate(Source::Recycle, 1, 0) < MIN_PATH_PROB,
+            "{}",
+            rec.summary()
+        );
+        assert!(
+            rec.estimate_shared(Source::Recycle, 1, 0) > 0.9,
+            "{}",
+            rec.summary()
+        );
+        let mut u = Union::default();
+        u.reset(1);
+        let mut tr = DraftTree::root(1);
+        tr.push(0, 30);
+        u.add_tree(&rec, Source::Recycle, &tr, Some(&[0, 0]));
+        assert_eq!(u.select(8, MIN_PATH_PROB, &mut b), DraftTree::root(1));
     }
 
     #[test]
