@@ -140,6 +140,11 @@ impl Default for SourceRecord {
     }
 }
 
+/// Whether more than one source proposed a node of this origin.
+fn is_shared(origin: &[u8; SOURCES]) -> bool {
+    origin.iter().filter(|&&b| b != NOT_FROM).count() > 1
+}
+
 /// The record of a node in `bucket`, proposed by several sources or not.
 fn record_of(bucket: usize, shared: bool) -> usize {
     bucket + if shared { BUCKETS } else { 0 }
@@ -169,7 +174,7 @@ impl SourceRecord {
 
     /// A union node's value: the best of its sources' estimates.
     fn value_of(&self, origin: &[u8; SOURCES]) -> f32 {
-        let shared = origin.iter().filter(|&&b| b != NOT_FROM).count() > 1;
+        let shared = is_shared(origin);
         origin
             .iter()
             .enumerate()
@@ -472,7 +477,7 @@ impl Union {
             if !on_path[p] {
                 continue;
             }
-            let shared = self.origin[u].iter().filter(|&&b| b != NOT_FROM).count() > 1;
+            let shared = is_shared(&self.origin[u]);
             for (s, &b) in self.origin[u].iter().enumerate() {
                 if b != NOT_FROM {
                     record.record(s, record_of(b as usize, shared), on_path[i]);
