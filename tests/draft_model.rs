@@ -279,3 +279,73 @@ fn interleaved_sequences_keep_their_draft_caches() {
         }
     }
 }
+
+/// SpecExtend's retrieval on a context several times longer than what the
+/// draft keeps: the target's attention chooses the chunks, the draft's
+/// working cache holds a fraction of the context, and the output is still
+/// token-identical to plain decoding (the draft only proposes).
+#[test]
+fn retrieval_attends_to_part_of_a_long_context_and_stays_lossless() {
+    use treespec::draft::draft_model::{DraftModelConfig, ModelDrafter};
+    use treespec::draft::retrieval::RetrievalConfig;
+    let path = common::model_path("smollm2-135m");
+    let model = Model::load(&path).unwrap();
+    let draft = load_draft_model(&path, &model).unwrap();
+    let vocab = model.config().vocab_size;
+    let retrieval = RetrievalConfig {
+        chunk: 16,
+        top_chunks: 4,
+        every: 2,
+        recent: 32,
+    };
+    let cfg = DraftModelConfig {
+        retrieval: Some(retrieval),
+        ..Default::default()
+    };
+    let facts: String = (0..40)
+        .map(|i| {
+            format!(
+                "Item {i}: the locker of student number {i} holds {} books. ",
+                (i * 7) % 13
+            )
+        })
+        .collect();
+    let text = format!(
+        "{facts}\nFor each student from number 10 to number 30, write one line saying how many books their locker holds."
+    );
+    let prompt = common::chat_prompt(&model, &text);
+    assert!(
+        prompt.len() > 3 * retrieval.min_len() / 2,
+        "{} tokens",
+        prompt.len()
+    );
+    let plain = run(&model, None, &prompt, 48, 0, SamplingParams::greedy());
+    let mut d = ModelDrafter::new(draft, cfg, vocab);
+    let mut session = Session::new(&model, 2048);
+    let opts = GenerateOptions {
+        max_new_tokens: 48,
+        max_draft: 6,
+        ..Default::default()
+    };
+    let out = generate(
+        &model,
+        &mut session,
+        Some(&mut d as &mut dyn Drafter),
+        &prompt,
+        &opts,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(out.tokens, plain.tokens);
+    let share = d.held_positions as f64 / d.context_positions.max(1) as f64;
+    println!(
+        "retrievals {}, share attended {share:.2}, drafted {}, accepted {}",
+        d.retrievals, out.spec.drafted_tokens, out.spec.accepted_tokens
+    );
+    assert!(d.retrievals >= 5, "{} retrievals", d.retrievals);
+    assert!(
+        share < 0.5,
+        "the draft attended to {share:.2} of the context"
+    );
+    assert!(out.spec.accepted_tokens > 0);
+}

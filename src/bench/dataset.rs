@@ -129,6 +129,10 @@ pub fn load_items(path: &Path) -> Result<Vec<Item>> {
         }
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| bad(i, &format!("not JSON ({e})")))?;
+        if let Some(item) = longbench_item(&v, &dataset) {
+            items.push(item);
+            continue;
+        }
         let question_id = match v.get("question_id") {
             Some(q @ (serde_json::Value::Number(_) | serde_json::Value::String(_))) => q.clone(),
             _ => return Err(bad(i, "missing `question_id` (a number or string)")),
@@ -166,6 +170,32 @@ pub fn load_items(path: &Path) -> Result<Vec<Item>> {
     Ok(items)
 }
 
+/// A LongBench-style QA line (`{"id", "context", "question"}`, as in
+/// `longbench_qa.jsonl`) as one turn: the passages and the question under
+/// the instruction that file's own prompts carry (answer from the context,
+/// three sentences at most). Not that schema: `None`.
+fn longbench_item(v: &serde_json::Value, dataset: &str) -> Option<Item> {
+    if v.get("turns").is_some() {
+        return None;
+    }
+    let context = v.get("context")?.as_str()?;
+    let question = v.get("question")?.as_str()?;
+    let id = v.get("id").or_else(|| v.get("_id"))?;
+    let turn = format!(
+        "Use the following pieces of retrieved context in the section demarcated by \"```\" \
+         to answer the question. If you don't know the answer just say that you don't know. \
+         Use three sentences maximum and keep the answer concise.\n\n```\n{context}\n```\n\n\
+         Question: {question}"
+    );
+    Some(Item {
+        dataset: dataset.to_string(),
+        question_id: id.clone(),
+        raw_category: "longbench_qa".into(),
+        category: category_of("longbench_qa", dataset),
+        turns: vec![turn],
+    })
+}
+
 /// The first `per_category` items of each (report) category, in file order.
 pub fn select(items: Vec<Item>, per_category: Option<usize>) -> Vec<Item> {
     let Some(k) = per_category else {
@@ -185,6 +215,31 @@ pub fn select(items: Vec<Item>, per_category: Option<usize>) -> Vec<Item> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn longbench_lines_become_one_turn_with_the_passages_and_the_question() {
+        let dir = std::env::temp_dir().join(format!("treespec-lb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("longbench_qa.jsonl");
+        std::fs::write(
+            &path,
+            "{\"id\": 3, \"context\": \"Passage 1: Paris is in France.\", \"question\": \"Where is Paris?\"}\n",
+        )
+        .unwrap();
+        let items = load_items(&path).unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].id_text(), "3");
+        assert_eq!(items[0].turns.len(), 1);
+        let t = &items[0].turns[0];
+        assert!(
+            t.contains("Passage 1: Paris is in France.")
+                && t.ends_with("Question: Where is Paris?")
+        );
+        // Without a question it is neither schema: refused as before.
+        std::fs::write(&path, "{\"id\": 3, \"context\": \"x\"}\n").unwrap();
+        assert!(load_items(&path).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn ids_compare_as_text() {

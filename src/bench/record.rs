@@ -20,15 +20,28 @@ pub struct MethodSpec {
     pub tree: String,
     /// Draft nodes per step (0 for plain decoding).
     pub max_draft: usize,
+    /// `+retrieval` after a draft-model method: SpecExtend's retrieval.
+    #[serde(default)]
+    pub retrieval: bool,
 }
 
 impl MethodSpec {
-    /// Parses `method[:tree[:budget]]`. Without a tree, recycle and hybrid
+    /// Parses `method[+retrieval][:tree[:budget]]`. Without a tree, recycle and hybrid
     /// use `default_tree`; without a budget, a `tr-N` template drafts N nodes
     /// and anything else `default_budget`. A label names only what was given.
     pub fn parse(s: &str, default_tree: &str, default_budget: usize) -> Result<MethodSpec> {
         let mut parts = s.trim().splitn(3, ':');
-        let method = SpecMethod::parse(parts.next().unwrap_or("").trim())?;
+        let name = parts.next().unwrap_or("").trim();
+        let (name, retrieval) = match name.strip_suffix("+retrieval") {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
+        let method = SpecMethod::parse(name)?;
+        if retrieval && !method.needs_draft_model() {
+            return Err(Error::Invalid(format!(
+                "method `{s}`: +retrieval is for the draft-model methods (draft, draft-tree, hybrid-draft)"
+            )));
+        }
         let tree_given = parts.next().map(str::trim).filter(|t| !t.is_empty());
         let budget_given = match parts.next().map(str::trim) {
             Some(b) => Some(b.parse::<usize>().map_err(|_| {
@@ -61,6 +74,9 @@ impl MethodSpec {
                 .unwrap_or(default_budget),
         };
         let mut label = method.name().to_string();
+        if retrieval {
+            label.push_str("+retrieval");
+        }
         if let Some(t) = tree_given {
             label.push(':');
             label.push_str(t);
@@ -77,6 +93,7 @@ impl MethodSpec {
             method: method.name().into(),
             tree,
             max_draft,
+            retrieval,
         })
     }
 
@@ -134,6 +151,7 @@ impl Default for MethodSpec {
             method: BASELINE.into(),
             tree: String::new(),
             max_draft: DEFAULT_MAX_DRAFT,
+            retrieval: false,
         }
     }
 }

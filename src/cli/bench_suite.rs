@@ -694,6 +694,7 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             // hybrid in a table that also has `hybrid-draft`.
             draft_model: draft_model.clone().filter(|_| method.needs_draft_model()),
             draft_p_min: a.draft_p_min,
+            draft_retrieval: m.retrieval,
             ..Default::default()
         })
     };

@@ -149,6 +149,12 @@ pub struct SpecArgs {
     /// of the same name tests each token alone).
     #[arg(long, env = "TREESPEC_DRAFT_P_MIN", default_value_t = treespec::draft::draft_model::DEFAULT_P_MIN)]
     pub draft_p_min: f32,
+    /// On long inputs the draft model attends only to the chunks of the
+    /// context the target attended to most at its last verify, plus the
+    /// first and the newest (SpecExtend's cross-model retrieval): draft
+    /// steps stop growing with the context. Any choice stays lossless.
+    #[arg(long, env = "TREESPEC_DRAFT_RETRIEVAL")]
+    pub draft_retrieval: bool,
 }
 
 impl SpecArgs {
@@ -163,6 +169,7 @@ impl SpecArgs {
             recycle_state: self.recycle_state.clone(),
             draft_model: None,
             draft_p_min: self.draft_p_min,
+            draft_retrieval: self.draft_retrieval,
         })
     }
 

@@ -57,13 +57,24 @@ const BUCKETS: usize = DEPTHS * SLOTS;
 const PRIOR_WEIGHT: f32 = 2.0;
 const MEMORY: f32 = 64.0;
 
-/// Nodes whose estimated path probability is below this are not verified.
-/// The same floor as the suffix drafter's minimum probability (its
-/// `DEFAULT_MIN_PROB`, SuffixDecoding's threshold): on this CPU an extra row
-/// past the flat stretch of c(N) costs ~0.1 of a one-row forward (c(16)/c(8)
-/// on the 1.5B: 2.38/1.58 over 8 rows), and a step emits ~1.5-2 tokens, so a
-/// node pays only if it is accepted about one time in ten or more.
+/// With a fixed budget (`--tree N`), nodes whose estimated path
+/// probability is below this are not verified. The same floor as the
+/// suffix drafter's minimum probability (its `DEFAULT_MIN_PROB`,
+/// SuffixDecoding's threshold): on the Intel host an extra row past the
+/// flat stretch of c(N) cost ~0.1 of a one-row forward (c(16)/c(8) on the
+/// 1.5B: 2.38/1.58 over 8 rows), and a step emits ~1.5-2 tokens, so a node
+/// pays only if it is accepted about one time in ten or more. With `--tree
+/// auto` the controller prices each node on the c(N) measured here instead
+/// (on an AMD host rows past 8 cost ~0.2 of a one-row forward, twice as
+/// much), and only [`ESTIMATE_FLOOR`] applies.
 pub const MIN_PATH_PROB: f32 = crate::draft::suffix::DEFAULT_MIN_PROB;
+
+/// The least path probability worth offering the controller at all: the
+/// cheapest extra row measured on either host (the flat start of c(N),
+/// c(2)/c(1) ~1.02) costs ~2% of a step that emits at least one token, so
+/// a node accepted less than one time in a hundred never pays; the floor
+/// only keeps the best-first search from walking every unlikely node.
+pub const ESTIMATE_FLOOR: f32 = 0.01;
 
 /// Before any observation: the chance a source's node is accepted when its
 /// parent was. The suffix drafter's own estimate (the middle of its bin);

@@ -34,6 +34,7 @@
 
 use std::sync::Arc;
 
+use crate::draft::retrieval::{RetrievalConfig, Working};
 use crate::draft::{DraftTree, Drafter, Proposal};
 use crate::error::{Error, Result};
 use crate::model::{common_prefix_len, KvCache, LogitRows, Model};
@@ -77,6 +78,9 @@ pub struct DraftModelConfig {
     /// (`None` or <= 0: the target's). Any value keeps the output exact; it
     /// only moves how often candidates are accepted.
     pub temperature: Option<f32>,
+    /// SpecExtend's cross-model retrieval on long contexts
+    /// (`--draft-retrieval`); `None`: the draft attends to everything.
+    pub retrieval: Option<RetrievalConfig>,
 }
 
 impl Default for DraftModelConfig {
@@ -86,6 +90,7 @@ impl Default for DraftModelConfig {
             p_min: DEFAULT_P_MIN,
             max_depth: DEFAULT_MAX_DEPTH,
             temperature: None,
+            retrieval: None,
         }
     }
 }
@@ -147,6 +152,11 @@ pub struct ModelDrafter {
     /// Draft forwards and the tokens they ran (prefill included), for stats.
     pub forwards: u64,
     pub tokens_run: u64,
+    /// Retrievals done, and the positions the working caches held and the
+    /// contexts had then (their ratio: the share of the context attended).
+    pub retrievals: u64,
+    pub held_positions: u64,
+    pub context_positions: u64,
     /// Set under sampling: candidates are drawn, not chosen.
     sampler: Option<Sampler>,
     warned: bool,
@@ -159,10 +169,56 @@ pub const MAX_DRAFT_CACHES: usize = 8;
 
 #[derive(Clone)]
 struct DraftCache {
+    /// Every position of the sequence.
     cache: KvCache,
     /// The tokens `cache` holds, in order.
     cached: Vec<u32>,
     used: u64,
+    /// With retrieval, on a long context: what the draft attends to.
+    working: Option<Working>,
+    /// Proposals since the last retrieval.
+    since_retrieval: usize,
+}
+
+impl DraftCache {
+    fn new(cache: KvCache) -> Self {
+        DraftCache {
+            cache,
+            cached: Vec::new(),
+            used: 0,
+            working: None,
+            since_retrieval: usize::MAX,
+        }
+    }
+
+    /// Positions of the sequence held (the next token's position).
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The cache the draft's forwards run on.
+    fn active(&mut self) -> &mut KvCache {
+        match &mut self.working {
+            Some(w) => &mut w.cache,
+            None => &mut self.cache,
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+        self.cached.truncate(len);
+        self.working = self.working.take().and_then(|w| w.truncate(len));
+    }
+
+    /// After a forward on the working cache committed its last `n`
+    /// entries: the same entries into the full cache.
+    fn copy_back(&mut self, n: usize) -> Result<()> {
+        if let Some(w) = &self.working {
+            let end = w.cache.len();
+            self.cache.append_from(&w.cache, end - n..end)?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for ModelDrafter {
@@ -189,6 +245,9 @@ impl ModelDrafter {
             tick: 0,
             forwards: 0,
             tokens_run: 0,
+            retrievals: 0,
+            held_positions: 0,
+            context_positions: 0,
             sampler: None,
             warned: false,
         }
@@ -203,19 +262,18 @@ impl ModelDrafter {
     /// `want_logits` (that token is then always run, even if cached).
     fn sync(&mut self, seq: &[u32], want_logits: bool) -> Result<Option<Vec<f32>>> {
         self.select(seq);
-        let DraftCache { cache, cached, .. } = &mut self.caches[self.current];
-        let mut keep = common_prefix_len(cached, seq).min(cache.len());
+        let dc = &mut self.caches[self.current];
+        let mut keep = common_prefix_len(&dc.cached, seq).min(dc.len());
         if want_logits && keep == seq.len() {
             keep = seq.len().saturating_sub(1);
         }
-        cache.truncate(keep);
-        cached.truncate(keep);
+        dc.truncate(keep);
         let dec = &self.model.decoder;
         let mut last = None;
         let rest = &seq[keep..];
         let chunks = rest.len().div_ceil(crate::engine::PREFILL_CHUNK);
         for (k, chunk) in rest.chunks(crate::engine::PREFILL_CHUNK).enumerate() {
-            let base = cache.len();
+            let base = dc.len();
             let pos: Vec<usize> = (base..base + chunk.len()).collect();
             let par: Vec<Option<usize>> = (0..chunk.len()).map(|i| i.checked_sub(1)).collect();
             let want = if want_logits && k + 1 == chunks {
@@ -223,9 +281,11 @@ impl ModelDrafter {
             } else {
                 LogitRows::None
             };
+            let cache = dc.active();
             let l = dec.forward(cache, chunk, &pos, &par, want)?;
             cache.keep_all();
-            cached.extend_from_slice(chunk);
+            dc.copy_back(chunk.len())?;
+            dc.cached.extend_from_slice(chunk);
             self.forwards += 1;
             self.tokens_run += chunk.len() as u64;
             if want == LogitRows::Last {
@@ -255,18 +315,14 @@ impl ModelDrafter {
                     Some(i) => {
                         let n = shared(&self.caches[i]);
                         let mut c = self.caches[i].clone();
-                        c.cache.truncate(n);
-                        c.cached.truncate(n);
+                        c.truncate(n);
                         c
                     }
-                    None => DraftCache {
-                        cache: self
-                            .model
+                    None => DraftCache::new(
+                        self.model
                             .decoder
                             .new_cache(self.model.config().context_length),
-                        cached: Vec::new(),
-                        used: 0,
-                    },
+                    ),
                 };
                 self.caches.push(fresh);
                 self.caches.len() - 1
@@ -285,7 +341,7 @@ impl ModelDrafter {
             return Ok(tree);
         };
         let width = self.cfg.width;
-        let base = self.caches[self.current].cache.len(); // the root's position + 1
+        let base = self.caches[self.current].len(); // the root's position + 1
         let mut score = vec![1.0f32];
         // Per node run through the draft: its index among the pending
         // entries (the root is committed, so it has none).
@@ -344,7 +400,7 @@ impl ModelDrafter {
                 pending_parents.push(parent);
             }
             let logits = self.model.decoder.forward_extend(
-                &mut self.caches[self.current].cache,
+                self.caches[self.current].active(),
                 &toks,
                 &pos,
                 &pending_parents,
@@ -402,8 +458,9 @@ impl Drafter for ModelDrafter {
         let out = self.grow(context, max_draft);
         // Drop the tree's pending entries: only the sequence stays cached.
         if let Some(c) = self.caches.get_mut(self.current) {
-            let len = c.cache.len();
-            c.cache.truncate(len);
+            let len = c.len();
+            c.truncate(len);
+            c.since_retrieval = c.since_retrieval.saturating_add(1);
         }
         match out {
             Ok(t) => t,
@@ -412,6 +469,71 @@ impl Drafter for ModelDrafter {
                 // target's, say) only stops drafting; the target goes on.
                 self.warn(&e);
                 DraftTree::root(root)
+            }
+        }
+    }
+
+    fn finish(&mut self, _generated: &[u32]) {
+        if self.retrievals > 0 {
+            tracing::debug!(
+                retrievals = self.retrievals,
+                attended = self.held_positions as f64 / self.context_positions.max(1) as f64,
+                "draft retrieval: share of the context the draft attended to"
+            );
+        }
+    }
+
+    /// With retrieval, every `every` proposals once the context is long
+    /// enough (and at the first proposal there).
+    fn attention_chunk(&mut self) -> Option<usize> {
+        let r = self.cfg.retrieval?;
+        let c = self.caches.get(self.current)?;
+        (c.len() >= r.min_len() && c.since_retrieval >= r.every).then_some(r.chunk)
+    }
+
+    /// Regathers the working cache of the sequence `context` (the one just
+    /// verified: the cache holding exactly it) from the target's attention.
+    fn observe_attention(&mut self, context: &[u32], mass: &[f32]) {
+        let Some(r) = self.cfg.retrieval else {
+            return;
+        };
+        let Some(c) = self
+            .caches
+            .iter_mut()
+            .find(|c| c.cached.len() == context.len() && c.cached == context)
+        else {
+            return;
+        };
+        c.since_retrieval = 0;
+        let Some((chunks, tail)) = r.choose(mass, c.len()) else {
+            c.working = None;
+            return;
+        };
+        let reuse = match c.working.take() {
+            Some(w) => w.cache,
+            None => self
+                .model
+                .decoder
+                .new_cache(self.model.config().context_length),
+        };
+        match Working::gather(reuse, &c.cache, &chunks, r.chunk, tail) {
+            Ok(w) => {
+                tracing::trace!(
+                    held = w.held(),
+                    of = c.len(),
+                    chunks = chunks.len(),
+                    "draft retrieval"
+                );
+                self.retrievals += 1;
+                self.held_positions += w.held() as u64;
+                self.context_positions += c.len() as u64;
+                c.working = Some(w);
+            }
+            Err(e) => {
+                if !self.warned {
+                    tracing::warn!("draft retrieval off for this sequence: {e}");
+                    self.warned = true;
+                }
             }
         }
     }

@@ -206,12 +206,20 @@ impl Hybrid {
     fn propose_learned(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
         let root = context.last().copied().unwrap_or(0);
         let key = (context.len(), root);
-        match self.prepared.take() {
-            Some((len, last, built)) if (len, last) == key && built >= max_draft => {}
-            _ => self.gather(context, max_draft),
-        }
-        self.union
-            .select(max_draft, allocate::MIN_PATH_PROB, &mut self.builder)
+        // After `estimate` the controller has already weighed every node
+        // against its rows on c(N) and asked for exactly the ones that pay:
+        // only the estimate's own floor applies. Otherwise (a fixed budget)
+        // the fixed floor does the weighing.
+        let floor = match self.prepared.take() {
+            Some((len, last, built)) if (len, last) == key && built >= max_draft => {
+                allocate::ESTIMATE_FLOOR
+            }
+            _ => {
+                self.gather(context, max_draft);
+                allocate::MIN_PATH_PROB
+            }
+        };
+        self.union.select(max_draft, floor, &mut self.builder)
     }
 
     /// Every source's tree for `context` into the union, as if each had
@@ -278,31 +286,28 @@ impl Drafter for Hybrid {
         self.suffix.as_mut().map_or(0, |s| s.outlook(context))
     }
 
-    /// The learned allocation's estimate: the union's best nodes, their
-    /// path probabilities summed per budget. Without a draft model only:
-    /// its nodes' cost (draft forwards) grows with the budget in a way the
-    /// controller's running means capture and this does not.
-    fn estimate(&mut self, context: &[u32], budgets: &[usize]) -> Option<Vec<(f64, f64)>> {
-        if self.allocation != Allocation::Learned || self.draft.is_some() {
-            return None;
-        }
-        let max = budgets.iter().copied().max().unwrap_or(0);
-        if max == 0 {
+    /// The learned allocation's estimate: the union's best nodes and their
+    /// path probabilities. Without a draft model only: its nodes' cost
+    /// (draft forwards) grows with the tree in a way the controller's
+    /// running means capture and this does not.
+    fn estimate(&mut self, context: &[u32], max: usize) -> Option<Vec<f32>> {
+        if self.allocation != Allocation::Learned || self.draft.is_some() || max == 0 {
             return None;
         }
         self.gather(context, max);
         let root = context.last().copied().unwrap_or(0);
         self.prepared = Some((context.len(), root, max));
-        let ranked = self.union.ranked(max, allocate::MIN_PATH_PROB);
-        Some(
-            budgets
-                .iter()
-                .map(|&b| {
-                    let n = b.min(ranked.len());
-                    (n as f64, ranked[..n].iter().map(|&p| p as f64).sum())
-                })
-                .collect(),
-        )
+        Some(self.union.ranked(max, allocate::ESTIMATE_FLOOR))
+    }
+
+    fn attention_chunk(&mut self) -> Option<usize> {
+        self.draft.as_mut().and_then(|d| d.attention_chunk())
+    }
+
+    fn observe_attention(&mut self, context: &[u32], mass: &[f32]) {
+        if let Some(d) = self.draft.as_mut() {
+            d.observe_attention(context, mass);
+        }
     }
 
     fn finish(&mut self, generated: &[u32]) {

@@ -9,6 +9,7 @@ pub mod hybrid;
 pub(crate) mod persist;
 pub mod pld;
 pub mod recycle;
+pub mod retrieval;
 pub mod suffix;
 pub mod template;
 pub mod tree;
@@ -51,16 +52,33 @@ pub trait Drafter: Send {
         0
     }
 
-    /// Before a step with `--tree auto`, after [`Drafter::outlook`]: for
-    /// each of `budgets`, the (draft nodes, expected accepted drafts) of
-    /// the tree it would propose now, if the drafter can estimate them
-    /// (calibrated on its own record). The controller then chooses this
-    /// step's budget from them instead of from its running means per class,
-    /// which average steps with a good guess together with steps without.
-    /// The next `propose` on the same context is the tree estimated.
-    fn estimate(&mut self, _context: &[u32], _budgets: &[usize]) -> Option<Vec<(f64, f64)>> {
+    /// Before a step with `--tree auto`, after [`Drafter::outlook`]: the
+    /// chance that each node of the tree it would propose now (at most `max`
+    /// nodes) is accepted, best first, if the drafter can estimate them
+    /// (calibrated on its own record). Best first means the `n`-node tree
+    /// `propose(context, n)` returns is the first `n` of them. The controller
+    /// then chooses this step's tree size from them (where the next node adds
+    /// less than the rows it costs on c(N)) instead of from its running means
+    /// per class, which average steps with a good guess together with steps
+    /// without. The next `propose` on the same context is the tree estimated.
+    fn estimate(&mut self, _context: &[u32], _max: usize) -> Option<Vec<f32>> {
         None
     }
+
+    /// Before a step's verify: whether the drafter wants to know, after it,
+    /// where the target looked: `Some(chunk)` asks for the target's
+    /// attention mass per run of `chunk` positions
+    /// ([`Drafter::observe_attention`]). A draft model's retrieval
+    /// (SpecExtend) asks every few steps; the others never.
+    fn attention_chunk(&mut self) -> Option<usize> {
+        None
+    }
+
+    /// After a verify that [`Drafter::attention_chunk`] asked about: the
+    /// target's last-layer attention mass per chunk of the committed
+    /// sequence, from the last accepted token's query; `context` is what
+    /// the verified tree was drafted for (root last).
+    fn observe_attention(&mut self, _context: &[u32], _mass: &[f32]) {}
 
     /// After a request: the tokens it generated (drafters that learn across
     /// requests, like the suffix drafter's global index, keep them).
@@ -78,33 +96,59 @@ pub trait Drafter: Send {
     }
 }
 
+/// The body of an `impl Drafter` that hands every method to another
+/// drafter: `$shared` reaches it from `&self`, `$mutable` from `&mut self`
+/// (`self` is passed in as `$s`). Every wrapper (a borrowed drafter, the
+/// engine's `SpecDrafter`, the server's locked one) uses this one list, so
+/// a method added to the trait is forwarded everywhere or nowhere: a
+/// wrapper that kept the trait's default (`estimate` once returned `None`
+/// through `SpecDrafter`, so `--tree auto` never saw the hybrid's
+/// estimates) silently turns the feature off.
+macro_rules! forward_drafter {
+    ($s:ident, $shared:expr, $mutable:expr) => {
+        fn name(&$s) -> &'static str {
+            $shared.name()
+        }
+        fn wants_topk(&$s) -> usize {
+            $shared.wants_topk()
+        }
+        fn start(&mut $s, prompt: &[u32]) {
+            $mutable.start(prompt)
+        }
+        fn set_sampling(&mut $s, params: &$crate::sampling::SamplingParams) {
+            $mutable.set_sampling(params)
+        }
+        fn propose(&mut $s, context: &[u32], max_draft: usize) -> $crate::draft::DraftTree {
+            $mutable.propose(context, max_draft)
+        }
+        fn outlook(&mut $s, context: &[u32]) -> usize {
+            $mutable.outlook(context)
+        }
+        fn estimate(&mut $s, context: &[u32], max: usize) -> Option<Vec<f32>> {
+            $mutable.estimate(context, max)
+        }
+        fn attention_chunk(&mut $s) -> Option<usize> {
+            $mutable.attention_chunk()
+        }
+        fn observe_attention(&mut $s, context: &[u32], mass: &[f32]) {
+            $mutable.observe_attention(context, mass)
+        }
+        fn observe(
+            &mut $s,
+            tree: &$crate::draft::DraftTree,
+            topk: &[$crate::draft::NodeTopK],
+            accepted: &[usize],
+        ) {
+            $mutable.observe(tree, topk, accepted)
+        }
+        fn finish(&mut $s, generated: &[u32]) {
+            $mutable.finish(generated)
+        }
+    };
+}
+pub(crate) use forward_drafter;
+
 /// A borrowed drafter drafts as itself (the engine boxes whichever it gets).
 impl<D: Drafter + ?Sized> Drafter for &mut D {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn start(&mut self, prompt: &[u32]) {
-        (**self).start(prompt)
-    }
-    fn set_sampling(&mut self, params: &crate::sampling::SamplingParams) {
-        (**self).set_sampling(params)
-    }
-    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
-        (**self).propose(context, max_draft)
-    }
-    fn outlook(&mut self, context: &[u32]) -> usize {
-        (**self).outlook(context)
-    }
-    fn estimate(&mut self, context: &[u32], budgets: &[usize]) -> Option<Vec<(f64, f64)>> {
-        (**self).estimate(context, budgets)
-    }
-    fn finish(&mut self, generated: &[u32]) {
-        (**self).finish(generated)
-    }
-    fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
-        (**self).observe(tree, topk, accepted)
-    }
-    fn wants_topk(&self) -> usize {
-        (**self).wants_topk()
-    }
+    forward_drafter!(self, (**self), (**self));
 }

@@ -366,51 +366,77 @@ impl BudgetController {
         self.best_in(ctx, class, others, cap)
     }
 
+    /// The largest budget a step of `class` may take within `cap`: how
+    /// many nodes an estimating drafter need look at.
+    pub fn max_in(&self, class: usize, cap: usize) -> usize {
+        let c = &self.classes[class.min(self.classes.len() - 1)];
+        c.arms
+            .iter()
+            .map(|a| a.budget)
+            .filter(|&b| b <= cap)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// [`BudgetController::choose_in`] for a drafter that estimated this
-    /// step's trees ([`crate::draft::Drafter::estimate`]): `estimates[i]`
-    /// = (draft nodes, expected accepted drafts) with budget
-    /// `CANDIDATE_BUDGETS[i]`. Warm-up and exploration as `choose_in` (the
-    /// running means still learn every budget's real yield and drafting
-    /// time); otherwise the budget whose estimated tree gives the forward
-    /// the most tokens per second, now, rather than on average over the
-    /// class.
+    /// step's tree ([`crate::draft::Drafter::estimate`]): `accept[i]` is the
+    /// chance its `i`-th best node is accepted. The tree size `n` is the one
+    /// whose forward gives the most tokens per second now, (1 + sum of the
+    /// first `n`) over the cost of `n + 1` rows on the measured c(N), rather
+    /// than a running mean per class. So the floor a node must clear is
+    /// this machine's price of a row where the forward stands, not a
+    /// constant: on the flat start of c(N) a 5% guess pays, past it one
+    /// below ~30% may not.
+    ///
+    /// No warm-up: the estimate already says what each size yields (trying
+    /// every budget four times per class cost a 200-token reply a quarter
+    /// of its steps, plain steps in the middle of a copy among them). Every
+    /// [`EXPLORE_EVERY`] steps the tree is twice the size that pays, so the
+    /// drafter's record also learns from the nodes just below the line
+    /// (an estimate that is too low would otherwise never be corrected).
+    ///
+    /// Returns (the arm the step is recorded under, the nodes to draft): the
+    /// arm is the least candidate budget that holds `n`.
     pub fn choose_estimated(
         &mut self,
         ctx: usize,
         class: usize,
         others: Batch,
         cap: usize,
-        estimates: &[(f64, f64)],
-    ) -> usize {
+        accept: &[f32],
+    ) -> (usize, usize) {
         let steps = self.class(class).steps + 1;
-        let exploring = self
-            .class(class)
-            .arms
-            .iter()
-            .any(|a| a.budget <= cap && a.pulls < WARMUP_STEPS)
-            || steps.is_multiple_of(EXPLORE_EVERY);
-        if exploring || estimates.len() != CANDIDATE_BUDGETS.len() {
-            return self.choose_in(ctx, class, others, cap);
-        }
+        let exploring = steps.is_multiple_of(EXPLORE_EVERY);
         self.class(class).steps = steps;
+        let max_arm = self.max_in(class, cap);
         let c = &self.classes[class.min(self.classes.len() - 1)];
-        let mut best = (0, f64::MIN);
-        for a in c.arms.iter().filter(|a| a.budget <= cap) {
-            let Some(i) = CANDIDATE_BUDGETS.iter().position(|&b| b == a.budget) else {
-                continue;
-            };
-            let (nodes, drafts) = estimates[i];
-            if !(nodes.is_finite() && drafts.is_finite()) {
-                continue;
+        let mut best = (0, 0, f64::MIN);
+        let mut drafts = 0.0;
+        for n in 0..=accept.len().min(max_arm) {
+            if n > 0 {
+                let p = accept[n - 1] as f64;
+                if !p.is_finite() {
+                    break;
+                }
+                drafts += p.clamp(0.0, 1.0);
             }
-            let draft_ms = if a.budget == 0 { 0.0 } else { a.draft_ms };
+            let Some(arm) = c.arms.iter().find(|a| a.budget >= n) else {
+                break;
+            };
+            let draft_ms = if n == 0 { 0.0 } else { arm.draft_ms };
             let rate = (others.tokens + 1.0 + drafts) * 1000.0
-                / (self.cost.cost_ms(others.rows + 1.0 + nodes, ctx) + draft_ms);
-            if rate > best.1 {
-                best = (a.budget, rate);
+                / (self.cost.cost_ms(others.rows + 1.0 + n as f64, ctx) + draft_ms);
+            if rate > best.2 {
+                best = (arm.budget, n, rate);
             }
         }
-        best.0
+        if exploring {
+            let n = (2 * best.1).max(1).min(accept.len().min(max_arm));
+            if let Some(arm) = c.arms.iter().find(|a| a.budget >= n) {
+                return (arm.budget, n);
+            }
+        }
+        (best.0, best.1)
     }
 
     /// Expected tokens per second of a forward holding an arm's tree (with
@@ -546,55 +572,53 @@ mod tests {
     }
 
     #[test]
-    fn a_step_estimate_chooses_this_step_budget() {
+    fn a_step_estimate_chooses_this_step_tree_size() {
         let cost = curve(&[10., 11., 12., 14., 25., 50., 100.]);
         let mut c = BudgetController::new(&cost, 64);
-        // Warm-up first: every budget is tried whatever the estimate.
-        let none = [(0.0, 0.0); 7];
-        let mut tried = Vec::new();
-        for _ in 0..4 * 7 {
-            let b = c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &none);
-            c.record(0, b, 1, b + 1, 0.0);
-            tried.push(b);
-        }
-        for b in CANDIDATE_BUDGETS {
-            assert_eq!(tried.iter().filter(|&&t| t == b).count(), 4);
-        }
-        // Then the estimate decides, step by step: nothing worth a row ->
-        // plain; a confident 8-token copy -> 8 (9 rows cost 14 ms for ~8
-        // more tokens), though the running means say drafting never paid.
-        let paying: Vec<(f64, f64)> = vec![
-            (0.0, 0.0),
-            (2.0, 1.9),
-            (4.0, 3.8),
-            (8.0, 7.5),
-            (8.0, 7.5),
-            (8.0, 7.5),
-            (8.0, 7.5),
-        ];
+        // From the first step the estimate decides, step by step (no
+        // warm-up): nothing worth a row -> plain; a confident 8-token copy
+        // -> 8 nodes (9 rows cost 14 ms for ~8 more tokens).
+        let weak = [0.03, 0.02, 0.02, 0.02];
+        let copy = [0.97, 0.95, 0.94, 0.94, 0.93, 0.93, 0.92, 0.9];
         let mut picks = Vec::new();
         for step in 0..10 {
-            let est: Vec<(f64, f64)> = if step % 2 == 0 {
-                vec![
-                    (0.0, 0.0),
-                    (2.0, 0.05),
-                    (4.0, 0.2),
-                    (8.0, 0.3),
-                    (8.0, 0.3),
-                    (8.0, 0.3),
-                    (8.0, 0.3),
-                ]
-            } else {
-                paying.clone()
-            };
-            picks.push(c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &est));
+            let est: &[f32] = if step % 2 == 0 { &weak } else { &copy };
+            picks.push(c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, est));
         }
-        // (step 24 of the class would explore; these are steps 29..38.)
-        assert_eq!(picks, vec![0, 8, 0, 8, 0, 8, 0, 8, 0, 8]);
-        // A cap below the best budget: the best that fits.
+        let want: Vec<(usize, usize)> = (0..10).map(|i| [(0, 0), (8, 8)][i % 2]).collect();
+        assert_eq!(picks, want);
+        // A cap below the best size: the best that fits.
         assert_eq!(
-            c.choose_estimated(CURVE_CTX, 0, Batch::default(), 4, &paying),
-            4
+            c.choose_estimated(CURVE_CTX, 0, Batch::default(), 4, &copy),
+            (4, 4)
+        );
+        // Between two budgets: the size is where the next node stops
+        // paying, recorded under the least budget that holds it. Here c(N)
+        // rises 0.5 ms a row from 5 to 9 rows (12 -> 14 ms) while a step
+        // emits ~4.5 tokens in ~13 ms: a node must be accepted ~17% of the
+        // time to pay, so the 0.5 one is taken and the 0.1 ones are not.
+        let cut = [0.97, 0.95, 0.94, 0.9, 0.5, 0.1, 0.1, 0.1];
+        assert_eq!(
+            c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &cut),
+            (8, 5)
+        );
+        // Every EXPLORE_EVERY steps of the class: twice the paying size (up
+        // to what was estimated), so the nodes below the line get verified
+        // and the drafter's record learns from them.
+        let mut explored = Vec::new();
+        for _ in 12..2 * EXPLORE_EVERY {
+            explored.push(c.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &cut));
+        }
+        assert_eq!(explored.iter().filter(|&&p| p == (8, 8)).count(), 2);
+        assert_eq!(
+            explored.iter().filter(|&&p| p == (8, 5)).count(),
+            explored.len() - 2
+        );
+        // Cheap rows (a flat c(N)): the same 10% guesses now pay.
+        let mut flat = BudgetController::new(&curve(&[10., 10.1, 10.2, 10.4, 12., 20., 40.]), 64);
+        assert_eq!(
+            flat.choose_estimated(CURVE_CTX, 0, Batch::default(), 64, &cut),
+            (8, 8)
         );
     }
 

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::budget::{Batch, CANDIDATE_BUDGETS};
+use super::budget::Batch;
 use super::{GenStats, SpecStats, PREFILL_CHUNK};
 use super::{GenerateOptions, Generation, Session, StopReason, StopScanner, TokenEvent};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
@@ -40,6 +40,7 @@ impl StepShare {
 pub type OnToken<'a> = Box<dyn FnMut(&TokenEvent) -> bool + 'a>;
 
 pub struct Sequence<'a> {
+    model: &'a Model,
     session: Session,
     drafter: Option<Box<dyn Drafter + 'a>>,
     opts: GenerateOptions,
@@ -75,15 +76,22 @@ enum Work {
         positions: Vec<usize>,
         parents: Vec<Option<usize>>,
     },
-    Tree {
-        tree: DraftTree,
-        positions: Vec<usize>,
-        /// The budget controller's class and choice for this step.
-        class: usize,
-        chosen: usize,
-        draft_ms: f64,
-        scored: Option<Instant>,
-    },
+    Tree(TreeWork),
+}
+
+/// A draft tree planned for the next forward.
+struct TreeWork {
+    tree: DraftTree,
+    positions: Vec<usize>,
+    /// The budget controller's class and choice for this step.
+    class: usize,
+    chosen: usize,
+    draft_ms: f64,
+    scored: Option<Instant>,
+    /// When the drafter asked where the target looks
+    /// ([`Drafter::attention_chunk`]): the chunk length, and the
+    /// forward's last-layer queries.
+    probe: Option<(usize, Vec<f32>)>,
 }
 
 impl<'a> Sequence<'a> {
@@ -119,6 +127,7 @@ impl<'a> Sequence<'a> {
             ..Default::default()
         };
         Ok(Sequence {
+            model,
             session,
             drafter,
             sampler: Sampler::new(opts.sampling.clone()),
@@ -215,22 +224,36 @@ impl<'a> Sequence<'a> {
         // Drafting time from here: an estimating drafter gathers its
         // sources' trees before the budget is chosen.
         let td = Instant::now();
-        let (class, chosen) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
+        // `chosen` is the arm the step is recorded under, `budget` the nodes
+        // asked for (fewer than the arm when an estimate says so).
+        let (class, chosen, budget) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
             (Some(c), Some(d)) => {
                 let class = d.outlook(&self.context);
-                let budgets: Vec<usize> = CANDIDATE_BUDGETS.iter().map(|&b| b.min(cap)).collect();
                 let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                let b = match d.estimate(&self.context, &budgets) {
-                    Some(est) => {
-                        c.choose_estimated(self.session.cache.len(), class, share.others, cap, &est)
+                // Only as many nodes as this class may verify: gathering a
+                // 64-node tree from every source when at most 16 can be
+                // taken cost the hybrid ~4 ms a step (1.5B, copy-heavy).
+                let max = c.max_in(class, cap);
+                let ctx = self.session.cache.len();
+                let (arm, nodes) = match d.estimate(&self.context, max) {
+                    Some(accept) => {
+                        let (arm, n) = c.choose_estimated(ctx, class, share.others, cap, &accept);
+                        tracing::trace!(
+                            nodes = n,
+                            expected = accept.iter().take(n).sum::<f32>(),
+                            "estimated tree"
+                        );
+                        (arm, n)
                     }
-                    None => c.choose_in(self.session.cache.len(), class, share.others, cap),
+                    None => {
+                        let b = c.choose_in(ctx, class, share.others, cap);
+                        (b, b)
+                    }
                 };
-                (class, b)
+                (class, arm, nodes.min(cap))
             }
-            _ => (0, self.opts.max_draft),
+            _ => (0, self.opts.max_draft, self.opts.max_draft.min(cap)),
         };
-        let budget = chosen.min(cap);
         tracing::trace!(
             class,
             chosen,
@@ -243,17 +266,23 @@ impl<'a> Sequence<'a> {
             Some(d) if budget > 0 => d.propose(&self.context, budget),
             _ => DraftTree::root(root),
         };
+        let probe = self
+            .drafter
+            .as_deref_mut()
+            .and_then(|d| d.attention_chunk())
+            .map(|chunk| (chunk, Vec::new()));
         let draft_ms = td.elapsed().as_secs_f64() * 1e3;
         debug_assert!(tree.validate().is_ok() && tree.tokens[0] == root);
         let base = self.session.cache.len();
-        self.work = Work::Tree {
+        self.work = Work::Tree(TreeWork {
             positions: tree.depths.iter().map(|d| base + d).collect(),
             tree,
             class,
             chosen,
             draft_ms,
             scored: None,
-        };
+            probe,
+        });
         true
     }
 
@@ -266,12 +295,12 @@ impl<'a> Sequence<'a> {
                 rows: positions.len() as f64,
                 tokens: 0.0,
             },
-            Work::Tree {
+            Work::Tree(TreeWork {
                 tree,
                 class,
                 chosen,
                 ..
-            } => {
+            }) => {
                 let learnt = self.opts.auto_budget.as_ref().and_then(|c| {
                     c.lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -295,7 +324,7 @@ impl<'a> Sequence<'a> {
         match &self.work {
             Work::None => 0,
             Work::Prefill { positions, .. } => positions.len(),
-            Work::Tree { tree, .. } => tree.len(),
+            Work::Tree(w) => w.tree.len(),
         }
     }
 
@@ -316,13 +345,15 @@ impl<'a> Sequence<'a> {
                 parents,
                 want: LogitRows::None,
                 extend: false,
+                probe: None,
             }),
-            Work::Tree {
+            Work::Tree(TreeWork {
                 tree,
                 positions,
                 scored,
+                probe,
                 ..
-            } => {
+            }) => {
                 *scored = Some(Instant::now());
                 Some(Segment {
                     cache,
@@ -331,6 +362,7 @@ impl<'a> Sequence<'a> {
                     parents: &tree.parents,
                     want: LogitRows::All,
                     extend: false,
+                    probe: probe.as_mut().map(|p| &mut p.1),
                 })
             }
         }
@@ -349,26 +381,20 @@ impl<'a> Sequence<'a> {
                 self.prefilled = end;
                 Ok(())
             }
-            Work::Tree {
-                tree,
-                class,
-                chosen,
-                draft_ms,
-                scored,
-                ..
-            } => self.verify_step(tree, logits, class, chosen, draft_ms, scored),
+            Work::Tree(w) => self.verify_step(w, logits),
         }
     }
 
-    fn verify_step(
-        &mut self,
-        tree: DraftTree,
-        logits: Logits,
-        class: usize,
-        chosen: usize,
-        mut step_draft_ms: f64,
-        scored: Option<Instant>,
-    ) -> Result<()> {
+    fn verify_step(&mut self, work: TreeWork, logits: Logits) -> Result<()> {
+        let TreeWork {
+            tree,
+            class,
+            chosen,
+            draft_ms: mut step_draft_ms,
+            scored,
+            probe,
+            ..
+        } = work;
         let verdict = (self.opts.verifier)(&tree, &logits, &mut self.sampler, &mut self.context);
         self.session.cache.keep(&verdict.path)?;
         self.session
@@ -379,6 +405,11 @@ impl<'a> Sequence<'a> {
         }
         self.spec
             .record_step(tree.num_drafted(), verdict.accepted_drafts());
+        tracing::trace!(
+            drafted = tree.num_drafted(),
+            accepted = verdict.accepted_drafts(),
+            "verified"
+        );
 
         if let Some(d) = self.drafter.as_deref_mut() {
             let k = d.wants_topk();
@@ -389,6 +420,20 @@ impl<'a> Sequence<'a> {
                 let td = Instant::now();
                 let topk = node_top_k(&logits, tree.len(), k);
                 d.observe(&tree, &topk, &verdict.path);
+                step_draft_ms += td.elapsed().as_secs_f64() * 1e3;
+            }
+            // Where the last accepted token looked (its query is the row
+            // of its tree node), over what is now committed.
+            if let (Some((chunk, queries)), Some(&last)) = (&probe, verdict.path.last()) {
+                let td = Instant::now();
+                let width = self.model.config().n_heads * self.model.config().head_dim;
+                if let Some(q) = queries.get(last * width..(last + 1) * width) {
+                    let mass = self
+                        .model
+                        .decoder
+                        .attention_mass(&self.session.cache, q, *chunk);
+                    d.observe_attention(&self.context, &mass);
+                }
                 step_draft_ms += td.elapsed().as_secs_f64() * 1e3;
             }
         }

@@ -8,7 +8,7 @@ use crate::draft::hybrid::{Allocation, Hybrid};
 use crate::draft::pld::PromptLookup;
 use crate::draft::recycle::{RecycleConfig, TokenRecycler, TreeShape};
 use crate::draft::suffix::{SuffixConfig, SuffixDrafter};
-use crate::draft::{DraftTree, Drafter, NodeTopK};
+use crate::draft::Drafter;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -128,6 +128,8 @@ pub struct SpecConfig {
     pub draft_model: Option<DraftModel>,
     /// The draft's floor on path probability (`--draft-p-min`).
     pub draft_p_min: f32,
+    /// SpecExtend's retrieval for the draft model (`--draft-retrieval`).
+    pub draft_retrieval: bool,
 }
 
 impl SpecConfig {
@@ -156,6 +158,7 @@ impl Default for SpecConfig {
             recycle_state: None,
             draft_model: None,
             draft_p_min: crate::draft::draft_model::DEFAULT_P_MIN,
+            draft_retrieval: false,
         }
     }
 }
@@ -212,6 +215,7 @@ impl SpecDrafter {
             let dcfg = DraftModelConfig {
                 width,
                 p_min: cfg.draft_p_min,
+                retrieval: cfg.draft_retrieval.then(Default::default),
                 ..Default::default()
             };
             Ok(Some(ModelDrafter::new(m.clone(), dcfg, vocab)))
@@ -341,35 +345,31 @@ impl SpecDrafter {
 }
 
 impl Drafter for SpecDrafter {
-    fn name(&self) -> &'static str {
-        self.inner_ref().name()
-    }
-    fn start(&mut self, prompt: &[u32]) {
-        self.inner().start(prompt)
-    }
-    fn set_sampling(&mut self, params: &crate::sampling::SamplingParams) {
-        self.inner().set_sampling(params)
-    }
-    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
-        self.inner().propose(context, max_draft)
-    }
-    fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
-        self.inner().observe(tree, topk, accepted)
-    }
-    fn wants_topk(&self) -> usize {
-        self.inner_ref().wants_topk()
-    }
-    fn outlook(&mut self, context: &[u32]) -> usize {
-        self.inner().outlook(context)
-    }
-    fn finish(&mut self, generated: &[u32]) {
-        self.inner().finish(generated)
-    }
+    crate::draft::forward_drafter!(self, self.inner_ref(), self.inner());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine sees the drafter through `SpecDrafter`: what the hybrid
+    /// estimates must reach it (a wrapper that kept the trait's default
+    /// once hid every estimate from `--tree auto`).
+    #[test]
+    fn the_wrapper_forwards_the_hybrid_estimate() {
+        let cfg = SpecConfig::default();
+        let mut d = SpecDrafter::build(&cfg, 1000).unwrap().unwrap();
+        let ctx: Vec<u32> = (0..40).map(|i| 100 + i % 10).collect();
+        d.start(&ctx[..30]);
+        let est = d.estimate(&ctx, 16).expect("the hybrid estimates its tree");
+        assert!(
+            !est.is_empty() && est.windows(2).all(|w| w[0] >= w[1]),
+            "{est:?}"
+        );
+        // The next proposal is the estimated tree, cut to the size asked.
+        let t = d.propose(&ctx, 3);
+        assert_eq!(t.num_drafted(), 3.min(est.len()));
+    }
 
     /// `--recycle-state F` keeps the hybrid's matrix in F and its suffix
     /// cache in F.suffix; a fresh process loads both and drafts the earlier

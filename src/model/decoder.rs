@@ -11,7 +11,9 @@
 //! √hidden, the attention and FFN outputs RMS-normalised before their adds,
 //! GELU for SiLU, and scores and logits soft-capped (c · tanh(s / c)).
 
-use super::attention::{tree_attention_in_window, AttentionShape, ScoreRule, TreeMask};
+use super::attention::{
+    mass_by_chunk, tree_attention_in_window, AttentionShape, ScoreRule, TreeMask,
+};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, Projections};
@@ -326,6 +328,7 @@ impl Decoder {
             parents,
             want,
             extend: false,
+            probe: None,
         })
     }
 
@@ -349,7 +352,28 @@ impl Decoder {
             parents,
             want,
             extend: true,
+            probe: None,
         })
+    }
+
+    /// The attention mass `query` (one row of a [`Segment::probe`]) puts on
+    /// each chunk of `chunk` committed positions of `cache` at the last
+    /// layer, averaged over heads: where the model looked, for a draft
+    /// model's retrieval (SpecExtend). The last layer because its attention
+    /// is the one closest to the prediction (SpecExtend reads the same).
+    pub fn attention_mass(&self, cache: &KvCache, query: &[f32], chunk: usize) -> Vec<f32> {
+        let c = &self.config;
+        let shape = AttentionShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let rule = ScoreRule {
+            scale: c.attn_scale,
+            softcap: c.attn_softcap,
+        };
+        let last = self.layers.len().saturating_sub(1);
+        mass_by_chunk(&shape, rule, query, &cache.layer(last), cache.len(), chunk)
     }
 
     /// Teacher forcing: the logits that follow each of `seq[from..]`, i.e.
@@ -466,8 +490,13 @@ impl Decoder {
                 };
                 rope.apply(&mut w.q, c.n_heads, &positions);
                 rope.apply(&mut w.k, c.n_kv_heads, &positions);
+                let last_layer = l + 1 == self.layers.len();
                 for (i, s) in segs.iter_mut().enumerate() {
                     let r = rows(i);
+                    if let Some(probe) = s.probe.as_deref_mut().filter(|_| last_layer) {
+                        probe.clear();
+                        probe.extend_from_slice(&w.q[r.start * qw..r.end * qw]);
+                    }
                     s.cache.write(
                         l,
                         &w.k[r.start * kw..r.end * kw],
@@ -634,6 +663,10 @@ pub struct Segment<'a> {
     pub parents: &'a [Option<usize>],
     pub want: LogitRows,
     pub extend: bool,
+    /// When set, receives the last layer's rotated queries of the
+    /// segment's rows (`[N][n_heads][head_dim]`), for
+    /// [`Decoder::attention_mass`] after the tree is verified.
+    pub probe: Option<&'a mut Vec<f32>>,
 }
 
 #[cfg(test)]

@@ -362,6 +362,49 @@ impl KvCache {
         Ok(())
     }
 
+    /// Appends `src`'s committed positions `range` after this cache's
+    /// committed ones, dropping anything pending: a draft model's working
+    /// cache gathered from its full one (SpecExtend's retrieval), and the
+    /// working cache's new entries copied back. Positions need no tile
+    /// alignment; whole aligned tiles are copied as runs. Fails when the
+    /// caches differ in shape, `range` is not committed in `src`, or the
+    /// context is full.
+    pub fn append_from(&mut self, src: &KvCache, range: std::ops::Range<usize>) -> Result<()> {
+        if src.k.len() != self.k.len() || src.head_dim != self.head_dim || range.end > src.committed
+        {
+            return Err(Error::Invalid(format!(
+                "KvCache::append_from {}..{} of {} committed positions into a cache of another shape or past its end",
+                range.start, range.end, src.committed
+            )));
+        }
+        let n = range.len();
+        self.begin(n)?;
+        let d = self.head_dim;
+        let at = self.committed;
+        let aligned = at.is_multiple_of(KEY_TILE)
+            && range.start.is_multiple_of(KEY_TILE)
+            && n.is_multiple_of(KEY_TILE);
+        for (dst, from) in self.k.iter_mut().zip(&src.k) {
+            if aligned {
+                dst[at * d..(at + n) * d].copy_from_slice(&from[range.start * d..range.end * d]);
+                continue;
+            }
+            for (i, p) in range.clone().enumerate() {
+                let (q, sp) = (at + i, p);
+                let qb = ((q / KEY_TILE) * d) * KEY_TILE + q % KEY_TILE;
+                let sb = ((sp / KEY_TILE) * d) * KEY_TILE + sp % KEY_TILE;
+                for c in 0..d {
+                    dst[qb + c * KEY_TILE] = from[sb + c * KEY_TILE];
+                }
+            }
+        }
+        for (dst, from) in self.v.iter_mut().zip(&src.v) {
+            dst[at * d..(at + n) * d].copy_from_slice(&from[range.start * d..range.end * d]);
+        }
+        self.keep_all();
+        Ok(())
+    }
+
     /// Forgets everything after `len` committed positions.
     pub fn truncate(&mut self, len: usize) {
         self.committed = self.committed.min(len);
@@ -391,6 +434,36 @@ pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Positions gathered from another cache, aligned or not, hold the
+    /// source's entries; a shape mismatch or a range past the committed
+    /// end is refused.
+    #[test]
+    fn gathered_positions_hold_the_source_entries() {
+        let mut src = KvCache::new(2, 3, 8, 256);
+        src.fill_pseudo_random(100, 7).unwrap();
+        let mut dst = KvCache::new(2, 3, 8, 256);
+        let ranges = [0..32, 64..96, 97..100, 40..45];
+        for r in &ranges {
+            dst.append_from(&src, r.clone()).unwrap();
+        }
+        let from: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(dst.len(), from.len());
+        for (q, &p) in from.iter().enumerate() {
+            for layer in 0..2 {
+                for head in 0..3 {
+                    assert_eq!(
+                        dst.entry(layer, head, q),
+                        src.entry(layer, head, p),
+                        "{q} <- {p}"
+                    );
+                }
+            }
+        }
+        assert!(dst.append_from(&src, 90..101).is_err());
+        let other = KvCache::new(2, 3, 16, 256);
+        assert!(dst.append_from(&other, 0..0).is_err());
+    }
 
     /// A block copied out and appended to another cache reproduces every
     /// entry; misaligned or oversized blocks are refused.

@@ -32,7 +32,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
 use super::metrics::{Metrics, Outcome};
-use crate::draft::{DraftTree, Drafter, NodeTopK};
+use crate::draft::Drafter;
 use crate::engine::batch;
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::spec::{SpecConfig, SpecDrafter};
@@ -505,43 +505,16 @@ fn log_request(g: &Generation, total_s: f64) {
 /// A request's view of the shared drafter: locks it for each call.
 struct SharedDrafter<'a> {
     inner: &'a Mutex<SpecDrafter>,
-    name: &'static str,
-    topk: usize,
 }
 
 impl<'a> SharedDrafter<'a> {
     fn new(inner: &'a Mutex<SpecDrafter>) -> Self {
-        let d = lock(inner);
-        SharedDrafter {
-            name: d.name(),
-            topk: d.wants_topk(),
-            inner,
-        }
+        SharedDrafter { inner }
     }
 }
 
 impl Drafter for SharedDrafter<'_> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn start(&mut self, prompt: &[u32]) {
-        lock(self.inner).start(prompt)
-    }
-    fn propose(&mut self, context: &[u32], max_draft: usize) -> DraftTree {
-        lock(self.inner).propose(context, max_draft)
-    }
-    fn observe(&mut self, tree: &DraftTree, topk: &[NodeTopK], accepted: &[usize]) {
-        lock(self.inner).observe(tree, topk, accepted)
-    }
-    fn wants_topk(&self) -> usize {
-        self.topk
-    }
-    fn outlook(&mut self, context: &[u32]) -> usize {
-        lock(self.inner).outlook(context)
-    }
-    fn finish(&mut self, generated: &[u32]) {
-        lock(self.inner).finish(generated)
-    }
+    crate::draft::forward_drafter!(self, lock(self.inner), lock(self.inner));
 }
 
 /// A panic elsewhere must not take the server down with poisoned locks.

@@ -14,9 +14,11 @@
 
 mod kernels;
 mod mask;
+mod mass;
 mod window;
 
 pub use mask::TreeMask;
+pub use mass::mass_by_chunk;
 
 use super::kv_cache::{LayerKv, KEY_TILE};
 #[cfg(target_arch = "x86_64")]
