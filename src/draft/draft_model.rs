@@ -497,11 +497,7 @@ impl Drafter for ModelDrafter {
         let Some(r) = self.cfg.retrieval else {
             return;
         };
-        let Some(c) = self
-            .caches
-            .iter_mut()
-            .find(|c| c.cached.len() == context.len() && c.cached == context)
-        else {
+        let Some(c) = self.caches.iter_mut().find(|c| c.cached == context) else {
             return;
         };
         c.since_retrieval = 0;

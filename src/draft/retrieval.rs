@@ -124,7 +124,7 @@ impl Working {
         Some(self)
     }
 
-    /// Positions the draft attends to, of `full_len`.
+    /// Positions the draft attends to (committed in the working cache).
     pub fn held(&self) -> usize {
         self.cache.len()
     }
