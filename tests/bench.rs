@@ -148,6 +148,7 @@ fn rec(
         },
         draft_ms: 1.0,
         verify_ms: 2.0,
+        draft_model: Default::default(),
         stop: "max_tokens".into(),
         check,
         first_diff: None,
@@ -571,6 +572,10 @@ fn writer_produces_documented_json_and_spec_bench_table() {
     assert!(md.contains("Best method overall: **pld** at 1.11×"), "{md}");
     assert!(md.contains("pld on translation (0.80×)"), "{md}");
     assert!(md.contains("c(8)/c(1) = 1.40"), "{md}");
+    // pld's steps: 39 of 80 reached depth 1, no draft model row.
+    assert!(md.contains("## Acceptance per depth"), "{md}");
+    assert!(md.contains("| pld | 0.4"), "{md}");
+    assert!(!md.contains("draft forwards/step"), "{md}");
     // Read back, the records aggregate to the same figures.
     let back = read_results(&w.json).unwrap();
     assert_eq!(back.records.len(), 9);

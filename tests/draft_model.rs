@@ -348,4 +348,6 @@ fn retrieval_attends_to_part_of_a_long_context_and_stays_lossless() {
         "the draft attended to {share:.2} of the context"
     );
     assert!(out.spec.accepted_tokens > 0);
+    // The request's stats (--json, /metrics) carry what the draft ran.
+    assert_eq!(out.spec.draft_model, d.counters());
 }

@@ -63,6 +63,9 @@ pub struct Cell {
     pub accepted_tokens: usize,
     pub draft_ms: f64,
     pub verify_ms: f64,
+    /// A draft model's forwards and retrievals.
+    #[serde(default)]
+    pub draft_model: crate::draft::DraftCounters,
     pub exact: usize,
     pub near_tie: usize,
     pub mismatch: usize,
@@ -218,6 +221,7 @@ fn cell(
         c.accepted_tokens += r.accepted_tokens;
         c.draft_ms += r.draft_ms;
         c.verify_ms += r.verify_ms;
+        c.draft_model.add(r.draft_model);
         if c.accepted_per_depth.len() < r.accepted_per_depth.len() {
             c.accepted_per_depth.resize(r.accepted_per_depth.len(), 0);
         }

@@ -223,6 +223,9 @@ pub struct PromptRecord {
     pub accepted_per_depth: Vec<usize>,
     pub draft_ms: f64,
     pub verify_ms: f64,
+    /// A draft model's forwards and retrievals (absent without one).
+    #[serde(default, skip_serializing_if = "crate::draft::DraftCounters::is_zero")]
+    pub draft_model: crate::draft::DraftCounters,
     /// Why generation stopped (`eos`, `max_tokens`, ...).
     pub stop: String,
     pub check: Check,

@@ -286,6 +286,7 @@ pub fn render_markdown(results: &BenchResults, agg: &Aggregate) -> String {
             c.mismatch,
         );
     }
+    md.push_str(&depth_section(&agg.overall));
     if let Some(peer) = &cfg.peer {
         md.push_str(&peer_section(results, agg, peer));
     }
@@ -595,4 +596,65 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
         ));
     }
     out.join(" ")
+}
+
+/// Where each method's accepted paths ended: the share of its steps that
+/// reached draft depth d (vLLM's acceptance per position), and for a draft
+/// model what it ran per step (a depth costs one draft forward, which the
+/// acceptance at that depth has to pay for).
+fn depth_section(cells: &[Cell]) -> String {
+    const DEPTHS: usize = 8;
+    let drafting: Vec<&Cell> = cells.iter().filter(|c| c.drafted_tokens > 0).collect();
+    if drafting.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n## Acceptance per depth\n\nShare of a method's steps whose accepted path reached draft depth d.\n\n| Method |",
+    );
+    for d in 1..=DEPTHS {
+        let _ = write!(md, " d{d} |");
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(DEPTHS));
+    md.push('\n');
+    for c in &drafting {
+        let steps = c.steps.max(1) as f64;
+        let _ = write!(md, "| {} |", c.method);
+        for d in 0..DEPTHS {
+            let n = c.accepted_per_depth.get(d).copied().unwrap_or(0);
+            let _ = write!(md, " {:.2} |", n as f64 / steps);
+        }
+        md.push('\n');
+    }
+    let with_model: Vec<&&Cell> = drafting
+        .iter()
+        .filter(|c| !c.draft_model.is_zero())
+        .collect();
+    if !with_model.is_empty() {
+        md.push_str("\n| Method | draft forwards/step | draft tokens/step | draft ms/step | retrievals | context attended |\n|---|---:|---:|---:|---:|---:|\n");
+        for c in with_model {
+            let steps = c.steps.max(1) as f64;
+            let d = &c.draft_model;
+            let attended = if d.retrievals > 0 {
+                format!(
+                    "{:.0}%",
+                    100.0 * d.retrieval_held_positions as f64
+                        / d.retrieval_context_positions.max(1) as f64
+                )
+            } else {
+                "–".into()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                c.method,
+                d.model_forwards as f64 / steps,
+                d.model_tokens as f64 / steps,
+                c.draft_ms / steps,
+                d.retrievals,
+                attended
+            );
+        }
+    }
+    md
 }

@@ -437,6 +437,7 @@ fn blank_record(
         accepted_per_depth: Vec::new(),
         draft_ms: 0.0,
         verify_ms: 0.0,
+        draft_model: Default::default(),
         stop: String::new(),
         check: check.0,
         first_diff: check.1,
@@ -607,6 +608,7 @@ fn record(
         accepted_per_depth: g.spec.accepted_per_depth.clone(),
         draft_ms: g.spec.draft_ms,
         verify_ms: g.spec.verify_ms,
+        draft_model: g.spec.draft_model,
         stop: serde_json::to_value(g.stop)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))

@@ -483,6 +483,16 @@ impl Drafter for ModelDrafter {
         }
     }
 
+    fn counters(&self) -> crate::draft::DraftCounters {
+        crate::draft::DraftCounters {
+            model_forwards: self.forwards,
+            model_tokens: self.tokens_run,
+            retrievals: self.retrievals,
+            retrieval_held_positions: self.held_positions,
+            retrieval_context_positions: self.context_positions,
+        }
+    }
+
     /// With retrieval, every `every` proposals once the context is long
     /// enough (and at the first proposal there).
     fn attention_chunk(&mut self) -> Option<usize> {

@@ -366,6 +366,13 @@ impl Drafter for Hybrid {
     fn wants_topk(&self) -> usize {
         self.recycler.wants_topk()
     }
+
+    fn counters(&self) -> crate::draft::DraftCounters {
+        self.draft
+            .as_ref()
+            .map(|d| d.counters())
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,51 @@ pub struct NodeTopK {
     pub probs: Vec<f32>,
 }
 
+/// What a drafter ran on its own to propose: a draft model's forwards and
+/// its retrievals (zero for the model-free drafters). Cumulative per
+/// drafter; the engine reports the difference over one request's steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DraftCounters {
+    /// Draft-model forwards, and the tokens they ran (prefill included).
+    pub model_forwards: u64,
+    pub model_tokens: u64,
+    /// Retrievals (SpecExtend), and the positions the working caches held
+    /// against the contexts' lengths then: their ratio is the share of the
+    /// context the draft attended to.
+    pub retrievals: u64,
+    pub retrieval_held_positions: u64,
+    pub retrieval_context_positions: u64,
+}
+
+impl DraftCounters {
+    /// What happened between `before` and `self`.
+    pub fn since(self, before: DraftCounters) -> DraftCounters {
+        DraftCounters {
+            model_forwards: self.model_forwards.saturating_sub(before.model_forwards),
+            model_tokens: self.model_tokens.saturating_sub(before.model_tokens),
+            retrievals: self.retrievals.saturating_sub(before.retrievals),
+            retrieval_held_positions: self
+                .retrieval_held_positions
+                .saturating_sub(before.retrieval_held_positions),
+            retrieval_context_positions: self
+                .retrieval_context_positions
+                .saturating_sub(before.retrieval_context_positions),
+        }
+    }
+
+    pub fn add(&mut self, o: DraftCounters) {
+        self.model_forwards += o.model_forwards;
+        self.model_tokens += o.model_tokens;
+        self.retrievals += o.retrievals;
+        self.retrieval_held_positions += o.retrieval_held_positions;
+        self.retrieval_context_positions += o.retrieval_context_positions;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == DraftCounters::default()
+    }
+}
+
 /// A proposer of draft trees.
 pub trait Drafter: Send {
     /// Short name used in stats and tables (`recycle`, `pld`, `hybrid`, ...).
@@ -94,6 +139,12 @@ pub trait Drafter: Send {
     fn wants_topk(&self) -> usize {
         0
     }
+
+    /// What the drafter has run so far (a draft model's forwards and
+    /// retrievals), for stats.
+    fn counters(&self) -> DraftCounters {
+        DraftCounters::default()
+    }
 }
 
 /// The body of an `impl Drafter` that hands every method to another
@@ -111,6 +162,9 @@ macro_rules! forward_drafter {
         }
         fn wants_topk(&$s) -> usize {
             $shared.wants_topk()
+        }
+        fn counters(&$s) -> $crate::draft::DraftCounters {
+            $shared.counters()
         }
         fn start(&mut $s, prompt: &[u32]) {
             $mutable.start(prompt)

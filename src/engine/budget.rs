@@ -27,6 +27,16 @@ pub const CANDIDATE_BUDGETS: [usize; 7] = [0, 2, 4, 8, 16, 32, 64];
 /// least-tried budget is retried afterwards.
 const WARMUP_STEPS: u32 = 4;
 const EXPLORE_EVERY: u64 = 24;
+/// An arm whose estimated rate is below this share of the best one's when
+/// it is retried waits twice as long for its next retry (up to
+/// [`MAX_BACKOFF`] × [`EXPLORE_EVERY`] steps); one within it is retried at
+/// the base rate. A retry of a draft model's budget that never pays costs
+/// the draft's forwards and its catch-up over the steps it skipped (on
+/// Qwen2.5-Coder 1.5B drafted by 0.5B on 2 cores, a retry every 24 steps
+/// kept `draft:auto` at 0.92x plain): backing off lets the controller turn
+/// such a drafter off by itself while near rivals keep being compared.
+const LOSING_SHARE: f64 = 0.9;
+const MAX_BACKOFF: u64 = 32;
 /// Weight of a new observation in the running MAT estimate: about the last
 /// 20 steps of a budget count, so it follows a change of text within a reply.
 const EMA: f64 = 0.05;
@@ -262,6 +272,10 @@ struct Arm {
     /// budget whose drafting costs more than its accepted tokens save loses.
     draft_ms: f64,
     pulls: u32,
+    /// The class step from which the arm may be retried, and the current
+    /// retry interval in units of [`EXPLORE_EVERY`].
+    due: u64,
+    backoff: u64,
 }
 
 /// The arms of one class of steps ([`crate::draft::Drafter::outlook`]).
@@ -283,6 +297,8 @@ impl Class {
                     nodes: (b + 1) as f64,
                     draft_ms: 0.0,
                     pulls: 0,
+                    due: 0,
+                    backoff: 1,
                 })
                 .collect(),
             steps: 0,
@@ -355,15 +371,33 @@ impl BudgetController {
         {
             return a.budget;
         }
+        let best = self.best_in(ctx, class, others, cap);
         if steps.is_multiple_of(EXPLORE_EVERY) {
-            return c
+            let c = &self.classes[class.min(self.classes.len() - 1)];
+            let best_rate = c
                 .arms
                 .iter()
-                .filter(|a| a.budget <= cap)
-                .min_by_key(|a| a.pulls)
-                .map_or(0, |a| a.budget);
+                .find(|a| a.budget == best)
+                .map_or(0.0, |a| self.rate(a, ctx, others));
+            let retry = c
+                .arms
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.budget <= cap && a.budget != best && a.due <= steps)
+                .min_by_key(|(_, a)| a.pulls)
+                .map(|(i, a)| (i, self.rate(a, ctx, others) < LOSING_SHARE * best_rate));
+            if let Some((i, losing)) = retry {
+                let a = &mut self.class(class).arms[i];
+                a.backoff = if losing {
+                    (2 * a.backoff).min(MAX_BACKOFF)
+                } else {
+                    1
+                };
+                a.due = steps + a.backoff * EXPLORE_EVERY;
+                return a.budget;
+            }
         }
-        self.best_in(ctx, class, others, cap)
+        best
     }
 
     /// The largest budget a step of `class` may take within `cap`: how
@@ -488,15 +522,14 @@ impl BudgetController {
             .iter_mut()
             .find(|a| a.budget == budget)
         {
-            if a.pulls == 0 {
-                a.mat = emitted as f64;
-                a.nodes = tree_len as f64;
-                a.draft_ms = draft_ms;
-            } else {
-                a.mat = (1.0 - EMA) * a.mat + EMA * emitted as f64;
-                a.nodes = (1.0 - EMA) * a.nodes + EMA * tree_len as f64;
-                a.draft_ms = (1.0 - EMA) * a.draft_ms + EMA * draft_ms;
-            }
+            // The plain mean of the first pulls, then the running one: a
+            // first pull weighted wholly and then by EMA left one odd step
+            // (a draft model's first step runs its prompt prefill) weighing
+            // ~80% of the estimate for the next 4 pulls.
+            let w = (1.0 / (a.pulls as f64 + 1.0)).max(EMA);
+            a.mat += w * (emitted as f64 - a.mat);
+            a.nodes += w * (tree_len as f64 - a.nodes);
+            a.draft_ms += w * (draft_ms - a.draft_ms);
             a.pulls = a.pulls.saturating_add(1);
         }
     }
@@ -696,6 +729,37 @@ mod tests {
         assert_eq!(run(0.0), 8, "free drafting: 4 tokens per 14 ms");
         assert_eq!(run(1.0), 4, "1 ms per node: 3 per 16 ms beats 4 per 22");
         assert_eq!(run(6.0), 0, "a draft forward per node of 6 ms never pays");
+    }
+
+    /// A drafter that never pays (a draft forward per node costing 0.6 of
+    /// the target's step) is retried ever more rarely: after the warm-up
+    /// its retries back off from every 24 steps to every 768, yet never
+    /// stop, and a drafter that starts to pay is taken up again.
+    #[test]
+    fn a_losing_drafter_is_retried_ever_more_rarely() {
+        let cost = curve(&[10., 11., 12., 14., 25., 50.]);
+        let mut c = BudgetController::new(&cost, 8);
+        let mut drafting = 0;
+        let mut late = 0;
+        for step in 0..6000 {
+            let b = c.choose(CURVE_CTX, 0);
+            c.record(0, b, 1 + (b > 0) as usize, b + 1, 6.0 * b as f64);
+            if b > 0 {
+                drafting += 1;
+                late += (step >= 3000) as usize;
+            }
+        }
+        assert_eq!(c.best(CURVE_CTX, 0), 0);
+        // 12 warm-up steps, then 3 losing arms retried at 24 × 2^k steps
+        // (up to 768): ~45, where a retry every 24 steps made 262.
+        assert!(drafting < 60, "{drafting} drafting steps of 6000");
+        assert!(late > 0, "the drafter was never retried late");
+        // Now drafting pays (free, 4 tokens a step): a retry finds it.
+        for _ in 0..4000 {
+            let b = c.choose(CURVE_CTX, 0);
+            c.record(0, b, if b > 0 { 4 } else { 1 }, b + 1, 0.0);
+        }
+        assert!(c.best(CURVE_CTX, 0) > 0);
     }
 
     #[test]

@@ -224,6 +224,7 @@ impl<'a> Sequence<'a> {
         // Drafting time from here: an estimating drafter gathers its
         // sources' trees before the budget is chosen.
         let td = Instant::now();
+        let ran_before = self.drafter.as_deref().map(|d| d.counters());
         // `chosen` is the arm the step is recorded under, `budget` the nodes
         // asked for (fewer than the arm when an estimate says so).
         let (class, chosen, budget) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
@@ -272,6 +273,9 @@ impl<'a> Sequence<'a> {
             .and_then(|d| d.attention_chunk())
             .map(|chunk| (chunk, Vec::new()));
         let draft_ms = td.elapsed().as_secs_f64() * 1e3;
+        if let (Some(d), Some(before)) = (self.drafter.as_deref(), ran_before) {
+            self.spec.draft_model.add(d.counters().since(before));
+        }
         debug_assert!(tree.validate().is_ok() && tree.tokens[0] == root);
         let base = self.session.cache.len();
         self.work = Work::Tree(TreeWork {
@@ -412,6 +416,7 @@ impl<'a> Sequence<'a> {
         );
 
         if let Some(d) = self.drafter.as_deref_mut() {
+            let before = d.counters();
             let k = d.wants_topk();
             // Root-only steps too: the update rule covers the root, and a
             // recycler whose matrix is still empty (no prompt seeding)
@@ -436,6 +441,7 @@ impl<'a> Sequence<'a> {
                 }
                 step_draft_ms += td.elapsed().as_secs_f64() * 1e3;
             }
+            self.spec.draft_model.add(d.counters().since(before));
         }
         self.spec.draft_ms += step_draft_ms;
         if let (Some(c), Some(_)) = (&self.opts.auto_budget, &self.drafter) {

@@ -82,6 +82,13 @@ impl SpecMethod {
         )
     }
 
+    /// Whether the method drafts with `--draft-model` when one is given
+    /// (`hybrid` adds the draft's tree to its sources; `hybrid-draft`
+    /// insists on one).
+    pub fn takes_draft_model(self) -> bool {
+        self.needs_draft_model() || self == SpecMethod::Hybrid
+    }
+
     /// Whether the method grows a recycling tree (takes a tree shape).
     pub fn uses_tree(self) -> bool {
         matches!(
@@ -186,6 +193,32 @@ pub enum SpecDrafter {
 impl SpecDrafter {
     /// `None` for plain decoding.
     pub fn build(cfg: &SpecConfig, vocab: usize) -> Result<Option<SpecDrafter>> {
+        // Retrieval narrows what the draft model attends to: asked for
+        // without one, a user would believe it is on while nothing changes.
+        if cfg.draft_retrieval && !(cfg.draft_model.is_some() && cfg.method.takes_draft_model()) {
+            return Err(Error::Invalid(format!(
+                "--draft-retrieval narrows the draft model's attention: it needs --draft-model \
+                 NAME|PATH and a --spec that drafts with it (draft, draft-tree, hybrid, \
+                 hybrid-draft), not `{}`{}",
+                cfg.method.name(),
+                if cfg.draft_model.is_none() {
+                    " without a draft model"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if cfg.draft_model.is_some()
+            && !cfg.method.takes_draft_model()
+            && cfg.method != SpecMethod::None
+        {
+            // A warning, not an error: TREESPEC_DRAFT_MODEL may be set for
+            // every run while one run compares another method.
+            tracing::warn!(
+                "--spec {} does not use the draft model (draft, draft-tree and hybrid do)",
+                cfg.method.name()
+            );
+        }
         let recycler = || -> Result<TokenRecycler> {
             TokenRecycler::new(
                 vocab,
@@ -369,6 +402,32 @@ mod tests {
         // The next proposal is the estimated tree, cut to the size asked.
         let t = d.propose(&ctx, 3);
         assert_eq!(t.num_drafted(), 3.min(est.len()));
+    }
+
+    /// `--draft-retrieval` without a draft model to narrow is refused by
+    /// name rather than silently doing nothing.
+    #[test]
+    fn retrieval_without_a_draft_model_is_refused() {
+        for method in [SpecMethod::Hybrid, SpecMethod::Pld, SpecMethod::Draft] {
+            let cfg = SpecConfig {
+                method,
+                draft_retrieval: true,
+                ..Default::default()
+            };
+            let e = SpecDrafter::build(&cfg, 1000)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                e.contains("--draft-retrieval") && e.contains("--draft-model"),
+                "{e}"
+            );
+        }
+        let cfg = SpecConfig {
+            draft_retrieval: false,
+            ..Default::default()
+        };
+        assert!(SpecDrafter::build(&cfg, 1000).is_ok());
     }
 
     /// `--recycle-state F` keeps the hybrid's matrix in F and its suffix

@@ -1,5 +1,6 @@
 //! What a generation measured.
 
+use crate::draft::DraftCounters;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -17,6 +18,9 @@ pub struct SpecStats {
     pub accepted_per_depth: Vec<usize>,
     pub draft_ms: f64,
     pub verify_ms: f64,
+    /// A draft model's forwards and retrievals during these steps.
+    #[serde(skip_serializing_if = "DraftCounters::is_zero")]
+    pub draft_model: DraftCounters,
     /// Tokens the verifier emitted (a stop token included).
     #[serde(skip)]
     pub emitted: usize,
@@ -63,6 +67,7 @@ impl SpecStats {
         }
         self.draft_ms += o.draft_ms;
         self.verify_ms += o.verify_ms;
+        self.draft_model.add(o.draft_model);
         self.finish();
     }
 }

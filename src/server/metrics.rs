@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::draft::DraftCounters;
 use crate::engine::prefix_cache::PrefixStats;
 use crate::engine::SpecStats;
 
@@ -74,6 +75,8 @@ pub struct Metrics {
     requests_cancelled: AtomicU64,
     requests_failed: AtomicU64,
     per_pos: Mutex<Vec<u64>>,
+    /// A draft model's forwards and retrievals, summed over requests.
+    draft_model: Mutex<DraftCounters>,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
     batch_sequences: Mutex<Histogram>,
@@ -97,6 +100,7 @@ impl Default for Metrics {
             requests_cancelled: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
             per_pos: Mutex::new(Vec::new()),
+            draft_model: Mutex::new(DraftCounters::default()),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             itl: Mutex::new(Histogram::new(ITL_BUCKETS)),
             batch_sequences: Mutex::new(Histogram::new(BATCH_SEQ_BUCKETS)),
@@ -179,6 +183,7 @@ impl Metrics {
         for (p, &n) in pos.iter_mut().zip(&s.accepted_per_depth) {
             *p += n as u64;
         }
+        lock(&self.draft_model).add(s.draft_model);
     }
 
     pub fn render(&self, running: usize, waiting: usize) -> String {
@@ -233,6 +238,36 @@ impl Metrics {
         );
         for (i, n) in lock(&self.per_pos).iter().enumerate() {
             let _ = writeln!(out, "{name}{{position=\"{i}\"}} {n}");
+        }
+        let d = *lock(&self.draft_model);
+        for (name, help, v) in [
+            (
+                "treespec_draft_model_forwards_total",
+                "Forwards of the draft model (--draft-model).",
+                d.model_forwards,
+            ),
+            (
+                "treespec_draft_model_tokens_total",
+                "Tokens the draft model's forwards ran (its prefill included).",
+                d.model_tokens,
+            ),
+            (
+                "treespec_draft_retrievals_total",
+                "Times the draft model's working cache was regathered from the target's attention (--draft-retrieval).",
+                d.retrievals,
+            ),
+            (
+                "treespec_draft_retrieval_held_positions_total",
+                "Positions the regathered working caches held (over treespec_draft_retrieval_context_positions_total: the share attended).",
+                d.retrieval_held_positions,
+            ),
+            (
+                "treespec_draft_retrieval_context_positions_total",
+                "Context positions at those retrievals.",
+                d.retrieval_context_positions,
+            ),
+        ] {
+            counter(&mut out, name, help, v);
         }
         counter(
             &mut out,
@@ -355,6 +390,13 @@ mod tests {
             accepted_tokens: 4,
             accepted_per_depth: vec![3, 1],
             draft_ms: 250.0,
+            draft_model: DraftCounters {
+                model_forwards: 6,
+                retrievals: 2,
+                retrieval_held_positions: 100,
+                retrieval_context_positions: 400,
+                ..Default::default()
+            },
             ..Default::default()
         };
         m.finish_request(5, Some(&s), Outcome::Ok);
@@ -376,5 +418,8 @@ mod tests {
         assert!(t.contains("treespec_batch_sequences_bucket{le=\"3\"} 1\n"));
         assert!(t.contains("treespec_batch_rows_count 1\n"));
         assert!(t.contains("treespec_prompt_tokens_cached_total 9\n"));
+        assert!(t.contains("treespec_draft_model_forwards_total 6\n"));
+        assert!(t.contains("treespec_draft_retrievals_total 2\n"));
+        assert!(t.contains("treespec_draft_retrieval_held_positions_total 100\n"));
     }
 }
