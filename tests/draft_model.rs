@@ -261,6 +261,10 @@ fn interleaved_sequences_keep_their_draft_caches() {
         .iter()
         .map(|t| common::chat_prompt(&model, t))
         .collect();
+    // Nothing runs before a step drafts: the budget controller may never
+    // draft, and then the draft's prefill would be wasted.
+    shared.start(&contexts[0]);
+    assert_eq!(shared.tokens_run, 0);
     for round in 0..4 {
         for (i, ctx) in contexts.iter_mut().enumerate() {
             let before = shared.tokens_run;

@@ -604,7 +604,11 @@ pub fn findings(results: &BenchResults, agg: &Aggregate) -> String {
 /// acceptance at that depth has to pay for).
 fn depth_section(cells: &[Cell]) -> String {
     const DEPTHS: usize = 8;
-    let drafting: Vec<&Cell> = cells.iter().filter(|c| c.drafted_tokens > 0).collect();
+    // A peer reports no depths (llama-server gives totals only).
+    let drafting: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| c.drafted_tokens > 0 && !c.accepted_per_depth.is_empty())
+        .collect();
     if drafting.is_empty() {
         return String::new();
     }
