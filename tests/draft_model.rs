@@ -264,12 +264,12 @@ fn interleaved_sequences_keep_their_draft_caches() {
     // Nothing runs before a step drafts: the budget controller may never
     // draft, and then the draft's prefill would be wasted.
     shared.start(&contexts[0]);
-    assert_eq!(shared.tokens_run, 0);
+    assert_eq!(shared.counters.model_tokens, 0);
     for round in 0..4 {
         for (i, ctx) in contexts.iter_mut().enumerate() {
-            let before = shared.tokens_run;
+            let before = shared.counters.model_tokens;
             let t = shared.propose(ctx, 4);
-            let run = shared.tokens_run - before;
+            let run = shared.counters.model_tokens - before;
             assert_eq!(t, own[i].propose(ctx, 4), "round {round}, sequence {i}");
             if round > 0 {
                 // The accepted token, the root, and the tree's depths.
@@ -341,12 +341,17 @@ fn retrieval_attends_to_part_of_a_long_context_and_stays_lossless() {
     )
     .unwrap();
     assert_eq!(out.tokens, plain.tokens);
-    let share = d.held_positions as f64 / d.context_positions.max(1) as f64;
+    let share = d.counters.retrieval_held_positions as f64
+        / d.counters.retrieval_context_positions.max(1) as f64;
     println!(
         "retrievals {}, share attended {share:.2}, drafted {}, accepted {}",
-        d.retrievals, out.spec.drafted_tokens, out.spec.accepted_tokens
+        d.counters.retrievals, out.spec.drafted_tokens, out.spec.accepted_tokens
     );
-    assert!(d.retrievals >= 5, "{} retrievals", d.retrievals);
+    assert!(
+        d.counters.retrievals >= 5,
+        "{} retrievals",
+        d.counters.retrievals
+    );
     assert!(
         share < 0.5,
         "the draft attended to {share:.2} of the context"

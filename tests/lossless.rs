@@ -426,9 +426,12 @@ fn sampling_speculation_keeps_the_target_distribution() {
     for r in &draft_runs {
         *drawn.entry(r.clone()).or_insert(0.0) += 1.0 / n as f64;
     }
-    assert!(sampled.forwards > n as u64, "the draft model did not draft");
+    assert!(
+        sampled.counters.model_forwards > n as u64,
+        "the draft model did not draft"
+    );
     let tv_draft = total_variation(&drawn, &exact);
-    println!("TV of sampled draft-model candidates (width 2, draft temperature 2): {tv_draft:.3} ({} draft forwards)", sampled.forwards);
+    println!("TV of sampled draft-model candidates (width 2, draft temperature 2): {tv_draft:.3} ({} draft forwards)", sampled.counters.model_forwards);
     assert!(
         tv_draft < bound,
         "rejection sampling over drawn candidates is NOT lossless: {tv_draft}"

@@ -149,14 +149,8 @@ pub struct ModelDrafter {
     /// The cache the current step drafts with.
     current: usize,
     tick: u64,
-    /// Draft forwards and the tokens they ran (prefill included), for stats.
-    pub forwards: u64,
-    pub tokens_run: u64,
-    /// Retrievals done, and the positions the working caches held and the
-    /// contexts had then (their ratio: the share of the context attended).
-    pub retrievals: u64,
-    pub held_positions: u64,
-    pub context_positions: u64,
+    /// What the draft has run (forwards, retrievals), for stats.
+    pub counters: crate::draft::DraftCounters,
     /// Set under sampling: candidates are drawn, not chosen.
     sampler: Option<Sampler>,
     warned: bool,
@@ -243,11 +237,7 @@ impl ModelDrafter {
             caches: Vec::new(),
             current: 0,
             tick: 0,
-            forwards: 0,
-            tokens_run: 0,
-            retrievals: 0,
-            held_positions: 0,
-            context_positions: 0,
+            counters: Default::default(),
             sampler: None,
             warned: false,
         }
@@ -286,8 +276,8 @@ impl ModelDrafter {
             cache.keep_all();
             dc.copy_back(chunk.len())?;
             dc.cached.extend_from_slice(chunk);
-            self.forwards += 1;
-            self.tokens_run += chunk.len() as u64;
+            self.counters.model_forwards += 1;
+            self.counters.model_tokens += chunk.len() as u64;
             if want == LogitRows::Last {
                 last = Some(l.row(0).to_vec());
             }
@@ -406,8 +396,8 @@ impl ModelDrafter {
                 &pending_parents,
                 LogitRows::All,
             )?;
-            self.forwards += 1;
-            self.tokens_run += toks.len() as u64;
+            self.counters.model_forwards += 1;
+            self.counters.model_tokens += toks.len() as u64;
             frontier = expand
                 .iter()
                 .enumerate()
@@ -475,23 +465,19 @@ impl Drafter for ModelDrafter {
     }
 
     fn finish(&mut self, _generated: &[u32]) {
-        if self.retrievals > 0 {
+        let n = &self.counters;
+        if n.retrievals > 0 {
             tracing::debug!(
-                retrievals = self.retrievals,
-                attended = self.held_positions as f64 / self.context_positions.max(1) as f64,
+                retrievals = n.retrievals,
+                attended =
+                    n.retrieval_held_positions as f64 / n.retrieval_context_positions.max(1) as f64,
                 "draft retrieval: share of the context the draft attended to"
             );
         }
     }
 
     fn counters(&self) -> crate::draft::DraftCounters {
-        crate::draft::DraftCounters {
-            model_forwards: self.forwards,
-            model_tokens: self.tokens_run,
-            retrievals: self.retrievals,
-            retrieval_held_positions: self.held_positions,
-            retrieval_context_positions: self.context_positions,
-        }
+        self.counters
     }
 
     /// With retrieval, every `every` proposals once the context is long
@@ -531,9 +517,9 @@ impl Drafter for ModelDrafter {
                     chunks = chunks.len(),
                     "draft retrieval"
                 );
-                self.retrievals += 1;
-                self.held_positions += w.held() as u64;
-                self.context_positions += c.len() as u64;
+                self.counters.retrievals += 1;
+                self.counters.retrieval_held_positions += w.held() as u64;
+                self.counters.retrieval_context_positions += c.len() as u64;
                 c.working = Some(w);
             }
             Err(e) => {
