@@ -268,6 +268,15 @@ fn interleaved_sequences_keep_their_draft_caches() {
     for round in 0..4 {
         for (i, ctx) in contexts.iter_mut().enumerate() {
             let before = shared.counters.model_tokens;
+            // What the controller is told drafting now would first cost:
+            // unknown before any catch-up was measured, the prompt's
+            // prefill at a sequence's first step, nothing once in step.
+            let lag_ms = shared.catch_up_ms(ctx);
+            match (round, i) {
+                (0, 0) => assert_eq!(lag_ms, 0.0, "nothing measured yet"),
+                (0, _) => assert!(lag_ms > 0.0, "sequence {i}'s prompt is not in any cache"),
+                _ => assert_eq!(lag_ms, 0.0, "round {round}, sequence {i} is in step"),
+            }
             let t = shared.propose(ctx, 4);
             let run = shared.counters.model_tokens - before;
             assert_eq!(t, own[i].propose(ctx, 4), "round {round}, sequence {i}");
@@ -281,6 +290,8 @@ fn interleaved_sequences_keep_their_draft_caches() {
             // The first draft token "accepted", as the target would.
             ctx.push(t.tokens.get(1).copied().unwrap_or(t.tokens[0]));
         }
+        // Only the prompts were catch-ups: a step's own sync is not one.
+        assert_eq!(shared.counters.catch_ups, PROMPTS.len() as u64);
     }
 }
 

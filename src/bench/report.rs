@@ -635,7 +635,7 @@ fn depth_section(cells: &[Cell]) -> String {
         .filter(|c| !c.draft_model.is_zero())
         .collect();
     if !with_model.is_empty() {
-        md.push_str("\n| Method | draft forwards/step | draft tokens/step | draft ms/step | retrievals | context attended |\n|---|---:|---:|---:|---:|---:|\n");
+        md.push_str("\n| Method | draft forwards/step | draft tokens/step | draft ms/step | catch-ups | catch-up ms/step | retrievals | context attended |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for c in with_model {
             let steps = c.steps.max(1) as f64;
             let d = &c.draft_model;
@@ -650,11 +650,13 @@ fn depth_section(cells: &[Cell]) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} | {} |",
                 c.method,
                 d.model_forwards as f64 / steps,
                 d.model_tokens as f64 / steps,
                 c.draft_ms / steps,
+                d.catch_ups,
+                d.catch_up_us as f64 / 1e3 / steps,
                 d.retrievals,
                 attended
             );

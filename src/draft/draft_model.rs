@@ -154,6 +154,10 @@ pub struct ModelDrafter {
     /// Set under sampling: candidates are drawn, not chosen.
     sampler: Option<Sampler>,
     warned: bool,
+    /// The largest budget asked for so far: a step's own sync runs at most
+    /// the tokens the previous step accepted (budget + 1); a longer one is
+    /// a catch-up ([`crate::draft::DraftCounters::catch_ups`]).
+    max_budget: usize,
 }
 
 /// Draft caches kept at most: twice the server's default slot count, so a
@@ -240,6 +244,7 @@ impl ModelDrafter {
             counters: Default::default(),
             sampler: None,
             warned: false,
+            max_budget: 0,
         }
     }
 
@@ -261,6 +266,8 @@ impl ModelDrafter {
         let dec = &self.model.decoder;
         let mut last = None;
         let rest = &seq[keep..];
+        let catch_up = rest.len() > self.max_budget + 1;
+        let t0 = std::time::Instant::now();
         let chunks = rest.len().div_ceil(crate::engine::PREFILL_CHUNK);
         for (k, chunk) in rest.chunks(crate::engine::PREFILL_CHUNK).enumerate() {
             let base = dc.len();
@@ -282,7 +289,23 @@ impl ModelDrafter {
                 last = Some(l.row(0).to_vec());
             }
         }
+        if catch_up {
+            self.counters.catch_ups += 1;
+            self.counters.catch_up_tokens += rest.len() as u64;
+            self.counters.catch_up_us += t0.elapsed().as_micros() as u64;
+        }
         Ok(last)
+    }
+
+    /// Tokens of `seq` the cache [`ModelDrafter::select`] would pick lacks.
+    fn lag(&self, seq: &[u32]) -> usize {
+        let held = self
+            .caches
+            .iter()
+            .map(|c| common_prefix_len(&c.cached, seq).min(c.cache.len()))
+            .max()
+            .unwrap_or(0);
+        seq.len() - held
     }
 
     /// Makes `current` the cache to draft `seq` with: the longest one whose
@@ -446,6 +469,7 @@ impl Drafter for ModelDrafter {
         if max_draft == 0 || context.is_empty() {
             return DraftTree::root(root);
         }
+        self.max_budget = self.max_budget.max(max_draft);
         let out = self.grow(context, max_draft);
         // Drop the tree's pending entries: only the sequence stays cached.
         if let Some(c) = self.caches.get_mut(self.current) {
@@ -478,6 +502,19 @@ impl Drafter for ModelDrafter {
 
     fn counters(&self) -> crate::draft::DraftCounters {
         self.counters
+    }
+
+    /// The tokens the cache lacks at the mean time per token of the
+    /// catch-ups so far (prefill-sized forwards: per token a fraction of a
+    /// decode step). Before the first catch-up nothing is known: 0, so the
+    /// first one runs and is measured.
+    fn catch_up_ms(&self, context: &[u32]) -> f64 {
+        let lag = self.lag(context);
+        let n = &self.counters;
+        if lag <= self.max_budget + 1 || n.catch_up_tokens == 0 {
+            return 0.0;
+        }
+        lag as f64 * n.catch_up_us as f64 / 1e3 / n.catch_up_tokens as f64
     }
 
     /// With retrieval, every `every` proposals once the context is long

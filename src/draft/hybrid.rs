@@ -373,6 +373,10 @@ impl Drafter for Hybrid {
             .map(|d| d.counters())
             .unwrap_or_default()
     }
+
+    fn catch_up_ms(&self, context: &[u32]) -> f64 {
+        self.draft.as_ref().map_or(0.0, |d| d.catch_up_ms(context))
+    }
 }
 
 #[cfg(test)]

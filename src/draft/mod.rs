@@ -28,6 +28,7 @@ pub struct NodeTopK {
 /// its retrievals (zero for the model-free drafters). Cumulative per
 /// drafter; the engine reports the difference over one request's steps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DraftCounters {
     /// Draft-model forwards, and the tokens they ran (prefill included).
     pub model_forwards: u64,
@@ -38,6 +39,14 @@ pub struct DraftCounters {
     pub retrievals: u64,
     pub retrieval_held_positions: u64,
     pub retrieval_context_positions: u64,
+    /// Catch-ups: syncs of the draft's cache over more tokens than one step
+    /// adds (its prompt at the first drafting step, the tokens of the plain
+    /// steps the controller chose since it last drafted), their tokens and
+    /// their time (µs). Apart from the steady per-step cost, because they
+    /// are paid once per switch to drafting, not per step.
+    pub catch_ups: u64,
+    pub catch_up_tokens: u64,
+    pub catch_up_us: u64,
 }
 
 impl DraftCounters {
@@ -53,6 +62,9 @@ impl DraftCounters {
             retrieval_context_positions: self
                 .retrieval_context_positions
                 .saturating_sub(before.retrieval_context_positions),
+            catch_ups: self.catch_ups.saturating_sub(before.catch_ups),
+            catch_up_tokens: self.catch_up_tokens.saturating_sub(before.catch_up_tokens),
+            catch_up_us: self.catch_up_us.saturating_sub(before.catch_up_us),
         }
     }
 
@@ -62,6 +74,9 @@ impl DraftCounters {
         self.retrievals += o.retrievals;
         self.retrieval_held_positions += o.retrieval_held_positions;
         self.retrieval_context_positions += o.retrieval_context_positions;
+        self.catch_ups += o.catch_ups;
+        self.catch_up_tokens += o.catch_up_tokens;
+        self.catch_up_us += o.catch_up_us;
     }
 
     pub fn is_zero(&self) -> bool {
@@ -145,6 +160,16 @@ pub trait Drafter: Send {
     fn counters(&self) -> DraftCounters {
         DraftCounters::default()
     }
+
+    /// Before a step with `--tree auto`: what drafting for `context` now
+    /// would first spend catching up (ms, estimated from the catch-ups
+    /// measured so far): a draft model whose cache the controller's plain
+    /// steps left behind must run the tokens it missed, the whole prompt at
+    /// a request's first drafting step. 0 for drafters that keep up for
+    /// free (the model-free ones) or when nothing was measured yet.
+    fn catch_up_ms(&self, _context: &[u32]) -> f64 {
+        0.0
+    }
 }
 
 /// The body of an `impl Drafter` that hands every method to another
@@ -165,6 +190,9 @@ macro_rules! forward_drafter {
         }
         fn counters(&$s) -> $crate::draft::DraftCounters {
             $shared.counters()
+        }
+        fn catch_up_ms(&$s, context: &[u32]) -> f64 {
+            $shared.catch_up_ms(context)
         }
         fn start(&mut $s, prompt: &[u32]) {
             $mutable.start(prompt)

@@ -37,6 +37,15 @@ const EXPLORE_EVERY: u64 = 24;
 /// such a drafter off by itself while near rivals keep being compared.
 const LOSING_SHARE: f64 = 0.9;
 const MAX_BACKOFF: u64 = 32;
+/// A drafting arm is tried (warm-up or retry) only while the catch-up it
+/// implies ([`CatchUp`]) costs at most this share of the request's
+/// remaining tokens at the plain step's cost: a look pays only if what it
+/// may find wins back more than it spent, and a tenth of what is left is
+/// as much as a look at an arm that has not paid so far is worth. On the
+/// 1.5B with its 0.5B draft (2 cores) a 64-token reply to a 300-token
+/// prompt would spend ~14% of its time on the draft's prefill alone; a
+/// 50-token prompt ~3%.
+const CATCH_UP_SHARE: f64 = 0.1;
 /// Weight of a new observation in the running MAT estimate: about the last
 /// 20 steps of a budget count, so it follows a change of text within a reply.
 const EMA: f64 = 0.05;
@@ -260,6 +269,19 @@ pub struct Batch {
     pub tokens: f64,
 }
 
+/// What drafting at the next step would cost once, besides a step's
+/// steady cost: a draft model catching up over the tokens it missed while
+/// the controller chose plain steps (its prompt, at a request's first
+/// drafting step). Zero for drafters that keep up for free.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CatchUp {
+    /// Estimated ms ([`crate::draft::Drafter::catch_up_ms`]).
+    pub ms: f64,
+    /// Tokens the request may still generate: what a catch-up is spread
+    /// over when an arm takes over for the rest of it.
+    pub remaining: usize,
+}
+
 #[derive(Debug, Clone)]
 struct Arm {
     budget: usize,
@@ -343,7 +365,7 @@ impl BudgetController {
 
     /// The budget for the next step of `class`, with `ctx` tokens cached.
     pub fn choose(&mut self, ctx: usize, class: usize) -> usize {
-        self.choose_in(ctx, class, Batch::default(), usize::MAX)
+        self.choose_in(ctx, class, Batch::default(), usize::MAX, CatchUp::default())
     }
 
     /// [`BudgetController::choose`] for a sequence sharing its forward
@@ -356,7 +378,19 @@ impl BudgetController {
     /// warm-up and exploration too: an arm that does not fit is never run,
     /// so it must not be chosen (it would stay unexplored, and chosen, for
     /// ever).
-    pub fn choose_in(&mut self, ctx: usize, class: usize, others: Batch, cap: usize) -> usize {
+    ///
+    /// A drafting arm also pays `catch_up` once: spread over the steps it
+    /// would run for the rest of the request when it is weighed against
+    /// the current best, and tried (warm-up, retry) only while it is within
+    /// [`CATCH_UP_SHARE`] of the plain time left.
+    pub fn choose_in(
+        &mut self,
+        ctx: usize,
+        class: usize,
+        others: Batch,
+        cap: usize,
+        catch_up: CatchUp,
+    ) -> usize {
         let c = self.class(class);
         c.steps += 1;
         let steps = c.steps;
@@ -364,28 +398,35 @@ impl BudgetController {
         if fits.peek().is_none() {
             return 0;
         }
+        let plain_left = catch_up.remaining as f64 * self.cost.cost_ms(1.0, ctx);
+        let affordable = |a: &Arm| a.budget == 0 || catch_up.ms <= CATCH_UP_SHARE * plain_left;
+        let c = &self.classes[class.min(self.classes.len() - 1)];
         if let Some(a) = c
             .arms
             .iter()
-            .find(|a| a.budget <= cap && a.pulls < WARMUP_STEPS)
+            .find(|a| a.budget <= cap && a.pulls < WARMUP_STEPS && affordable(a))
         {
             return a.budget;
         }
-        let best = self.best_in(ctx, class, others, cap);
+        let best = self.best_in(ctx, class, others, cap, catch_up);
         if steps.is_multiple_of(EXPLORE_EVERY) {
-            let c = &self.classes[class.min(self.classes.len() - 1)];
             let best_rate = c
                 .arms
                 .iter()
                 .find(|a| a.budget == best)
-                .map_or(0.0, |a| self.rate(a, ctx, others));
+                .map_or(0.0, |a| self.switching_rate(a, ctx, others, catch_up));
             let retry = c
                 .arms
                 .iter()
                 .enumerate()
-                .filter(|(_, a)| a.budget <= cap && a.budget != best && a.due <= steps)
+                .filter(|(_, a)| {
+                    a.budget <= cap && a.budget != best && a.due <= steps && affordable(a)
+                })
                 .min_by_key(|(_, a)| a.pulls)
-                .map(|(i, a)| (i, self.rate(a, ctx, others) < LOSING_SHARE * best_rate));
+                .map(|(i, a)| {
+                    let rate = self.switching_rate(a, ctx, others, catch_up);
+                    (i, rate < LOSING_SHARE * best_rate)
+                });
             if let Some((i, losing)) = retry {
                 let a = &mut self.class(class).arms[i];
                 a.backoff = if losing {
@@ -480,19 +521,39 @@ impl BudgetController {
             / (self.cost.cost_ms(others.rows + a.nodes, ctx) + a.draft_ms)
     }
 
-    /// The budget of `class` with the highest estimated tokens per second.
-    pub fn best(&self, ctx: usize, class: usize) -> usize {
-        self.best_in(ctx, class, Batch::default(), usize::MAX)
+    /// [`BudgetController::rate`] with a drafting arm's `catch_up` spread
+    /// over the steps it would run for the rest of the request.
+    fn switching_rate(&self, a: &Arm, ctx: usize, others: Batch, catch_up: CatchUp) -> f64 {
+        if a.budget == 0 || catch_up.ms <= 0.0 {
+            return self.rate(a, ctx, others);
+        }
+        let steps_left = (catch_up.remaining as f64 / a.mat.max(1.0)).max(1.0);
+        (others.tokens + a.mat) * 1000.0
+            / (self.cost.cost_ms(others.rows + a.nodes, ctx)
+                + a.draft_ms
+                + catch_up.ms / steps_left)
     }
 
-    fn best_in(&self, ctx: usize, class: usize, others: Batch, cap: usize) -> usize {
+    /// The budget of `class` with the highest estimated tokens per second.
+    pub fn best(&self, ctx: usize, class: usize) -> usize {
+        self.best_in(ctx, class, Batch::default(), usize::MAX, CatchUp::default())
+    }
+
+    fn best_in(
+        &self,
+        ctx: usize,
+        class: usize,
+        others: Batch,
+        cap: usize,
+        catch_up: CatchUp,
+    ) -> usize {
         let c = &self.classes[class.min(self.classes.len() - 1)];
         c.arms
             .iter()
             .filter(|a| a.budget <= cap)
             .max_by(|a, b| {
-                self.rate(a, ctx, others)
-                    .total_cmp(&self.rate(b, ctx, others))
+                self.switching_rate(a, ctx, others, catch_up)
+                    .total_cmp(&self.switching_rate(b, ctx, others, catch_up))
             })
             .map_or(0, |a| a.budget)
     }
@@ -690,17 +751,20 @@ mod tests {
             rows: 7.0,
             tokens: 7.0,
         };
-        assert_eq!(c.best_in(CURVE_CTX, 0, batch, usize::MAX), 0);
+        assert_eq!(
+            c.best_in(CURVE_CTX, 0, batch, usize::MAX, CatchUp::default()),
+            0
+        );
         // One other root: still on the flat stretch, a small tree pays.
         let pair = Batch {
             rows: 1.0,
             tokens: 1.0,
         };
-        assert!(c.best_in(CURVE_CTX, 0, pair, usize::MAX) >= 2);
+        assert!(c.best_in(CURVE_CTX, 0, pair, usize::MAX, CatchUp::default()) >= 2);
         // A cap of 3 rows leaves the arms 0 and 2, even in warm-up.
         let mut fresh = BudgetController::new(&curve(&[10., 11., 12., 14., 25., 50.]), 32);
         for _ in 0..50 {
-            let b = fresh.choose_in(CURVE_CTX, 0, Batch::default(), 3);
+            let b = fresh.choose_in(CURVE_CTX, 0, Batch::default(), 3, CatchUp::default());
             assert!(b <= 2, "chose {b} over a cap of 3");
             fresh.record(0, b, 1, b + 1, 0.0);
         }
@@ -760,6 +824,54 @@ mod tests {
             c.record(0, b, if b > 0 { 4 } else { 1 }, b + 1, 0.0);
         }
         assert!(c.best(CURVE_CTX, 0) > 0);
+    }
+
+    /// A drafter whose cache fell behind (a draft model skipped by plain
+    /// steps, or a request's prompt it never ran) is tried only while the
+    /// catch-up costs at most a tenth of the request's remaining plain
+    /// time, and taken over plain only where its gain, over the steps
+    /// left, pays the catch-up back.
+    #[test]
+    fn a_costly_catch_up_keeps_a_drafter_off() {
+        let cost = curve(&[10., 11., 12., 14., 25., 50.]);
+        // 64 tokens left at 10 ms: 640 ms plain, a look may spend 64.
+        let big = CatchUp {
+            ms: 100.0,
+            remaining: 64,
+        };
+        let mut c = BudgetController::new(&cost, 8);
+        for _ in 0..200 {
+            let b = c.choose_in(CURVE_CTX, 0, Batch::default(), usize::MAX, big);
+            assert_eq!(b, 0, "a 100-ms catch-up for 640 ms of plain decoding");
+            c.record(0, b, 1, 1, 0.0);
+        }
+        let small = CatchUp {
+            ms: 30.0,
+            remaining: 64,
+        };
+        assert!(c.choose_in(CURVE_CTX, 0, Batch::default(), usize::MAX, small) > 0);
+
+        // Warmed up: the 4-node arm yields 3 tokens per 12 ms, plain 1 per
+        // 10 ms. Caught up it wins; 50 ms behind with 6 tokens left (2 of
+        // its steps to spread the catch-up over: 25 ms each) it does not.
+        let mut c = BudgetController::new(&cost, 4);
+        for _ in 0..WARMUP_STEPS * 3 {
+            let b = c.choose(CURVE_CTX, 0);
+            c.record(0, b, [1, 2, 3][b / 2], b + 1, 0.0);
+        }
+        assert_eq!(c.best(CURVE_CTX, 0), 4);
+        let behind = |remaining| CatchUp {
+            ms: 50.0,
+            remaining,
+        };
+        assert_eq!(
+            c.best_in(CURVE_CTX, 0, Batch::default(), usize::MAX, behind(6)),
+            0
+        );
+        assert_eq!(
+            c.best_in(CURVE_CTX, 0, Batch::default(), usize::MAX, behind(600)),
+            4
+        );
     }
 
     #[test]

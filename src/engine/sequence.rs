@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::budget::Batch;
+use super::budget::{Batch, CatchUp};
 use super::{GenStats, SpecStats, PREFILL_CHUNK};
 use super::{GenerateOptions, Generation, Session, StopReason, StopScanner, TokenEvent};
 use crate::draft::{DraftTree, Drafter, NodeTopK};
@@ -87,6 +87,10 @@ struct TreeWork {
     class: usize,
     chosen: usize,
     draft_ms: f64,
+    /// Of `draft_ms`, what the drafter spent catching up (paid once per
+    /// switch to drafting, not per step: kept out of the arm's per-step
+    /// cost, which the controller weighs it against separately).
+    catch_up_ms: f64,
     scored: Option<Instant>,
     /// When the drafter asked where the target looks
     /// ([`Drafter::attention_chunk`]): the chunk length, and the
@@ -247,7 +251,11 @@ impl<'a> Sequence<'a> {
                         (arm, n)
                     }
                     None => {
-                        let b = c.choose_in(ctx, class, share.others, cap);
+                        let catch_up = CatchUp {
+                            ms: d.catch_up_ms(&self.context),
+                            remaining: self.opts.max_new_tokens - self.tokens.len(),
+                        };
+                        let b = c.choose_in(ctx, class, share.others, cap, catch_up);
                         (b, b)
                     }
                 };
@@ -273,8 +281,11 @@ impl<'a> Sequence<'a> {
             .and_then(|d| d.attention_chunk())
             .map(|chunk| (chunk, Vec::new()));
         let draft_ms = td.elapsed().as_secs_f64() * 1e3;
+        let mut catch_up_ms = 0.0;
         if let (Some(d), Some(before)) = (self.drafter.as_deref(), ran_before) {
-            self.spec.draft_model.add(d.counters().since(before));
+            let ran = d.counters().since(before);
+            catch_up_ms = ran.catch_up_us as f64 / 1e3;
+            self.spec.draft_model.add(ran);
         }
         debug_assert!(tree.validate().is_ok() && tree.tokens[0] == root);
         let base = self.session.cache.len();
@@ -284,6 +295,7 @@ impl<'a> Sequence<'a> {
             class,
             chosen,
             draft_ms,
+            catch_up_ms,
             scored: None,
             probe,
         });
@@ -395,6 +407,7 @@ impl<'a> Sequence<'a> {
             class,
             chosen,
             draft_ms: mut step_draft_ms,
+            catch_up_ms,
             scored,
             probe,
             ..
@@ -450,7 +463,7 @@ impl<'a> Sequence<'a> {
                 chosen,
                 verdict.emitted.len(),
                 tree.len(),
-                step_draft_ms,
+                (step_draft_ms - catch_up_ms).max(0.0),
             );
         }
 

@@ -266,6 +266,16 @@ impl Metrics {
                 "Context positions at those retrievals.",
                 d.retrieval_context_positions,
             ),
+            (
+                "treespec_draft_catch_ups_total",
+                "Times the draft model caught up over tokens it missed (its prompt at a request's first drafting step, the plain steps the controller chose since it last drafted).",
+                d.catch_ups,
+            ),
+            (
+                "treespec_draft_catch_up_tokens_total",
+                "Tokens those catch-ups ran.",
+                d.catch_up_tokens,
+            ),
         ] {
             counter(&mut out, name, help, v);
         }
@@ -395,6 +405,8 @@ mod tests {
                 retrievals: 2,
                 retrieval_held_positions: 100,
                 retrieval_context_positions: 400,
+                catch_ups: 1,
+                catch_up_tokens: 33,
                 ..Default::default()
             },
             ..Default::default()
@@ -412,6 +424,7 @@ mod tests {
         ));
         assert!(t.contains("treespec_spec_decode_num_draft_tokens_total 12\n"));
         assert!(t.contains("treespec_generation_tokens_total 7\n"));
+        assert!(t.contains("treespec_draft_catch_up_tokens_total 33\n"));
         assert!(t.contains("treespec_spec_decode_draft_seconds_total 0.250000\n"));
         assert!(t.contains("treespec_num_requests_waiting 2\n"));
         assert!(t.contains("treespec_batch_sequences_bucket{le=\"2\"} 0\n"));
