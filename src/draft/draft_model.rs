@@ -189,6 +189,11 @@ impl DraftCache {
         }
     }
 
+    /// Leading tokens of `seq` the cache holds.
+    fn shared(&self, seq: &[u32]) -> usize {
+        common_prefix_len(&self.cached, seq).min(self.cache.len())
+    }
+
     /// Positions of the sequence held (the next token's position).
     fn len(&self) -> usize {
         self.cache.len()
@@ -258,7 +263,7 @@ impl ModelDrafter {
     fn sync(&mut self, seq: &[u32], want_logits: bool) -> Result<Option<Vec<f32>>> {
         self.select(seq);
         let dc = &mut self.caches[self.current];
-        let mut keep = common_prefix_len(&dc.cached, seq).min(dc.len());
+        let mut keep = dc.shared(seq);
         if want_logits && keep == seq.len() {
             keep = seq.len().saturating_sub(1);
         }
@@ -299,12 +304,7 @@ impl ModelDrafter {
 
     /// Tokens of `seq` the cache [`ModelDrafter::select`] would pick lacks.
     fn lag(&self, seq: &[u32]) -> usize {
-        let held = self
-            .caches
-            .iter()
-            .map(|c| common_prefix_len(&c.cached, seq).min(c.cache.len()))
-            .max()
-            .unwrap_or(0);
+        let held = self.caches.iter().map(|c| c.shared(seq)).max().unwrap_or(0);
         seq.len() - held
     }
 
@@ -316,7 +316,7 @@ impl ModelDrafter {
     /// used one.
     fn select(&mut self, seq: &[u32]) {
         self.tick += 1;
-        let shared = |c: &DraftCache| common_prefix_len(&c.cached, seq).min(c.cache.len());
+        let shared = |c: &DraftCache| c.shared(seq);
         let extends = (0..self.caches.len())
             .filter(|&i| shared(&self.caches[i]) == self.caches[i].cached.len())
             .max_by_key(|&i| (self.caches[i].cached.len(), self.caches[i].used));

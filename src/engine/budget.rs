@@ -517,21 +517,20 @@ impl BudgetController {
     /// Expected tokens per second of a forward holding an arm's tree (with
     /// `ctx` tokens cached) and `others`.
     fn rate(&self, a: &Arm, ctx: usize, others: Batch) -> f64 {
-        (others.tokens + a.mat) * 1000.0
-            / (self.cost.cost_ms(others.rows + a.nodes, ctx) + a.draft_ms)
+        self.switching_rate(a, ctx, others, CatchUp::default())
     }
 
     /// [`BudgetController::rate`] with a drafting arm's `catch_up` spread
     /// over the steps it would run for the rest of the request.
     fn switching_rate(&self, a: &Arm, ctx: usize, others: Batch, catch_up: CatchUp) -> f64 {
-        if a.budget == 0 || catch_up.ms <= 0.0 {
-            return self.rate(a, ctx, others);
-        }
-        let steps_left = (catch_up.remaining as f64 / a.mat.max(1.0)).max(1.0);
+        let spread = if a.budget == 0 || catch_up.ms <= 0.0 {
+            0.0
+        } else {
+            let steps_left = (catch_up.remaining as f64 / a.mat.max(1.0)).max(1.0);
+            catch_up.ms / steps_left
+        };
         (others.tokens + a.mat) * 1000.0
-            / (self.cost.cost_ms(others.rows + a.nodes, ctx)
-                + a.draft_ms
-                + catch_up.ms / steps_left)
+            / (self.cost.cost_ms(others.rows + a.nodes, ctx) + a.draft_ms + spread)
     }
 
     /// The budget of `class` with the highest estimated tokens per second.
