@@ -286,18 +286,10 @@ fn prefix_cache_restores_shared_prompts_exactly() {
 #[test]
 fn auto_budget_in_a_batch_is_lossless() {
     use std::sync::{Arc, Mutex};
-    use treespec::engine::budget::{BudgetController, CostModel, CostPoint, CANDIDATE_BUDGETS};
+    use treespec::engine::budget::BudgetController;
     let (model, prompts) = load();
     let want = alone(&model, &prompts);
-    let ms = [10.0, 10.5, 11.0, 12.0, 20.0, 40.0, 80.0];
-    let cost = CostModel {
-        curve: CANDIDATE_BUDGETS
-            .iter()
-            .zip(ms)
-            .map(|(&b, ms)| CostPoint { n: b + 1, ms })
-            .collect(),
-        ms_per_kctx: vec![0.0; CANDIDATE_BUDGETS.len()],
-    };
+    let cost = common::synthetic_cost([10.0, 10.5, 11.0, 12.0, 20.0, 40.0, 80.0]);
     let controller = Arc::new(Mutex::new(BudgetController::new(&cost, 16)));
     let mut drafters: Vec<SpecDrafter> = prompts.iter().map(|_| hybrid(&model)).collect();
     let o = GenerateOptions {

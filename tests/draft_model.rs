@@ -27,7 +27,6 @@ fn run(
     max_draft: usize,
     sampling: SamplingParams,
 ) -> Generation {
-    let mut session = Session::new(model, 2048);
     let opts = GenerateOptions {
         max_new_tokens: n,
         max_draft,
@@ -35,15 +34,18 @@ fn run(
         record_margins: true,
         ..Default::default()
     };
-    generate(
-        model,
-        &mut session,
-        drafter.map(|d| d as &mut dyn Drafter),
-        prompt,
-        &opts,
-        &mut |_| true,
-    )
-    .unwrap()
+    run_with(model, drafter.map(|d| d as &mut dyn Drafter), prompt, &opts)
+}
+
+/// One request in a fresh session.
+fn run_with(
+    model: &Model,
+    drafter: Option<&mut dyn Drafter>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Generation {
+    let mut session = Session::new(model, 2048);
+    generate(model, &mut session, drafter, prompt, opts, &mut |_| true).unwrap()
 }
 
 fn drafter(method: SpecMethod, draft: &DraftModel, vocab: usize) -> SpecDrafter {
@@ -239,6 +241,65 @@ fn a_draft_with_another_vocabulary_is_refused() {
     assert!(e.contains("--draft-model"), "{e}");
 }
 
+/// `hybrid-draft` under `--tree auto`: the controller's gate runs the
+/// draft model on some steps and leaves it off on others (the free sources
+/// alone, sized by their estimate), the draft catching up when it is next
+/// on, and the output is plain decoding's token for token.
+#[test]
+fn the_gated_hybrid_draft_is_lossless() {
+    use std::sync::{Arc, Mutex};
+    use treespec::engine::budget::BudgetController;
+    let path = common::model_path("smollm2-135m");
+    let model = Model::load(&path).unwrap();
+    let draft = load_draft_model(&path, &model).unwrap();
+    let vocab = model.config().vocab_size;
+    // A synthetic c(N) (flat, then steep): what is under test is that both
+    // kinds of step run and stay lossless, not what pays on this host.
+    let cost = common::synthetic_cost([10.0, 10.5, 11.0, 12.0, 20.0, 40.0, 80.0]);
+    let controller = Arc::new(Mutex::new(BudgetController::new(&cost, 16)));
+    let mut d = drafter(SpecMethod::HybridDraft, &draft, vocab);
+    assert!(d.costly_source());
+    let mut draft_forwards = 0;
+    for text in PROMPTS {
+        let prompt = common::chat_prompt(&model, text);
+        let plain = run(&model, None, &prompt, 48, 0, SamplingParams::greedy());
+        let opts = GenerateOptions {
+            max_new_tokens: 48,
+            max_draft: 16,
+            auto_budget: Some(controller.clone()),
+            ..Default::default()
+        };
+        let out = run_with(&model, Some(&mut d), &prompt, &opts);
+        assert_eq!(out.tokens, plain.tokens, "hybrid-draft auto: {text}");
+        draft_forwards += out.spec.draft_model.model_forwards;
+    }
+    let c = controller.lock().unwrap();
+    let gate = c.gate().expect("the gate decided the steps");
+    let classes = 0..treespec::draft::suffix::OUTLOOK_CLASSES;
+    let arms = |c: &BudgetController| -> Vec<_> {
+        classes.clone().flat_map(|k| c.estimates(0, k)).collect()
+    };
+    println!("gate arms: {:?}", arms(gate));
+    let free: u32 = arms(gate)
+        .iter()
+        .filter(|a| a.budget == 0)
+        .map(|a| a.pulls)
+        .sum();
+    let drafting: u32 = arms(gate)
+        .iter()
+        .filter(|a| a.budget > 0)
+        .map(|a| a.pulls)
+        .sum();
+    assert!(free > 0, "no step drafted from the free sources alone");
+    assert!(
+        drafting > 0 && draft_forwards > 0,
+        "the draft model never ran"
+    );
+    // The free steps were sized by the estimate, under the budget arms.
+    let budget_arms: u32 = arms(&c).iter().map(|a| a.pulls).sum();
+    assert_eq!(budget_arms, free, "every free step and only those");
+}
+
 /// One draft-model drafter stepping several sequences in turn (the server
 /// batches them) keeps a cache per sequence: after each sequence's first
 /// proposal, a step runs only the new tokens through the draft, not the
@@ -336,21 +397,12 @@ fn retrieval_attends_to_part_of_a_long_context_and_stays_lossless() {
     );
     let plain = run(&model, None, &prompt, 48, 0, SamplingParams::greedy());
     let mut d = ModelDrafter::new(draft, cfg, vocab);
-    let mut session = Session::new(&model, 2048);
     let opts = GenerateOptions {
         max_new_tokens: 48,
         max_draft: 6,
         ..Default::default()
     };
-    let out = generate(
-        &model,
-        &mut session,
-        Some(&mut d as &mut dyn Drafter),
-        &prompt,
-        &opts,
-        &mut |_| true,
-    )
-    .unwrap();
+    let out = run_with(&model, Some(&mut d), &prompt, &opts);
     assert_eq!(out.tokens, plain.tokens);
     let share = d.counters.retrieval_held_positions as f64
         / d.counters.retrieval_context_positions.max(1) as f64;

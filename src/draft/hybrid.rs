@@ -67,6 +67,9 @@ pub struct Hybrid {
     /// The context (length, last token) and budget `union` was built for
     /// by [`Drafter::estimate`], for the `propose` that follows.
     prepared: Option<(usize, u32, usize)>,
+    /// Whether the draft model (if any) drafts at the next proposal
+    /// ([`Drafter::use_costly_source`]).
+    draft_on: bool,
 }
 
 impl Hybrid {
@@ -83,6 +86,7 @@ impl Hybrid {
             union: Union::default(),
             record: SourceRecord::default(),
             prepared: None,
+            draft_on: true,
         }
     }
 
@@ -237,7 +241,8 @@ impl Hybrid {
                 .add_tree(&self.record, Source::Suffix, &tree, Some(&slots));
         }
         let share = self.chain_first(max_draft);
-        if let Some(d) = self.draft.as_mut() {
+        let draft_on = self.draft_on;
+        if let Some(d) = self.draft.as_mut().filter(|_| draft_on) {
             let tree = d.propose(context, share);
             self.union
                 .add_tree(&self.record, Source::Draft, &tree, None);
@@ -287,11 +292,13 @@ impl Drafter for Hybrid {
     }
 
     /// The learned allocation's estimate: the union's best nodes and their
-    /// path probabilities. Without a draft model only: its nodes' cost
-    /// (draft forwards) grows with the tree in a way the controller's
-    /// running means capture and this does not.
+    /// path probabilities. Only while no draft model drafts: its nodes'
+    /// cost (draft forwards, paid before the tree exists) grows with the
+    /// tree in a way the controller's running means capture and this does
+    /// not; the controller's gate turns it off for the steps it estimates.
     fn estimate(&mut self, context: &[u32], max: usize) -> Option<Vec<f32>> {
-        if self.allocation != Allocation::Learned || self.draft.is_some() || max == 0 {
+        let drafting = self.draft.is_some() && self.draft_on;
+        if self.allocation != Allocation::Learned || drafting || max == 0 {
             return None;
         }
         self.gather(context, max);
@@ -376,6 +383,20 @@ impl Drafter for Hybrid {
 
     fn catch_up_ms(&self, context: &[u32]) -> f64 {
         self.draft.as_ref().map_or(0.0, |d| d.catch_up_ms(context))
+    }
+
+    /// The draft model beside the free sources, gated only where the
+    /// union weighs each source's nodes (the learned allocation); the fixed
+    /// split keeps its draft share every step.
+    fn costly_source(&self) -> bool {
+        self.draft.is_some() && self.allocation == Allocation::Learned
+    }
+
+    fn use_costly_source(&mut self, on: bool) {
+        if self.draft_on != on {
+            self.prepared = None;
+        }
+        self.draft_on = on;
     }
 }
 

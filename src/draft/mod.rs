@@ -170,6 +170,22 @@ pub trait Drafter: Send {
     fn catch_up_ms(&self, _context: &[u32]) -> f64 {
         0.0
     }
+
+    /// Whether the drafter holds a source whose nodes cost forwards (a
+    /// draft model) beside sources that draft for free, which `--tree auto`
+    /// may turn on and off step by step ([`Drafter::use_costly_source`]):
+    /// the hybrid with a draft model. A drafter that is wholly one kind
+    /// says false (its budget alone decides what it costs).
+    fn costly_source(&self) -> bool {
+        false
+    }
+
+    /// Before a step, when [`Drafter::costly_source`]: whether the costly
+    /// source takes part in the next proposal. Off, the drafter drafts from
+    /// its free sources alone and estimates their tree
+    /// ([`Drafter::estimate`]); on, it drafts as a whole. On until told
+    /// otherwise.
+    fn use_costly_source(&mut self, _on: bool) {}
 }
 
 /// The body of an `impl Drafter` that hands every method to another
@@ -193,6 +209,12 @@ macro_rules! forward_drafter {
         }
         fn catch_up_ms(&$s, context: &[u32]) -> f64 {
             $shared.catch_up_ms(context)
+        }
+        fn costly_source(&$s) -> bool {
+            $shared.costly_source()
+        }
+        fn use_costly_source(&mut $s, on: bool) {
+            $mutable.use_costly_source(on)
         }
         fn start(&mut $s, prompt: &[u32]) {
             $mutable.start(prompt)

@@ -282,6 +282,17 @@ pub struct CatchUp {
     pub remaining: usize,
 }
 
+/// One arm of a class, as [`BudgetController::estimates`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ArmEstimate {
+    pub budget: usize,
+    /// Steps recorded under it.
+    pub pulls: u32,
+    /// Running mean of tokens emitted per step.
+    pub mat: f64,
+    pub tokens_per_s: f64,
+}
+
 #[derive(Debug, Clone)]
 struct Arm {
     budget: usize,
@@ -338,6 +349,9 @@ pub struct BudgetController {
     classes: Vec<Class>,
     cost: CostModel,
     max_budget: usize,
+    /// The draft-model gate of a drafter with a costly source beside free
+    /// ones ([`BudgetController::gate_mut`]), made on first use.
+    gate: Option<Box<BudgetController>>,
 }
 
 impl BudgetController {
@@ -355,7 +369,43 @@ impl BudgetController {
             classes,
             cost: cost.clone(),
             max_budget,
+            gate: None,
         }
+    }
+
+    /// The gate that decides, per step, whether a drafter's costly source
+    /// runs at all ([`crate::draft::Drafter::costly_source`]: the hybrid's
+    /// draft model beside its suffix, lookup and recycled branches). Its
+    /// arms are this controller's budgets with the costly source on, and
+    /// arm 0, which here is not plain decoding but the free sources alone,
+    /// sized each step by their estimate: it records what those steps
+    /// yielded (tokens, nodes, drafting ms), so the two are compared on
+    /// what each realized. The draft model is then tried, kept or backed
+    /// off (warm-up, retries, catch-up price) exactly as `draft:auto` is
+    /// against plain decoding, and with the free hybrid as the rival it
+    /// must beat, `hybrid-draft:auto` no longer pays the draft forwards of
+    /// steps where the free branches alone would have done as well: on
+    /// Qwen2.5-Coder 1.5B with its 0.5B draft (2 cores, Spec-Bench + MBPP)
+    /// it trailed `hybrid:auto` 1.19x to 1.33x when every speculative step
+    /// ran the draft, and 1.28x to 1.31x gated (13 draft ms a step, from 22).
+    pub fn gate_mut(&mut self) -> &mut BudgetController {
+        let (classes, cost, max_budget) = (&self.classes, &self.cost, self.max_budget);
+        self.gate.get_or_insert_with(|| {
+            Box::new(BudgetController {
+                classes: classes
+                    .iter()
+                    .map(|c| Class::new(c.arms.last().map_or(0, |a| a.budget)))
+                    .collect(),
+                cost: cost.clone(),
+                max_budget,
+                gate: None,
+            })
+        })
+    }
+
+    /// [`BudgetController::gate_mut`] if it was made.
+    pub fn gate(&self) -> Option<&BudgetController> {
+        self.gate.as_deref()
     }
 
     fn class(&mut self, class: usize) -> &mut Class {
@@ -598,13 +648,18 @@ impl BudgetController {
         self.max_budget
     }
 
-    /// (budget, running MAT, tokens/s estimate at `ctx` cached tokens) of
-    /// `class`, for logs and stats.
-    pub fn estimates(&self, ctx: usize, class: usize) -> Vec<(usize, f64, f64)> {
+    /// Every arm of `class` as it stands, with its tokens/s estimate at
+    /// `ctx` cached tokens, for logs, stats and tests.
+    pub fn estimates(&self, ctx: usize, class: usize) -> Vec<ArmEstimate> {
         let c = &self.classes[class.min(self.classes.len() - 1)];
         c.arms
             .iter()
-            .map(|a| (a.budget, a.mat, self.rate(a, ctx, Batch::default())))
+            .map(|a| ArmEstimate {
+                budget: a.budget,
+                pulls: a.pulls,
+                mat: a.mat,
+                tokens_per_s: self.rate(a, ctx, Batch::default()),
+            })
             .collect()
     }
 }
@@ -871,6 +926,54 @@ mod tests {
             c.best_in(CURVE_CTX, 0, Batch::default(), usize::MAX, behind(600)),
             4
         );
+    }
+
+    /// The gate of a draft model beside free sources weighs the draft's
+    /// arms against what the free sources alone realized (its arm 0), not
+    /// against plain decoding: a draft that beats plain but not the free
+    /// hybrid is turned off; one that beats both is kept on.
+    #[test]
+    fn the_gate_weighs_a_draft_model_against_the_free_sources() {
+        let cost = curve(&[10., 11., 12., 14., 25., 50.]);
+        let run = |draft_tokens: usize| {
+            let mut c = BudgetController::new(&cost, 8);
+            let mut on = 0;
+            for _ in 0..600 {
+                let g = c.gate_mut().choose_in(
+                    CURVE_CTX,
+                    0,
+                    Batch::default(),
+                    usize::MAX,
+                    CatchUp::default(),
+                );
+                if g > 0 {
+                    // The draft's steps: 6 ms of draft forwards each.
+                    on += 1;
+                    c.gate_mut().record(0, g, draft_tokens, g + 1, 6.0);
+                } else {
+                    // The free sources: 2 tokens from 5 rows (12 ms), 1 ms
+                    // of drafting: 0.15 tokens/ms, plain's 0.10.
+                    c.gate_mut().record(0, 0, 2, 5, 1.0);
+                }
+            }
+            (on, c.gate().map(|g| g.best(CURVE_CTX, 0)))
+        };
+        // 2 tokens per 17+ ms: above plain (0.12/ms), below the free arm.
+        let (on, best) = run(2);
+        assert_eq!(best, Some(0));
+        assert!(
+            on < 60,
+            "a draft that loses to the free sources ran {on} of 600 steps"
+        );
+        // 4 tokens per 17 ms: 0.24/ms.
+        let (on, best) = run(4);
+        assert!(best > Some(0), "{best:?}");
+        assert!(on > 500, "a draft that pays ran only {on} of 600 steps");
+        // The gate's arms are its own: the budget arms are untouched.
+        let mut c = BudgetController::new(&cost, 8);
+        c.gate_mut().record(0, 4, 5, 5, 0.0);
+        assert_eq!(c.expected(0, 4), Some((5.0, 1.0)));
+        assert_eq!(c.gate().and_then(|g| g.expected(0, 4)), Some((5.0, 5.0)));
     }
 
     #[test]

@@ -86,6 +86,10 @@ struct TreeWork {
     /// The budget controller's class and choice for this step.
     class: usize,
     chosen: usize,
+    /// The draft-model gate's arm, for a drafter with a costly source
+    /// ([`super::budget::BudgetController::gate_mut`]); `chosen` is then
+    /// an arm of the gate when this is above 0.
+    gate: Option<usize>,
     draft_ms: f64,
     /// Of `draft_ms`, what the drafter spent catching up (paid once per
     /// switch to drafting, not per step: kept out of the arm's per-step
@@ -230,42 +234,57 @@ impl<'a> Sequence<'a> {
         let td = Instant::now();
         let ran_before = self.drafter.as_deref().map(|d| d.counters());
         // `chosen` is the arm the step is recorded under, `budget` the nodes
-        // asked for (fewer than the arm when an estimate says so).
-        let (class, chosen, budget) = match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
-            (Some(c), Some(d)) => {
-                let class = d.outlook(&self.context);
-                let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                // Only as many nodes as this class may verify: gathering a
-                // 64-node tree from every source when at most 16 can be
-                // taken cost the hybrid ~4 ms a step (1.5B, copy-heavy).
-                let max = c.max_in(class, cap);
-                let ctx = self.session.cache.len();
-                let (arm, nodes) = match d.estimate(&self.context, max) {
-                    Some(accept) => {
-                        let (arm, n) = c.choose_estimated(ctx, class, share.others, cap, &accept);
-                        tracing::trace!(
-                            nodes = n,
-                            expected = accept.iter().take(n).sum::<f32>(),
-                            "estimated tree"
-                        );
-                        (arm, n)
-                    }
-                    None => {
-                        let catch_up = CatchUp {
-                            ms: d.catch_up_ms(&self.context),
-                            remaining: self.opts.max_new_tokens - self.tokens.len(),
-                        };
-                        let b = c.choose_in(ctx, class, share.others, cap, catch_up);
-                        (b, b)
-                    }
-                };
-                (class, arm, nodes.min(cap))
-            }
-            _ => (0, self.opts.max_draft, self.opts.max_draft.min(cap)),
-        };
+        // asked for (fewer than the arm when an estimate says so); `gate`
+        // the draft-model gate's arm, for a drafter with a costly source
+        // beside free ones (0: the free sources alone).
+        let (class, chosen, gate, budget) =
+            match (&self.opts.auto_budget, self.drafter.as_deref_mut()) {
+                (Some(c), Some(d)) => {
+                    let class = d.outlook(&self.context);
+                    let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+                    // Only as many nodes as this class may verify: gathering a
+                    // 64-node tree from every source when at most 16 can be
+                    // taken cost the hybrid ~4 ms a step (1.5B, copy-heavy).
+                    let max = c.max_in(class, cap);
+                    let ctx = self.session.cache.len();
+                    let catch_up = CatchUp {
+                        ms: d.catch_up_ms(&self.context),
+                        remaining: self.opts.max_new_tokens - self.tokens.len(),
+                    };
+                    // First whether the costly source runs at all, against
+                    // what the free ones alone have yielded.
+                    let gate = d.costly_source().then(|| {
+                        let g = c
+                            .gate_mut()
+                            .choose_in(ctx, class, share.others, cap, catch_up);
+                        d.use_costly_source(g > 0);
+                        g
+                    });
+                    let (arm, nodes) = match (gate, d.estimate(&self.context, max)) {
+                        (Some(g), _) if g > 0 => (g, g),
+                        (_, Some(accept)) => {
+                            let (arm, n) =
+                                c.choose_estimated(ctx, class, share.others, cap, &accept);
+                            tracing::trace!(
+                                nodes = n,
+                                expected = accept.iter().take(n).sum::<f32>(),
+                                "estimated tree"
+                            );
+                            (arm, n)
+                        }
+                        (_, None) => {
+                            let b = c.choose_in(ctx, class, share.others, cap, catch_up);
+                            (b, b)
+                        }
+                    };
+                    (class, arm, gate, nodes.min(cap))
+                }
+                _ => (0, self.opts.max_draft, None, self.opts.max_draft.min(cap)),
+            };
         tracing::trace!(
             class,
             chosen,
+            ?gate,
             budget,
             others_rows = share.others.rows,
             others_tokens = share.others.tokens,
@@ -294,6 +313,7 @@ impl<'a> Sequence<'a> {
             tree,
             class,
             chosen,
+            gate,
             draft_ms,
             catch_up_ms,
             scored: None,
@@ -315,12 +335,15 @@ impl<'a> Sequence<'a> {
                 tree,
                 class,
                 chosen,
+                gate,
                 ..
             }) => {
                 let learnt = self.opts.auto_budget.as_ref().and_then(|c| {
-                    c.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .expected(*class, *chosen)
+                    let c = c.lock().unwrap_or_else(|e| e.into_inner());
+                    match gate {
+                        Some(g) if *g > 0 => c.gate()?.expected(*class, *chosen),
+                        _ => c.expected(*class, *chosen),
+                    }
                 });
                 // Without a controller: the request's own running mean.
                 let mat = learnt.map_or_else(
@@ -406,6 +429,7 @@ impl<'a> Sequence<'a> {
             tree,
             class,
             chosen,
+            gate,
             draft_ms: mut step_draft_ms,
             catch_up_ms,
             scored,
@@ -458,13 +482,17 @@ impl<'a> Sequence<'a> {
         }
         self.spec.draft_ms += step_draft_ms;
         if let (Some(c), Some(_)) = (&self.opts.auto_budget, &self.drafter) {
-            c.lock().unwrap_or_else(|e| e.into_inner()).record(
-                class,
-                chosen,
-                verdict.emitted.len(),
-                tree.len(),
-                (step_draft_ms - catch_up_ms).max(0.0),
-            );
+            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+            let (emitted, nodes) = (verdict.emitted.len(), tree.len());
+            let draft_ms = (step_draft_ms - catch_up_ms).max(0.0);
+            match gate {
+                Some(g) if g > 0 => c.gate_mut().record(class, g, emitted, nodes, draft_ms),
+                Some(_) => {
+                    c.gate_mut().record(class, 0, emitted, nodes, draft_ms);
+                    c.record(class, chosen, emitted, nodes, draft_ms);
+                }
+                None => c.record(class, chosen, emitted, nodes, draft_ms),
+            }
         }
 
         for (i, &tok) in verdict.emitted.iter().enumerate() {

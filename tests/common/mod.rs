@@ -203,3 +203,20 @@ pub fn write_sentencepiece_gguf(
     gguf_file::write(&mut f, &refs, &[]).unwrap();
     fx
 }
+
+/// A c(N) curve with the given ms at each candidate budget's N (no growth
+/// with context), for tests of the budget controller's decisions that must
+/// not depend on the host's speed.
+pub fn synthetic_cost(
+    ms: [f64; treespec::engine::budget::CANDIDATE_BUDGETS.len()],
+) -> treespec::engine::budget::CostModel {
+    use treespec::engine::budget::{CostModel, CostPoint, CANDIDATE_BUDGETS};
+    CostModel {
+        curve: CANDIDATE_BUDGETS
+            .iter()
+            .zip(ms)
+            .map(|(&b, ms)| CostPoint { n: b + 1, ms })
+            .collect(),
+        ms_per_kctx: vec![0.0; CANDIDATE_BUDGETS.len()],
+    }
+}
