@@ -389,18 +389,13 @@ impl BudgetController {
     /// it trailed `hybrid:auto` 1.19x to 1.33x when every speculative step
     /// ran the draft, and 1.28x to 1.31x gated (13 draft ms a step, from 22).
     pub fn gate_mut(&mut self) -> &mut BudgetController {
-        let (classes, cost, max_budget) = (&self.classes, &self.cost, self.max_budget);
-        self.gate.get_or_insert_with(|| {
-            Box::new(BudgetController {
-                classes: classes
-                    .iter()
-                    .map(|c| Class::new(c.arms.last().map_or(0, |a| a.budget)))
-                    .collect(),
-                cost: cost.clone(),
-                max_budget,
-                gate: None,
-            })
-        })
+        // The long classes' largest arm is the largest candidate within
+        // `max_long`, which gives them the same arms again.
+        let max_long = self.classes.last().and_then(|c| c.arms.last());
+        let max_long = max_long.map_or(0, |a| a.budget);
+        let (cost, max_budget) = (&self.cost, self.max_budget);
+        self.gate
+            .get_or_insert_with(|| Box::new(Self::with_long(cost, max_budget, max_long)))
     }
 
     /// [`BudgetController::gate_mut`] if it was made.

@@ -260,9 +260,14 @@ impl<'a> Sequence<'a> {
                         d.use_costly_source(g > 0);
                         g
                     });
-                    let (arm, nodes) = match (gate, d.estimate(&self.context, max)) {
-                        (Some(g), _) if g > 0 => (g, g),
-                        (_, Some(accept)) => {
+                    let drafting = gate.filter(|&g| g > 0);
+                    let estimate = match drafting {
+                        Some(_) => None,
+                        None => d.estimate(&self.context, max),
+                    };
+                    let (arm, nodes) = match (drafting, estimate) {
+                        (Some(g), _) => (g, g),
+                        (None, Some(accept)) => {
                             let (arm, n) =
                                 c.choose_estimated(ctx, class, share.others, cap, &accept);
                             tracing::trace!(
@@ -272,7 +277,7 @@ impl<'a> Sequence<'a> {
                             );
                             (arm, n)
                         }
-                        (_, None) => {
+                        (None, None) => {
                             let b = c.choose_in(ctx, class, share.others, cap, catch_up);
                             (b, b)
                         }
